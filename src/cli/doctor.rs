@@ -1,0 +1,130 @@
+//! `contextpilotd doctor`: the hardware, the model, and why each setting.
+
+use std::fmt::Write;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use super::{report, ConfigArg, EXIT_CONFIG, EXIT_OK};
+use crate::config::ConfigSource;
+use crate::daemon::{self, Prepared};
+use crate::gguf::ModelFacts;
+use crate::hardware::Hardware;
+use crate::plan::{shell_quote, LaunchPlan};
+use crate::status::human_bytes;
+
+#[derive(Serialize)]
+struct Report<'a> {
+    config: String,
+    binary: Result<String, String>,
+    hardware: &'a Hardware,
+    model: &'a ModelFacts,
+    plan: &'a LaunchPlan,
+    command: Vec<String>,
+}
+
+pub fn run(arg: ConfigArg, hardware: Option<PathBuf>, json: bool) -> i32 {
+    let source = ConfigSource::locate(arg.config.as_deref());
+    let prepared = match daemon::prepare(source, hardware.as_deref()) {
+        Ok(p) => p,
+        Err(e) => {
+            report(&e);
+            return EXIT_CONFIG;
+        }
+    };
+    if json {
+        let doc = Report {
+            config: prepared.source.to_string(),
+            binary: prepared
+                .binary
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .map_err(|e| e.message.clone()),
+            hardware: &prepared.hardware,
+            model: &prepared.model,
+            plan: &prepared.plan,
+            command: prepared.argv(prepared.config.llama.port),
+        };
+        match serde_json::to_string_pretty(&doc) {
+            Ok(text) => println!("{text}"),
+            Err(e) => report(&e),
+        }
+    } else {
+        print!("{}", render(&prepared));
+    }
+    EXIT_OK
+}
+
+fn render(p: &Prepared) -> String {
+    let mut out = String::new();
+    let hw = &p.hardware;
+    let m = &p.model;
+    let plan = &p.plan;
+    let _ = writeln!(out, "configuration  {}", p.source);
+    let _ = match &p.binary {
+        Ok(path) => writeln!(out, "llama-server   {}", path.display()),
+        Err(e) => writeln!(out, "llama-server   PROBLEM: {}", e.message),
+    };
+    let _ = writeln!(
+        out,
+        "\nhardware{}",
+        if p.hardware_from_file { " (from --hardware)" } else { " (detected)" }
+    );
+    let _ = writeln!(out, "  chip         {} ({} {})", hw.chip, hw.os, hw.arch);
+    let _ = writeln!(out, "  memory       {}", human_bytes(hw.memory_bytes));
+    let _ = writeln!(
+        out,
+        "  cores        {} performance, {} efficiency, {} logical",
+        hw.perf_cores, hw.efficiency_cores, hw.logical_cpus
+    );
+    let gpu = match (&hw.gpu_name, hw.gpu_cores, hw.gpu_memory_bytes) {
+        (Some(name), Some(cores), _) => format!("{name}, {cores} cores"),
+        (Some(name), None, Some(vram)) => format!("{name}, {} VRAM", human_bytes(vram)),
+        (Some(name), None, None) => name.clone(),
+        (None, _, _) => "none".to_string(),
+    };
+    let _ = writeln!(out, "  gpu          {gpu} (backend: {:?})", hw.accelerator);
+    let _ = writeln!(out, "\nmodel          {}", m.path.display());
+    let _ = writeln!(
+        out,
+        "  {} {}, {} layers, trained context {}, {}",
+        m.architecture,
+        m.name.as_deref().unwrap_or(""),
+        m.block_count,
+        m.context_length.map_or("unknown".into(), |c| c.to_string()),
+        human_bytes(m.size_bytes)
+    );
+    if let Some(window) = m.sliding_window {
+        let _ = writeln!(out, "  sliding-window attention, window {window}");
+    }
+    let mem = &plan.memory;
+    let _ = writeln!(out, "\nmemory budget");
+    let _ = writeln!(
+        out,
+        "  GPU-usable   {} ({})",
+        human_bytes(mem.gpu_usable_bytes),
+        mem.gpu_usable_rule
+    );
+    let _ = writeln!(out, "  − model      {}", human_bytes(mem.model_bytes));
+    let _ = writeln!(out, "  − margin     {}", human_bytes(mem.margin_bytes));
+    let _ = writeln!(
+        out,
+        "  = KV budget  {} at {} per token; the plan uses {}",
+        human_bytes(mem.kv_budget_bytes),
+        human_bytes(mem.kv_bytes_per_token),
+        human_bytes(mem.kv_planned_bytes)
+    );
+    let _ = writeln!(out, "\nsettings");
+    for d in &plan.decisions {
+        let _ = writeln!(out, "  {:<14} {:<7} {}", d.flag, d.value, d.why);
+    }
+    let warnings: Vec<&String> = hw.warnings.iter().chain(&plan.warnings).collect();
+    if !warnings.is_empty() {
+        let _ = writeln!(out, "\nwarnings");
+        for w in warnings {
+            let _ = writeln!(out, "  ! {w}");
+        }
+    }
+    let _ = writeln!(out, "\ncommand\n  {}", shell_quote(&p.argv(p.config.llama.port)));
+    out
+}

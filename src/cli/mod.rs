@@ -1,0 +1,111 @@
+//! The command line: one file per command, all sharing [`Cli`].
+//!
+//! Exit codes: 0 success, 1 a runtime failure, 2 bad configuration or usage
+//! (also "already running"), 3 `status` found no daemon listening.
+
+mod doctor;
+mod print_command;
+mod run;
+mod status;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_FAILURE: i32 = 1;
+pub const EXIT_CONFIG: i32 = 2;
+pub const EXIT_NOT_RUNNING: i32 = 3;
+
+const EXAMPLES: &str = "\
+Examples:
+  contextpilotd run --config ~/.config/contextpilotd/config.toml
+      Run the daemon in the foreground (what launchd and systemd run).
+  contextpilotd status
+      Ask the running daemon how it and its llama-server are doing.
+  contextpilotd status --json | jq .child
+      The same, as JSON.
+  contextpilotd print-command
+      Show the llama-server command line the daemon would run.
+  contextpilotd doctor --hardware m3max.json
+      Explain every derived setting for another machine's hardware profile.
+
+Then point any OpenAI client at http://127.0.0.1:8765/v1.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "contextpilotd",
+    version,
+    about = "Supervises llama-server and serves it as a fast, metered OpenAI-compatible API",
+    after_help = EXAMPLES
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigArg {
+    /// Configuration file [default: $CONTEXTPILOTD_CONFIG, else the platform config dir]
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground: supervise llama-server and serve the API.
+    Run {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Show what the running daemon and its llama-server are doing.
+    Status {
+        /// Print the status document as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Print the llama-server command line the daemon would run; changes nothing.
+    PrintCommand {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Plan for this hardware profile (the `hardware` object of `doctor --json`) instead of detecting.
+        #[arg(long, value_name = "FILE")]
+        hardware: Option<PathBuf>,
+    },
+    /// Explain the detected hardware, the model, and every derived llama-server setting.
+    Doctor {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Plan for this hardware profile instead of detecting.
+        #[arg(long, value_name = "FILE")]
+        hardware: Option<PathBuf>,
+    },
+    /// Internal: kills the daemon's children when the daemon dies.
+    #[command(name = "__watchdog", hide = true)]
+    Watchdog,
+}
+
+/// Parses the command line, runs the command, and returns the exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => run::run(config),
+        Command::Status { json, config } => status::run(config, json),
+        Command::PrintCommand { config, hardware } => print_command::run(config, hardware),
+        Command::Doctor { json, config, hardware } => doctor::run(config, hardware, json),
+        Command::Watchdog => {
+            crate::supervisor::process::run_watchdog(std::io::stdin().lock(), std::time::Duration::from_secs(5));
+            EXIT_OK
+        }
+    }
+}
+
+/// Prints a start-up error the way every command does.
+fn report(error: &dyn std::fmt::Display) {
+    eprintln!("contextpilotd: error: {error}");
+}

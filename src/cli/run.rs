@@ -1,0 +1,59 @@
+//! `contextpilotd run`: the daemon in the foreground.
+
+use std::fs::OpenOptions;
+use std::sync::Mutex;
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{fmt, EnvFilter, Layer};
+
+use super::{report, ConfigArg, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK};
+use crate::config::{Config, ConfigSource};
+use crate::daemon;
+
+pub fn run(arg: ConfigArg) -> i32 {
+    let source = ConfigSource::locate(arg.config.as_deref());
+    let prepared = match daemon::prepare(source, None) {
+        Ok(p) => p,
+        Err(e) => {
+            report(&e);
+            return EXIT_CONFIG;
+        }
+    };
+    init_logging(&prepared.config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            report(&format!("cannot start the async runtime: {e}"));
+            return EXIT_FAILURE;
+        }
+    };
+    match runtime.block_on(daemon::run(prepared)) {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            tracing::error!("{e}");
+            report(&e);
+            EXIT_CONFIG
+        }
+    }
+}
+
+/// Logs to stderr (what a terminal, launchd or journald shows) and to
+/// `contextpilotd.log` in the log dir. `CONTEXTPILOTD_LOG` overrides the level
+/// with an `EnvFilter` directive.
+fn init_logging(config: &Config) {
+    let filter = || {
+        EnvFilter::try_from_env("CONTEXTPILOTD_LOG").unwrap_or_else(|_| EnvFilter::new(&config.log.level))
+    };
+    let stderr = fmt::layer().with_writer(std::io::stderr).with_filter(filter());
+    let file = config.log_dir().and_then(|dir| {
+        std::fs::create_dir_all(&dir).ok()?;
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("contextpilotd.log"))
+            .ok()
+    });
+    let file_layer = file.map(|f| fmt::layer().with_ansi(false).with_writer(Mutex::new(f)).with_filter(filter()));
+    let _ = tracing_subscriber::registry().with(stderr).with(file_layer).try_init();
+}

@@ -1,0 +1,541 @@
+//! The daemon's configuration: one TOML file, every key optional.
+//!
+//! The file is found at `--config`, else `$CONTEXTPILOTD_CONFIG`, else the
+//! platform config dir. Unknown keys and bad values are errors that name the
+//! file, the key and what is allowed; `main` turns them into exit code 2.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Environment variable naming the config file when `--config` is absent.
+pub const CONFIG_ENV: &str = "CONTEXTPILOTD_CONFIG";
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub llama: LlamaConfig,
+    pub supervisor: SupervisorConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address the OpenAI-compatible API and the status endpoints listen on.
+    pub listen: SocketAddr,
+    /// Required for a listen address other than loopback; clients send it as
+    /// `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8765)),
+            api_key: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LlamaConfig {
+    /// llama-server: a name looked up on PATH, or a path.
+    pub binary: String,
+    /// The .gguf model file.
+    pub model: Option<PathBuf>,
+    /// Model id served on /v1/models; defaults to the file stem.
+    pub model_alias: Option<String>,
+    /// Loopback port for the child; 0 picks a free one at each start.
+    pub port: u16,
+    pub slots: Auto<u32>,
+    pub ctx_per_slot: Auto<u32>,
+    /// Minimum chunk for KV-shift reuse (`--cache-reuse`); 0 turns it off.
+    pub cache_reuse: u32,
+    pub gpu_layers: u32,
+    pub threads: Auto<u32>,
+    pub batch: Auto<u32>,
+    /// Appended last to the llama-server command line.
+    pub extra_args: Vec<String>,
+}
+
+impl Default for LlamaConfig {
+    fn default() -> Self {
+        LlamaConfig {
+            binary: "llama-server".to_string(),
+            model: None,
+            model_alias: None,
+            port: 0,
+            slots: Auto::Auto,
+            ctx_per_slot: Auto::Auto,
+            cache_reuse: 256,
+            gpu_layers: 99,
+            threads: Auto::Auto,
+            batch: Auto::Auto,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SupervisorConfig {
+    pub health_interval_ms: u64,
+    pub ready_timeout_s: u64,
+    pub hang_timeout_s: u64,
+    pub stop_timeout_s: u64,
+    pub restart_backoff_initial_ms: u64,
+    pub restart_backoff_max_ms: u64,
+    pub crashloop_restarts: u32,
+    pub crashloop_window_s: u64,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        SupervisorConfig {
+            health_interval_ms: 1000,
+            ready_timeout_s: 300,
+            hang_timeout_s: 30,
+            stop_timeout_s: 5,
+            restart_backoff_initial_ms: 500,
+            restart_backoff_max_ms: 30_000,
+            crashloop_restarts: 5,
+            crashloop_window_s: 120,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// error, warn, info, debug or trace.
+    pub level: String,
+    /// Where the daemon writes its log files; defaults to the platform's
+    /// state/log directory.
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".to_string(),
+            dir: None,
+        }
+    }
+}
+
+/// `"auto"` or an explicit value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Auto<T> {
+    #[default]
+    Auto,
+    Value(T),
+}
+
+impl<T: Copy> Auto<T> {
+    pub fn value(self) -> Option<T> {
+        match self {
+            Auto::Auto => None,
+            Auto::Value(v) => Some(v),
+        }
+    }
+}
+
+impl<T: fmt::Display> fmt::Display for Auto<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Auto::Auto => f.write_str("auto"),
+            Auto::Value(v) => v.fmt(f),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Auto<u32> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Auto<u32>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"auto\" or a positive integer")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                if v == "auto" {
+                    Ok(Auto::Auto)
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Str(v), &self))
+                }
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                u32::try_from(v)
+                    .ok()
+                    .filter(|v| *v > 0)
+                    .map(Auto::Value)
+                    .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                self.visit_i64(i64::try_from(v).unwrap_or(i64::MAX))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl Serialize for Auto<u32> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Auto::Auto => serializer.serialize_str("auto"),
+            Auto::Value(v) => serializer.serialize_u32(*v),
+        }
+    }
+}
+
+/// A configuration problem, phrased for the person who has to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file the problem is in, when it comes from a file.
+    pub file: Option<PathBuf>,
+    /// The key, as `table.key`.
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(file: Option<&Path>, key: Option<&str>, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.map(Path::to_path_buf),
+            key: key.map(str::to_string),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.file {
+            Some(file) => write!(f, "{}: ", file.display())?,
+            None => f.write_str("configuration: ")?,
+        }
+        if let Some(key) = &self.key {
+            write!(f, "{key}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where the configuration came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// `--config PATH`.
+    Flag(PathBuf),
+    /// `$CONTEXTPILOTD_CONFIG`.
+    Env(PathBuf),
+    /// The platform config dir; the file may not exist.
+    Default(PathBuf),
+    /// No file and no platform dir could be determined.
+    BuiltIn,
+}
+
+impl ConfigSource {
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            ConfigSource::Flag(p) | ConfigSource::Env(p) | ConfigSource::Default(p) => Some(p),
+            ConfigSource::BuiltIn => None,
+        }
+    }
+
+    /// Picks the file by precedence: flag, environment, platform default.
+    pub fn locate(flag: Option<&Path>) -> ConfigSource {
+        if let Some(path) = flag {
+            return ConfigSource::Flag(path.to_path_buf());
+        }
+        if let Some(path) = std::env::var_os(CONFIG_ENV).filter(|v| !v.is_empty()) {
+            return ConfigSource::Env(PathBuf::from(path));
+        }
+        match default_config_path() {
+            Some(path) => ConfigSource::Default(path),
+            None => ConfigSource::BuiltIn,
+        }
+    }
+}
+
+impl fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigSource::Flag(p) => write!(f, "{} (--config)", p.display()),
+            ConfigSource::Env(p) => write!(f, "{} (${CONFIG_ENV})", p.display()),
+            ConfigSource::Default(p) if p.exists() => write!(f, "{}", p.display()),
+            ConfigSource::Default(p) => write!(f, "built-in defaults ({} does not exist)", p.display()),
+            ConfigSource::BuiltIn => f.write_str("built-in defaults"),
+        }
+    }
+}
+
+/// `~/Library/Application Support/contextpilotd/config.toml` on macOS,
+/// `~/.config/contextpilotd/config.toml` on Linux.
+pub fn default_config_path() -> Option<PathBuf> {
+    directories::ProjectDirs::from("", "", "contextpilotd").map(|d| d.config_dir().join("config.toml"))
+}
+
+/// Default directory for log files: `~/Library/Logs/contextpilotd` on macOS,
+/// the XDG state dir on Linux.
+pub fn default_log_dir() -> Option<PathBuf> {
+    if cfg!(target_os = "macos") {
+        directories::BaseDirs::new().map(|d| d.home_dir().join("Library/Logs/contextpilotd"))
+    } else {
+        directories::ProjectDirs::from("", "", "contextpilotd")
+            .map(|d| d.state_dir().unwrap_or_else(|| d.data_local_dir()).join("logs"))
+    }
+}
+
+impl Config {
+    /// Loads the configuration the way every command does. A file named by the
+    /// flag or the environment must exist; the platform default may be absent.
+    pub fn load(source: &ConfigSource) -> Result<Config, ConfigError> {
+        let path = match source {
+            ConfigSource::Flag(p) | ConfigSource::Env(p) => p,
+            ConfigSource::Default(p) if p.exists() => p,
+            ConfigSource::Default(_) | ConfigSource::BuiltIn => return Ok(Config::default()),
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(Some(path), None, format!("cannot read the configuration file: {e}"))
+        })?;
+        Config::parse(&text, Some(path))
+    }
+
+    /// Parses and validates TOML text. `file` is used in messages and to
+    /// resolve relative paths (relative to the file's directory).
+    pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| toml_error(text, file, &e))?;
+        let base = file.and_then(Path::parent).filter(|p| !p.as_os_str().is_empty());
+        if let Some(model) = config.llama.model.take() {
+            config.llama.model = Some(resolve_path(&model, base));
+        }
+        if let Some(dir) = config.log.dir.take() {
+            config.log.dir = Some(resolve_path(&dir, base));
+        }
+        if config.llama.binary.contains('/') {
+            config.llama.binary = resolve_path(Path::new(&config.llama.binary), base)
+                .display()
+                .to_string();
+        }
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    fn validate(&self, file: Option<&Path>) -> Result<(), ConfigError> {
+        let err = |key: &str, message: String| Err(ConfigError::new(file, Some(key), message));
+        if !self.server.listen.ip().is_loopback() && self.server.api_key.is_none() {
+            return err(
+                "server.listen",
+                format!(
+                    "{} is not a loopback address; listening beyond this machine requires [server] api_key",
+                    self.server.listen
+                ),
+            );
+        }
+        if matches!(&self.server.api_key, Some(k) if k.trim().is_empty()) {
+            return err("server.api_key", "must not be empty".to_string());
+        }
+        if self.llama.binary.trim().is_empty() {
+            return err("llama.binary", "must name llama-server (a name on PATH or a path)".into());
+        }
+        if let Auto::Value(slots) = self.llama.slots {
+            if !(1..=16).contains(&slots) {
+                return err("llama.slots", format!("{slots} is out of range; allowed: \"auto\" or 1 to 16"));
+            }
+        }
+        if let Auto::Value(ctx) = self.llama.ctx_per_slot {
+            if ctx < 256 {
+                return err("llama.ctx_per_slot", format!("{ctx} is too small; allowed: \"auto\" or at least 256"));
+            }
+        }
+        if let Auto::Value(batch) = self.llama.batch {
+            if batch < 32 {
+                return err("llama.batch", format!("{batch} is too small; allowed: \"auto\" or at least 32"));
+            }
+        }
+        if matches!(&self.llama.model_alias, Some(a) if a.trim().is_empty()) {
+            return err("llama.model_alias", "must not be empty".to_string());
+        }
+        let s = &self.supervisor;
+        for (key, value) in [
+            ("supervisor.health_interval_ms", s.health_interval_ms),
+            ("supervisor.ready_timeout_s", s.ready_timeout_s),
+            ("supervisor.hang_timeout_s", s.hang_timeout_s),
+            ("supervisor.stop_timeout_s", s.stop_timeout_s),
+            ("supervisor.restart_backoff_initial_ms", s.restart_backoff_initial_ms),
+            ("supervisor.restart_backoff_max_ms", s.restart_backoff_max_ms),
+            ("supervisor.crashloop_window_s", s.crashloop_window_s),
+        ] {
+            if value == 0 {
+                return err(key, "must be greater than 0".to_string());
+            }
+        }
+        if s.restart_backoff_initial_ms > s.restart_backoff_max_ms {
+            return err(
+                "supervisor.restart_backoff_initial_ms",
+                format!(
+                    "{} is larger than restart_backoff_max_ms ({})",
+                    s.restart_backoff_initial_ms, s.restart_backoff_max_ms
+                ),
+            );
+        }
+        if s.crashloop_restarts == 0 {
+            return err("supervisor.crashloop_restarts", "must be at least 1".to_string());
+        }
+        const LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+        if !LEVELS.contains(&self.log.level.as_str()) {
+            return err(
+                "log.level",
+                format!("{:?} is not a level; allowed: {}", self.log.level, LEVELS.join(", ")),
+            );
+        }
+        Ok(())
+    }
+
+    /// The directory for log files, configured or the platform default.
+    pub fn log_dir(&self) -> Option<PathBuf> {
+        self.log.dir.clone().or_else(default_log_dir)
+    }
+}
+
+fn resolve_path(path: &Path, base: Option<&Path>) -> PathBuf {
+    if let Ok(rest) = path.strip_prefix("~") {
+        if let Some(home) = directories::BaseDirs::new() {
+            return home.home_dir().join(rest);
+        }
+    }
+    match base {
+        Some(base) if path.is_relative() => base.join(path),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// Turns a TOML/serde error into a message naming the key (`table.key`), the
+/// line and what is allowed.
+fn toml_error(text: &str, file: Option<&Path>, error: &toml::de::Error) -> ConfigError {
+    let message = error.message().trim().to_string();
+    let Some(span) = error.span() else {
+        return ConfigError::new(file, None, message);
+    };
+    let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+    let table = text
+        .lines()
+        .take(line_no)
+        .filter_map(|l| {
+            let l = l.trim();
+            (l.starts_with('[') && l.ends_with(']')).then(|| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+        })
+        .last();
+    let key_on_line = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"').to_string())
+        .filter(|k| !k.is_empty() && !line.starts_with('['));
+    // For an unknown table, serde's message already names it and the span
+    // points at the header line.
+    let key = match (table, key_on_line) {
+        (Some(t), Some(k)) => Some(format!("{t}.{k}")),
+        (None, Some(k)) => Some(k),
+        (_, None) => None,
+    };
+    ConfigError::new(file, key.as_deref(), format!("{message} (line {line_no})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Some(Path::new("/etc/cp/config.toml")))
+    }
+
+    #[test]
+    fn empty_file_is_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn the_example_file_parses_and_matches_the_defaults() {
+        let text = include_str!("../config.example.toml");
+        // The example documents every key with its default value; keys
+        // without a default are commented out.
+        assert_eq!(parse(text).unwrap(), Config::default());
+        for key in ["api_key", "model", "model_alias", "dir"] {
+            assert!(text.contains(&format!("# {key} = ")), "{key} is not documented");
+        }
+    }
+
+    #[test]
+    fn unknown_key_names_key_file_and_allowed() {
+        let err = parse("[llama]\nslotz = 4\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("/etc/cp/config.toml: llama.slotz: unknown field `slotz`"), "{text}");
+        assert!(text.contains("expected one of"), "{text}");
+        assert!(text.contains("line 2"), "{text}");
+    }
+
+    #[test]
+    fn unknown_table_is_named() {
+        let text = parse("[lama]\nmodel = \"x\"\n").unwrap_err().to_string();
+        assert!(text.contains("unknown field `lama`"), "{text}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let text = parse("[llama]\nport = \"eighty\"\n").unwrap_err().to_string();
+        assert!(text.contains("llama.port:"), "{text}");
+        assert!(text.contains("invalid type"), "{text}");
+    }
+
+    #[test]
+    fn auto_or_integer() {
+        let c = parse("[llama]\nslots = 4\nctx_per_slot = \"auto\"\n").unwrap();
+        assert_eq!(c.llama.slots, Auto::Value(4));
+        assert_eq!(c.llama.ctx_per_slot, Auto::Auto);
+        let text = parse("[llama]\nslots = \"many\"\n").unwrap_err().to_string();
+        assert!(text.contains("llama.slots") && text.contains("\"auto\" or a positive integer"), "{text}");
+        let text = parse("[llama]\nslots = 0\n").unwrap_err().to_string();
+        assert!(text.contains("llama.slots"), "{text}");
+        let text = parse("[llama]\nslots = 17\n").unwrap_err().to_string();
+        assert!(text.contains("1 to 16"), "{text}");
+    }
+
+    #[test]
+    fn non_loopback_listen_needs_an_api_key() {
+        let text = parse("[server]\nlisten = \"0.0.0.0:8765\"\n").unwrap_err().to_string();
+        assert!(text.contains("server.listen") && text.contains("api_key"), "{text}");
+        parse("[server]\nlisten = \"0.0.0.0:8765\"\napi_key = \"s3cret\"\n").unwrap();
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_file() {
+        let c = parse("[llama]\nmodel = \"models/m.gguf\"\nbinary = \"./bin/llama-server\"\n").unwrap();
+        assert_eq!(c.llama.model, Some(PathBuf::from("/etc/cp/models/m.gguf")));
+        assert_eq!(c.llama.binary, "/etc/cp/./bin/llama-server");
+        let c = parse("[llama]\nbinary = \"llama-server\"\n").unwrap();
+        assert_eq!(c.llama.binary, "llama-server");
+    }
+
+    #[test]
+    fn semantic_checks() {
+        for (text, key) in [
+            ("[supervisor]\nhang_timeout_s = 0\n", "supervisor.hang_timeout_s"),
+            (
+                "[supervisor]\nrestart_backoff_initial_ms = 10\nrestart_backoff_max_ms = 5\n",
+                "supervisor.restart_backoff_initial_ms",
+            ),
+            ("[log]\nlevel = \"loud\"\n", "log.level"),
+            ("[llama]\nctx_per_slot = 100\n", "llama.ctx_per_slot"),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert_eq!(err.key.as_deref(), Some(key), "{err}");
+        }
+    }
+}

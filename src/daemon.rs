@@ -1,0 +1,266 @@
+//! Putting the daemon together: preflight checks, the one-instance lock, the
+//! listener, the supervisor and the gateway, and an orderly shutdown.
+
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{Flock, FlockArg};
+use tokio::net::TcpListener;
+
+use crate::config::{Config, ConfigError, ConfigSource};
+use crate::gateway::{self, Gateway};
+use crate::gguf::{self, ModelFacts};
+use crate::hardware::{self, Hardware};
+use crate::plan::{self, LaunchPlan};
+use crate::status::StaticStatus;
+use crate::supervisor::{self, process::Watchdog, LaunchSpec};
+
+/// How long open client connections get to finish on shutdown.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the daemon could not start. Everything here is the user's to fix, so
+/// it maps to exit code 2.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("contextpilotd is already running for {listen} (pid {pid}); stop it first or change [server] listen")]
+    AlreadyRunning { listen: SocketAddr, pid: String },
+    #[error("cannot listen on {listen}: {source}; another program holds it (change [server] listen)")]
+    ListenInUse { listen: SocketAddr, source: std::io::Error },
+    #[error("cannot create the instance lock {path}: {source}")]
+    Lock { path: PathBuf, source: std::io::Error },
+}
+
+/// Everything the commands derive from configuration before doing anything.
+pub struct Prepared {
+    pub source: ConfigSource,
+    pub config: Config,
+    /// The configured binary resolved on PATH, or why it cannot be run.
+    pub binary: Result<PathBuf, ConfigError>,
+    pub model: ModelFacts,
+    pub hardware: Hardware,
+    /// True when the hardware came from `--hardware FILE`.
+    pub hardware_from_file: bool,
+    pub plan: LaunchPlan,
+}
+
+impl Prepared {
+    /// The llama-server argv for `port`; the binary as configured when it
+    /// cannot be resolved.
+    pub fn argv(&self, port: u16) -> Vec<String> {
+        let binary = match &self.binary {
+            Ok(path) => path.clone(),
+            Err(_) => PathBuf::from(&self.config.llama.binary),
+        };
+        plan::command_line(&binary, &self.model.path, port, &self.plan, &self.config.llama)
+    }
+}
+
+/// Loads the configuration, checks the model and the binary, reads the
+/// model's header, detects (or reads) the hardware and plans the launch.
+pub fn prepare(source: ConfigSource, hardware_file: Option<&Path>) -> Result<Prepared, ConfigError> {
+    let config = Config::load(&source)?;
+    let file = source.path();
+    let model_path = config.llama.model.as_deref().ok_or_else(|| {
+        ConfigError::new(
+            file,
+            Some("llama.model"),
+            format!(
+                "no model configured; set it to a .gguf file (configuration read: {source})"
+            ),
+        )
+    })?;
+    if !model_path.is_file() {
+        return Err(ConfigError::new(
+            file,
+            Some("llama.model"),
+            format!("model file {} does not exist", model_path.display()),
+        ));
+    }
+    // An absolute, canonical path: llama-server reports it back in
+    // /props.model_path, which is how readiness is recognised.
+    let model_path = model_path.canonicalize().map_err(|e| {
+        ConfigError::new(file, Some("llama.model"), format!("{}: {e}", model_path.display()))
+    })?;
+    let model = gguf::read_model_facts(&model_path)
+        .map_err(|e| ConfigError::new(file, Some("llama.model"), e.to_string()))?;
+    let binary = resolve_binary(&config.llama.binary)
+        .map_err(|message| ConfigError::new(file, Some("llama.binary"), message));
+    let (hardware, hardware_from_file) = match hardware_file {
+        Some(path) => (read_hardware_file(path)?, true),
+        None => (hardware::detect(), false),
+    };
+    let plan = plan::plan(&hardware, &model, &config.llama);
+    Ok(Prepared {
+        source,
+        config,
+        binary,
+        model,
+        hardware,
+        hardware_from_file,
+        plan,
+    })
+}
+
+fn read_hardware_file(path: &Path) -> Result<Hardware, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(Some(path), None, format!("cannot read the hardware profile: {e}")))?;
+    // Accept both a bare profile and a whole `doctor --json` document.
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| ConfigError::new(Some(path), None, format!("not a JSON hardware profile: {e}")))?;
+    let profile = value.get("hardware").cloned().unwrap_or(value);
+    serde_json::from_value(profile)
+        .map_err(|e| ConfigError::new(Some(path), None, format!("not a hardware profile: {e}")))
+}
+
+/// Finds the llama-server binary: a path must be an executable file; a bare
+/// name is looked up on PATH.
+pub fn resolve_binary(binary: &str) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if binary.contains('/') {
+        let path = PathBuf::from(binary);
+        return if executable(&path) {
+            Ok(path)
+        } else if path.exists() {
+            Err(format!("{binary} is not an executable file"))
+        } else {
+            Err(format!("llama-server binary {binary} does not exist"))
+        };
+    }
+    let path_var = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path_var)
+        .map(|dir| dir.join(binary))
+        .find(|candidate| executable(candidate))
+        .ok_or_else(|| {
+            format!(
+                "llama-server binary {binary:?} is not on PATH; install llama.cpp (macOS: brew install llama.cpp) or set [llama] binary to its path"
+            )
+        })
+}
+
+/// Holds an exclusive lock per listen address while the daemon runs; the file
+/// holds the daemon's pid for the next one to name.
+pub struct InstanceLock {
+    _lock: Flock<File>,
+    path: PathBuf,
+}
+
+impl InstanceLock {
+    pub fn acquire(listen: SocketAddr) -> Result<InstanceLock, StartError> {
+        let dir = runtime_dir();
+        let path = dir.join(format!("listen-{}.lock", listen.to_string().replace([':', '[', ']'], "_")));
+        let lock_err = |source| StartError::Lock {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(lock_err)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(lock_err)?;
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((mut file, _)) => {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                let pid = pid.trim();
+                return Err(StartError::AlreadyRunning {
+                    listen,
+                    pid: if pid.is_empty() { "unknown".into() } else { pid.into() },
+                });
+            }
+        };
+        let write_pid = |file: &mut File| -> std::io::Result<()> {
+            file.set_len(0)?;
+            file.rewind()?;
+            writeln!(file, "{}", std::process::id())
+        };
+        write_pid(&mut lock).map_err(lock_err)?;
+        Ok(InstanceLock { _lock: lock, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// `$XDG_RUNTIME_DIR/contextpilotd`, else a per-user directory in the
+/// system's temp dir.
+fn runtime_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("contextpilotd"),
+        None => std::env::temp_dir().join(format!("contextpilotd-{}", nix::unistd::getuid())),
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(prepared: Prepared) -> Result<(), StartError> {
+    let binary = prepared.binary.clone()?;
+    let listen = prepared.config.server.listen;
+    let lock = InstanceLock::acquire(listen)?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| StartError::ListenInUse { listen, source })?;
+    tracing::info!(
+        "contextpilotd {} listening on http://{listen} (lock {})",
+        env!("CARGO_PKG_VERSION"),
+        lock.path().display()
+    );
+    for warning in prepared.hardware.warnings.iter().chain(&prepared.plan.warnings) {
+        tracing::warn!("{warning}");
+    }
+
+    let watchdog = match Watchdog::start() {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!("could not start the watchdog: {e}; a crashed daemon may leave llama-server running");
+            None
+        }
+    };
+    let status = StaticStatus::new(listen.to_string(), &prepared.model, &prepared.plan, &prepared.hardware);
+    let spec = LaunchSpec {
+        binary,
+        model: prepared.model.path.clone(),
+        plan: prepared.plan,
+        llama: prepared.config.llama.clone(),
+    };
+    let supervisor = supervisor::start(spec, prepared.config.supervisor.clone(), watchdog);
+    let gateway = Arc::new(Gateway {
+        started: Instant::now(),
+        status,
+        supervisor: supervisor.view.clone(),
+        tail: supervisor.tail.clone(),
+        api_key: prepared.config.server.api_key.clone(),
+    });
+
+    gateway::serve(listener, gateway, shutdown_signal(), DRAIN_GRACE).await;
+    tracing::info!("shutting down: stopping llama-server");
+    supervisor.shutdown().await;
+    tracing::info!("contextpilotd stopped");
+    drop(lock);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => {
+            tracing::error!("cannot install signal handlers; stop the daemon with SIGKILL");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

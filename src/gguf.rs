@@ -1,0 +1,509 @@
+//! Reads the facts the planner needs from a GGUF model file's header.
+//!
+//! Only the key/value section is read; tensor data is never touched, so this
+//! costs a few milliseconds even for a 70 GB file. The format is documented in
+//! ggml's `docs/gguf.md`: magic `GGUF`, a version, tensor and key/value counts,
+//! then typed key/value pairs, all little-endian.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+/// What the daemon knows about a model without loading it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelFacts {
+    pub path: PathBuf,
+    pub size_bytes: u64,
+    /// `general.architecture`, e.g. "llama", "gemma3", "qwen2".
+    pub architecture: String,
+    pub name: Option<String>,
+    /// Context length the model was trained for.
+    pub context_length: Option<u64>,
+    /// Number of transformer blocks (layers).
+    pub block_count: u64,
+    pub embedding_length: Option<u64>,
+    pub head_count: Option<u64>,
+    /// Key/value heads per layer; grouped-query attention makes this smaller
+    /// than `head_count`.
+    pub head_count_kv: Vec<u64>,
+    pub key_length: Option<u64>,
+    pub value_length: Option<u64>,
+    /// Sliding-window attention size; `Some` for Gemma 2/3 and similar.
+    pub sliding_window: Option<u64>,
+    /// `general.file_type` (llama.cpp's ftype enum).
+    pub file_type: Option<u64>,
+}
+
+impl ModelFacts {
+    /// Bytes of KV cache one token occupies with f16 K and V over all layers.
+    /// `None` when the header lacks the attention shape.
+    pub fn kv_bytes_per_token(&self) -> Option<u64> {
+        const F16_BYTES: u64 = 2;
+        let heads = self.head_count?;
+        let per_head = self.embedding_length.map(|e| e / heads.max(1));
+        let key_length = self.key_length.or(per_head)?;
+        let value_length = self.value_length.or(per_head)?;
+        let per_layer_heads_kv: u64 = match self.head_count_kv.as_slice() {
+            [] => heads * self.block_count,
+            [one] => one * self.block_count,
+            many => many.iter().sum(),
+        };
+        Some(per_layer_heads_kv * (key_length + value_length) * F16_BYTES)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    #[error("cannot open model file {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a GGUF model file (it starts with {magic:?}, a GGUF file starts with \"GGUF\")")]
+    NotGguf { path: PathBuf, magic: String },
+    #[error("{path}: GGUF version {version} is not supported (2 and 3 are)")]
+    Version { path: PathBuf, version: u32 },
+    #[error("{path} is truncated or corrupt: the GGUF header ends early ({detail})")]
+    Truncated { path: PathBuf, detail: String },
+    #[error("{path}: invalid GGUF header: {detail}")]
+    Invalid { path: PathBuf, detail: String },
+    #[error("{path}: the GGUF header lacks {key}")]
+    MissingKey { path: PathBuf, key: String },
+}
+
+/// A value from the header, reduced to what the planner uses.
+#[derive(Debug, Clone, PartialEq)]
+enum Value {
+    Int(u64),
+    Str(String),
+    IntArray(Vec<u64>),
+    Other,
+}
+
+/// Bounds that keep a corrupt header from making the reader allocate or loop
+/// without end.
+const MAX_STRING_BYTES: u64 = 64 << 20;
+const MAX_KV_PAIRS: u64 = 1 << 20;
+
+struct Reader<R> {
+    inner: R,
+    path: PathBuf,
+    file_size: u64,
+}
+
+impl<R: Read> Reader<R> {
+    fn truncated(&self, detail: impl Into<String>) -> GgufError {
+        GgufError::Truncated {
+            path: self.path.clone(),
+            detail: detail.into(),
+        }
+    }
+
+    fn invalid(&self, detail: impl Into<String>) -> GgufError {
+        GgufError::Invalid {
+            path: self.path.clone(),
+            detail: detail.into(),
+        }
+    }
+
+    fn bytes<const N: usize>(&mut self, what: &str) -> Result<[u8; N], GgufError> {
+        let mut buf = [0u8; N];
+        self.inner
+            .read_exact(&mut buf)
+            .map_err(|_| self.truncated(format!("while reading {what}")))?;
+        Ok(buf)
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32, GgufError> {
+        Ok(u32::from_le_bytes(self.bytes::<4>(what)?))
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64, GgufError> {
+        Ok(u64::from_le_bytes(self.bytes::<8>(what)?))
+    }
+
+    fn skip(&mut self, n: u64, what: &str) -> Result<(), GgufError> {
+        let copied = std::io::copy(&mut (&mut self.inner).take(n), &mut std::io::sink())
+            .map_err(|_| self.truncated(format!("while reading {what}")))?;
+        if copied != n {
+            return Err(self.truncated(format!("while reading {what}")));
+        }
+        Ok(())
+    }
+
+    fn string(&mut self, what: &str) -> Result<String, GgufError> {
+        let len = self.u64(what)?;
+        if len > MAX_STRING_BYTES || len > self.file_size {
+            return Err(self.invalid(format!("{what} claims {len} bytes")));
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.inner
+            .read_exact(&mut buf)
+            .map_err(|_| self.truncated(format!("while reading {what}")))?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+
+    /// Reads one value of GGUF type `ty`. Integers of every width become
+    /// `Int` (negative values clamp to 0: no key the planner reads is signed).
+    fn value(&mut self, ty: u32, key: &str) -> Result<Value, GgufError> {
+        Ok(match ty {
+            0 => Value::Int(self.bytes::<1>(key)?[0] as u64),
+            1 => Value::Int(i8::from_le_bytes(self.bytes::<1>(key)?).max(0) as u64),
+            2 => Value::Int(u16::from_le_bytes(self.bytes::<2>(key)?) as u64),
+            3 => Value::Int(i16::from_le_bytes(self.bytes::<2>(key)?).max(0) as u64),
+            4 => Value::Int(self.u32(key)? as u64),
+            5 => Value::Int(i32::from_le_bytes(self.bytes::<4>(key)?).max(0) as u64),
+            6 => {
+                self.bytes::<4>(key)?;
+                Value::Other
+            }
+            7 => Value::Int(self.bytes::<1>(key)?[0] as u64),
+            8 => Value::Str(self.string(key)?),
+            9 => self.array(key)?,
+            10 => Value::Int(self.u64(key)?),
+            11 => Value::Int(i64::from_le_bytes(self.bytes::<8>(key)?).max(0) as u64),
+            12 => {
+                self.bytes::<8>(key)?;
+                Value::Other
+            }
+            other => return Err(self.invalid(format!("key {key} has unknown value type {other}"))),
+        })
+    }
+
+    fn array(&mut self, key: &str) -> Result<Value, GgufError> {
+        let elem_ty = self.u32(key)?;
+        let count = self.u64(key)?;
+        let fixed_width = match elem_ty {
+            0 | 1 | 7 => Some(1),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
+        };
+        match fixed_width {
+            Some(width) => {
+                let total = count.checked_mul(width).filter(|t| *t <= self.file_size);
+                let Some(total) = total else {
+                    return Err(self.invalid(format!("array {key} claims {count} elements")));
+                };
+                // Per-layer integer arrays (e.g. head_count_kv) are short and
+                // wanted; token-type arrays are long and skipped.
+                if count <= 4096 && matches!(elem_ty, 0..=5 | 7 | 10 | 11) {
+                    let mut out = Vec::with_capacity(count as usize);
+                    for _ in 0..count {
+                        match self.value(elem_ty, key)? {
+                            Value::Int(v) => out.push(v),
+                            _ => unreachable!("integer element types yield Int"),
+                        }
+                    }
+                    Ok(Value::IntArray(out))
+                } else {
+                    self.skip(total, key)?;
+                    Ok(Value::Other)
+                }
+            }
+            None => {
+                if count > self.file_size {
+                    return Err(self.invalid(format!("array {key} claims {count} elements")));
+                }
+                for _ in 0..count {
+                    // Strings (vocabularies) or nested arrays: walk and drop.
+                    if elem_ty == 8 {
+                        let len = self.u64(key)?;
+                        if len > MAX_STRING_BYTES {
+                            return Err(self.invalid(format!("a string in {key} claims {len} bytes")));
+                        }
+                        self.skip(len, key)?;
+                    } else {
+                        self.value(elem_ty, key)?;
+                    }
+                }
+                Ok(Value::Other)
+            }
+        }
+    }
+}
+
+/// Reads the header of the GGUF file at `path`.
+pub fn read_model_facts(path: &Path) -> Result<ModelFacts, GgufError> {
+    let file = File::open(path).map_err(|source| GgufError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let file_size = file
+        .metadata()
+        .map_err(|source| GgufError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    let mut reader = Reader {
+        inner: BufReader::with_capacity(1 << 16, file),
+        path: path.to_path_buf(),
+        file_size,
+    };
+
+    let magic = reader.bytes::<4>("the magic number").map_err(|_| GgufError::NotGguf {
+        path: path.to_path_buf(),
+        magic: "(file shorter than 4 bytes)".to_string(),
+    })?;
+    if &magic != b"GGUF" {
+        return Err(GgufError::NotGguf {
+            path: path.to_path_buf(),
+            magic: String::from_utf8_lossy(&magic).into_owned(),
+        });
+    }
+    let version = reader.u32("the version")?;
+    if !(2..=3).contains(&version) {
+        return Err(GgufError::Version {
+            path: path.to_path_buf(),
+            version,
+        });
+    }
+    let _tensor_count = reader.u64("the tensor count")?;
+    let kv_count = reader.u64("the key/value count")?;
+    if kv_count > MAX_KV_PAIRS {
+        return Err(reader.invalid(format!("it claims {kv_count} key/value pairs")));
+    }
+
+    let mut kv = BTreeMap::new();
+    for _ in 0..kv_count {
+        let key = reader.string("a key name")?;
+        let ty = reader.u32(&key)?;
+        let value = reader.value(ty, &key)?;
+        kv.insert(key, value);
+    }
+    facts_from_kv(path, file_size, &kv)
+}
+
+fn facts_from_kv(
+    path: &Path,
+    size_bytes: u64,
+    kv: &BTreeMap<String, Value>,
+) -> Result<ModelFacts, GgufError> {
+    let architecture = match kv.get("general.architecture") {
+        Some(Value::Str(s)) => s.clone(),
+        _ => {
+            return Err(GgufError::MissingKey {
+                path: path.to_path_buf(),
+                key: "general.architecture".to_string(),
+            })
+        }
+    };
+    let int = |suffix: &str| match kv.get(&format!("{architecture}.{suffix}")) {
+        Some(Value::Int(v)) => Some(*v),
+        _ => None,
+    };
+    let block_count = int("block_count").ok_or_else(|| GgufError::MissingKey {
+        path: path.to_path_buf(),
+        key: format!("{architecture}.block_count"),
+    })?;
+    let head_count_kv = match kv.get(&format!("{architecture}.attention.head_count_kv")) {
+        Some(Value::Int(v)) => vec![*v],
+        Some(Value::IntArray(v)) => v.clone(),
+        _ => Vec::new(),
+    };
+    Ok(ModelFacts {
+        path: path.to_path_buf(),
+        size_bytes,
+        name: match kv.get("general.name") {
+            Some(Value::Str(s)) => Some(s.clone()),
+            _ => None,
+        },
+        context_length: int("context_length"),
+        block_count,
+        embedding_length: int("embedding_length"),
+        head_count: int("attention.head_count"),
+        head_count_kv,
+        key_length: int("attention.key_length"),
+        value_length: int("attention.value_length"),
+        sliding_window: int("attention.sliding_window").filter(|w| *w > 0),
+        file_type: match kv.get("general.file_type") {
+            Some(Value::Int(v)) => Some(*v),
+            _ => None,
+        },
+        architecture,
+    })
+}
+
+/// Writes minimal GGUF files; used by tests and benches to make models with a
+/// chosen header without shipping one.
+pub mod writer {
+    /// A header value to write.
+    pub enum WriteValue<'a> {
+        U32(u32),
+        U64(u64),
+        Str(&'a str),
+        U32Array(&'a [u32]),
+        StrArray(&'a [&'a str]),
+        F32(f32),
+    }
+
+    /// Serialises a GGUF v3 header with the given key/values and no tensors.
+    pub fn header(kv: &[(&str, WriteValue<'_>)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(b"GGUF");
+        out.extend_from_slice(&3u32.to_le_bytes());
+        out.extend_from_slice(&0u64.to_le_bytes());
+        out.extend_from_slice(&(kv.len() as u64).to_le_bytes());
+        let put_str = |out: &mut Vec<u8>, s: &str| {
+            out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        };
+        for (key, value) in kv {
+            put_str(&mut out, key);
+            match value {
+                WriteValue::U32(v) => {
+                    out.extend_from_slice(&4u32.to_le_bytes());
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+                WriteValue::U64(v) => {
+                    out.extend_from_slice(&10u32.to_le_bytes());
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+                WriteValue::F32(v) => {
+                    out.extend_from_slice(&6u32.to_le_bytes());
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+                WriteValue::Str(s) => {
+                    out.extend_from_slice(&8u32.to_le_bytes());
+                    put_str(&mut out, s);
+                }
+                WriteValue::U32Array(items) => {
+                    out.extend_from_slice(&9u32.to_le_bytes());
+                    out.extend_from_slice(&4u32.to_le_bytes());
+                    out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+                    for v in *items {
+                        out.extend_from_slice(&v.to_le_bytes());
+                    }
+                }
+                WriteValue::StrArray(items) => {
+                    out.extend_from_slice(&9u32.to_le_bytes());
+                    out.extend_from_slice(&8u32.to_le_bytes());
+                    out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+                    for s in *items {
+                        put_str(&mut out, s);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::writer::{header, WriteValue::*};
+    use super::*;
+
+    fn write(bytes: &[u8]) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut file, bytes).unwrap();
+        file
+    }
+
+    fn llama_8b_header() -> Vec<u8> {
+        header(&[
+            ("general.architecture", Str("llama")),
+            ("general.name", Str("Test 8B")),
+            ("general.file_type", U32(15)),
+            ("llama.block_count", U32(32)),
+            ("llama.context_length", U32(131072)),
+            ("llama.embedding_length", U32(4096)),
+            ("llama.attention.head_count", U32(32)),
+            ("llama.attention.head_count_kv", U32(8)),
+            ("llama.rope.freq_base", F32(500000.0)),
+            ("tokenizer.ggml.tokens", StrArray(&["<s>", "</s>", "hello"])),
+        ])
+    }
+
+    #[test]
+    fn reads_a_written_header() {
+        let file = write(&llama_8b_header());
+        let facts = read_model_facts(file.path()).unwrap();
+        assert_eq!(facts.architecture, "llama");
+        assert_eq!(facts.name.as_deref(), Some("Test 8B"));
+        assert_eq!(facts.block_count, 32);
+        assert_eq!(facts.context_length, Some(131072));
+        assert_eq!(facts.head_count_kv, vec![8]);
+        assert_eq!(facts.file_type, Some(15));
+        assert_eq!(facts.sliding_window, None);
+        // 32 layers x 8 kv heads x (128 + 128) x 2 bytes = 128 KiB per token,
+        // the well-known figure for Llama 3 8B at f16.
+        assert_eq!(facts.kv_bytes_per_token(), Some(131072));
+    }
+
+    #[test]
+    fn explicit_key_and_value_lengths_and_per_layer_heads() {
+        let file = write(&header(&[
+            ("general.architecture", Str("gemma3")),
+            ("gemma3.block_count", U32(3)),
+            ("gemma3.embedding_length", U32(640)),
+            ("gemma3.attention.head_count", U32(4)),
+            ("gemma3.attention.head_count_kv", U32Array(&[1, 1, 2])),
+            ("gemma3.attention.key_length", U32(256)),
+            ("gemma3.attention.value_length", U32(128)),
+            ("gemma3.attention.sliding_window", U32(512)),
+        ]));
+        let facts = read_model_facts(file.path()).unwrap();
+        assert_eq!(facts.head_count_kv, vec![1, 1, 2]);
+        assert_eq!(facts.sliding_window, Some(512));
+        assert_eq!(facts.kv_bytes_per_token(), Some(4 * (256 + 128) * 2));
+    }
+
+    #[test]
+    fn every_truncation_point_is_a_clear_error() {
+        let bytes = llama_8b_header();
+        for len in 0..bytes.len() {
+            let file = write(&bytes[..len]);
+            let err = read_model_facts(file.path()).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                matches!(err, GgufError::NotGguf { .. } | GgufError::Truncated { .. }),
+                "cut at {len}: {text}"
+            );
+            assert!(text.contains(&file.path().display().to_string()));
+        }
+    }
+
+    #[test]
+    fn not_gguf_names_what_it_found() {
+        let file = write(b"not a model at all");
+        let err = read_model_facts(file.path()).unwrap_err();
+        assert!(matches!(err, GgufError::NotGguf { .. }), "{err}");
+        assert!(err.to_string().contains("\"not \""), "{err}");
+    }
+
+    #[test]
+    fn absurd_lengths_are_rejected_not_allocated() {
+        let mut bytes = b"GGUF".to_vec();
+        bytes.extend_from_slice(&3u32.to_le_bytes());
+        bytes.extend_from_slice(&0u64.to_le_bytes());
+        bytes.extend_from_slice(&1u64.to_le_bytes());
+        bytes.extend_from_slice(&u64::MAX.to_le_bytes()); // key length
+        let file = write(&bytes);
+        let err = read_model_facts(file.path()).unwrap_err();
+        assert!(matches!(err, GgufError::Invalid { .. }), "{err}");
+    }
+
+    #[test]
+    fn missing_architecture_is_named() {
+        let file = write(&header(&[("general.name", Str("x"))]));
+        let err = read_model_facts(file.path()).unwrap_err();
+        assert!(err.to_string().contains("general.architecture"), "{err}");
+    }
+
+    #[test]
+    fn old_version_is_refused() {
+        let mut bytes = llama_8b_header();
+        bytes[4..8].copy_from_slice(&1u32.to_le_bytes());
+        let file = write(&bytes);
+        assert!(matches!(
+            read_model_facts(file.path()).unwrap_err(),
+            GgufError::Version { version: 1, .. }
+        ));
+    }
+}

@@ -1,0 +1,80 @@
+//! A small HTTP/1 client over hyper for loopback calls: the supervisor's
+//! probes of the child and the `status` command's call to the daemon.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::{Request, StatusCode};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+
+#[derive(Clone)]
+pub struct HttpClient {
+    inner: Client<HttpConnector, Empty<Bytes>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// Nothing accepted the connection.
+    #[error("connection refused or failed: {0}")]
+    Connect(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Default for HttpClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HttpClient {
+    pub fn new() -> HttpClient {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let inner = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        HttpClient { inner }
+    }
+
+    /// GETs `url` and reads the whole body, all within `timeout`.
+    pub async fn get(&self, url: &str, timeout: Duration) -> Result<(StatusCode, Bytes), HttpError> {
+        self.get_with_headers(url, &[], timeout).await
+    }
+
+    pub async fn get_with_headers(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<(StatusCode, Bytes), HttpError> {
+        let mut builder = Request::get(url);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let request = builder.body(Empty::new()).map_err(|e| HttpError::Other(e.to_string()))?;
+        let call = async {
+            let response = self.inner.request(request).await.map_err(|e| {
+                if e.is_connect() {
+                    HttpError::Connect(e.to_string())
+                } else {
+                    HttpError::Other(e.to_string())
+                }
+            })?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| HttpError::Other(e.to_string()))?
+                .to_bytes();
+            Ok((status, body))
+        };
+        tokio::time::timeout(timeout, call).await.map_err(|_| HttpError::Timeout(timeout))?
+    }
+}

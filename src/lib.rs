@@ -1,0 +1,40 @@
+//! contextpilotd: one daemon that supervises llama.cpp's `llama-server` and
+//! makes it fast for long-context work.
+//!
+//! # Layout
+//!
+//! * [`config`]: the TOML configuration, validated with messages that name
+//!   the file and the key.
+//! * [`hardware`]: what machine this is (chip, memory, cores, GPU), from
+//!   platform commands parsed by pure functions.
+//! * [`gguf`]: the model's facts, read from its GGUF header.
+//! * [`plan`]: a pure function from hardware + model + config to the
+//!   llama-server settings and command line, each setting with its reason.
+//! * [`supervisor`]: the actor that owns the llama-server child: spawn,
+//!   readiness, liveness, restart with backoff, crash-loop detection, stop.
+//!   [`supervisor::process`] holds the per-platform process code.
+//! * [`gateway`]: the HTTP server on `[server] listen`: `/health`, `/status`,
+//!   and the OpenAI-compatible API.
+//! * [`status`]: the status document and its human rendering.
+//! * [`daemon`]: wiring for `run`: preflight, one-instance lock, listener,
+//!   supervisor, gateway, shutdown.
+//! * [`http_client`]: the loopback HTTP client used for probes and `status`.
+//! * [`cli`]: the command line, one file per command.
+//!
+//! # Data flow
+//!
+//! `run` prepares (config → model header → hardware → plan), then starts the
+//! supervisor task, which publishes its [`supervisor::SupervisorView`] on a
+//! `watch` channel. The gateway answers requests from that view; requests
+//! for the model will flow gateway → reorder → slot choice → child → meter.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod gateway;
+pub mod gguf;
+pub mod hardware;
+pub mod http_client;
+pub mod plan;
+pub mod status;
+pub mod supervisor;

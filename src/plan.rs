@@ -1,0 +1,398 @@
+//! The launch planner: a pure function from hardware, model and configuration
+//! to llama-server settings, each with one line of why.
+//!
+//! # The memory rule
+//!
+//! The KV cache has to fit in memory the GPU can use, next to the weights:
+//!
+//! ```text
+//! kv budget = GPU-usable memory − model file − margin
+//! ```
+//!
+//! * **Apple Silicon (Metal).** The GPU shares RAM, but macOS caps how much of
+//!   it Metal may wire (`recommendedMaxWorkingSetSize`). When an administrator
+//!   set `iogpu.wired_limit_mb`, that is the cap. Otherwise macOS allows about
+//!   two thirds of RAM on machines with up to 36 GiB and three quarters above
+//!   (reported working sets: 10.7 GiB of 16 GiB on M1, 96 GiB of 128 GiB on
+//!   M3 Max; GPUStack and llmfit measure the same ~67–75 %). We use those
+//!   fractions.
+//! * **NVIDIA (CUDA).** The card's VRAM.
+//! * **CPU only.** Three quarters of RAM; the rest is left to the OS and the
+//!   user's other programs.
+//!
+//! The margin (512 MiB below 16 GiB usable, 1 GiB above) covers llama.cpp's
+//! compute buffers and the output buffer. KV bytes per token come from the
+//! GGUF header: f16 K and V over every layer.
+//!
+//! # Slots
+//!
+//! A slot is both a unit of parallel decoding and a separate prompt cache, so
+//! more slots keep more contexts warm. The count is as many as fit the budget
+//! with `ctx_per_slot` tokens each, capped by what the chip can decode in
+//! parallel: decoding is bound by memory bandwidth, and each extra sequence
+//! adds compute per step, so the cap grows with GPU cores (one slot per four
+//! Apple GPU cores; M1 8-core: 2, M3 Max 40-core: 10), and on a CPU with one
+//! slot per two performance cores (at most 4). Then at least 1, at most 16.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::config::LlamaConfig;
+use crate::gguf::ModelFacts;
+use crate::hardware::apple::{self, ChipClass};
+use crate::hardware::{Accelerator, Hardware};
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+/// Context per slot when the configuration says "auto" and memory allows.
+pub const DEFAULT_CTX_PER_SLOT: u32 = 8192;
+/// The smallest context per slot the planner shrinks to.
+pub const MIN_CTX_PER_SLOT: u32 = 512;
+pub const MAX_SLOTS: u32 = 16;
+/// Assumed KV size when the model header lacks the attention shape: the
+/// figure for an 8B model with grouped-query attention (Llama 3 8B).
+const FALLBACK_KV_BYTES_PER_TOKEN: u64 = 128 * 1024;
+
+/// The settings the daemon gives llama-server, and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LaunchPlan {
+    pub slots: u32,
+    pub ctx_per_slot: u32,
+    pub ctx_size: u64,
+    pub threads: u32,
+    pub batch: u32,
+    pub ubatch: u32,
+    pub gpu_layers: u32,
+    pub cache_reuse: u32,
+    /// `--swa-full`: keep the full KV for sliding-window layers so prefix and
+    /// KV-shift reuse keep working.
+    pub swa_full: bool,
+    pub memory: MemoryBudget,
+    /// One entry per derived setting, in command-line order.
+    pub decisions: Vec<Decision>,
+    /// Things that are not as they should be, one sentence each.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MemoryBudget {
+    pub gpu_usable_bytes: u64,
+    /// How `gpu_usable_bytes` was derived.
+    pub gpu_usable_rule: String,
+    pub model_bytes: u64,
+    pub margin_bytes: u64,
+    /// What is left for the KV cache.
+    pub kv_budget_bytes: u64,
+    pub kv_bytes_per_token: u64,
+    /// The KV cache the plan allocates: ctx_size × kv_bytes_per_token.
+    pub kv_planned_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Decision {
+    /// The llama-server flag, e.g. "--parallel".
+    pub flag: String,
+    pub value: String,
+    pub why: String,
+}
+
+/// Memory the GPU may use, and the rule that gave it.
+pub fn gpu_usable_memory(hw: &Hardware) -> (u64, String) {
+    match hw.accelerator {
+        Accelerator::Metal => match hw.gpu_wired_limit_bytes {
+            Some(limit) => (limit, format!("iogpu.wired_limit_mb is set to {} MiB", limit / MIB)),
+            None if hw.memory_bytes <= 36 * GIB => (
+                hw.memory_bytes / 3 * 2,
+                "macOS lets Metal wire about 2/3 of RAM up to 36 GiB".to_string(),
+            ),
+            None => (
+                hw.memory_bytes / 4 * 3,
+                "macOS lets Metal wire about 3/4 of RAM above 36 GiB".to_string(),
+            ),
+        },
+        Accelerator::Cuda => match hw.gpu_memory_bytes {
+            Some(vram) => (vram, "the GPU's VRAM".to_string()),
+            None => (hw.memory_bytes / 4 * 3, "VRAM unknown: 3/4 of RAM".to_string()),
+        },
+        Accelerator::Cpu => (
+            hw.memory_bytes / 4 * 3,
+            "CPU only: 3/4 of RAM, the rest left to the system".to_string(),
+        ),
+    }
+}
+
+/// How many sequences the chip decodes in parallel without each one slowing
+/// to a crawl, and why.
+pub fn compute_slot_cap(hw: &Hardware) -> (u32, String) {
+    match hw.accelerator {
+        Accelerator::Metal => match hw.gpu_cores {
+            Some(cores) => (
+                (cores / 4).clamp(1, MAX_SLOTS),
+                format!("{cores} GPU cores decode about {} sequences in parallel", (cores / 4).clamp(1, MAX_SLOTS)),
+            ),
+            None => {
+                let cap = match apple::classify(&hw.chip) {
+                    Some(ChipClass::Ultra) => 16,
+                    Some(ChipClass::Max) => 8,
+                    Some(ChipClass::Pro) => 4,
+                    Some(ChipClass::Base) | None => 2,
+                };
+                (cap, format!("GPU core count unknown; {} class allows {cap}", hw.chip))
+            }
+        },
+        Accelerator::Cuda => (8, "a discrete NVIDIA GPU decodes 8 sequences well in parallel".to_string()),
+        Accelerator::Cpu => {
+            let cap = (hw.perf_cores / 2).clamp(1, 4);
+            (cap, format!("CPU decoding: one slot per two of {} cores", hw.perf_cores))
+        }
+    }
+}
+
+/// Logical and physical batch sizes for the chip class: larger micro-batches
+/// speed prefill on GPUs with more cores, at the cost of compute-buffer memory.
+fn batch_sizes(hw: &Hardware) -> (u32, u32, String) {
+    match hw.accelerator {
+        Accelerator::Metal => match apple::classify(&hw.chip) {
+            Some(ChipClass::Ultra) => (4096, 2048, "Ultra-class GPU: large prefill batches".into()),
+            Some(ChipClass::Max) => (2048, 1024, "Max-class GPU: larger prefill micro-batches".into()),
+            Some(ChipClass::Pro) => (2048, 512, "Pro-class GPU: llama.cpp's default batches".into()),
+            Some(ChipClass::Base) | None => {
+                (1024, 256, "base-class GPU with little memory: smaller compute buffers".into())
+            }
+        },
+        Accelerator::Cuda => (2048, 512, "CUDA: llama.cpp's default batches".into()),
+        Accelerator::Cpu => (2048, 512, "CPU: llama.cpp's default batches".into()),
+    }
+}
+
+/// Plans llama-server's settings. Every explicit configuration value wins
+/// over the derived one; the plan says so when that breaks the budget.
+pub fn plan(hw: &Hardware, model: &ModelFacts, cfg: &LlamaConfig) -> LaunchPlan {
+    let mut warnings = Vec::new();
+    let mut decisions = Vec::new();
+
+    let (gpu_usable_bytes, gpu_usable_rule) = gpu_usable_memory(hw);
+    let margin_bytes = if gpu_usable_bytes >= 16 * GIB { GIB } else { 512 * MIB };
+    let kv_budget_bytes = gpu_usable_bytes.saturating_sub(model.size_bytes).saturating_sub(margin_bytes);
+    if model.size_bytes + margin_bytes > gpu_usable_bytes {
+        warnings.push(format!(
+            "the model ({:.1} GiB) does not fit in the {:.1} GiB the GPU may use with a {} MiB margin: expect swapping or a failed load",
+            gib(model.size_bytes),
+            gib(gpu_usable_bytes),
+            margin_bytes / MIB
+        ));
+    }
+    let kv_bytes_per_token = model.kv_bytes_per_token().unwrap_or_else(|| {
+        warnings.push(format!(
+            "the model header lacks the attention shape; assuming {} KiB of KV per token",
+            FALLBACK_KV_BYTES_PER_TOKEN / 1024
+        ));
+        FALLBACK_KV_BYTES_PER_TOKEN
+    });
+    let tokens_in_budget = kv_budget_bytes / kv_bytes_per_token;
+
+    // Context per slot.
+    let trained = model.context_length.map(|c| c.min(u32::MAX as u64) as u32);
+    let (ctx_per_slot, ctx_why) = match cfg.ctx_per_slot.value() {
+        Some(ctx) => (ctx, "set in the configuration".to_string()),
+        None => {
+            let wanted = trained.map_or(DEFAULT_CTX_PER_SLOT, |t| t.min(DEFAULT_CTX_PER_SLOT));
+            let wanted_why = match trained {
+                Some(t) if t < DEFAULT_CTX_PER_SLOT => format!("the model's trained context ({t})"),
+                _ => format!("{DEFAULT_CTX_PER_SLOT} tokens per slot for long-context work"),
+            };
+            if tokens_in_budget >= wanted as u64 {
+                (wanted, wanted_why)
+            } else {
+                let fit = ((tokens_in_budget / 256) * 256).min(u32::MAX as u64) as u32;
+                if fit < MIN_CTX_PER_SLOT {
+                    warnings.push(format!(
+                        "memory allows only {tokens_in_budget} context tokens; using the minimum of {MIN_CTX_PER_SLOT}"
+                    ));
+                    (MIN_CTX_PER_SLOT, "the minimum: memory is short".to_string())
+                } else {
+                    (fit, format!("shrunk from {wanted} to fit {:.2} GiB of KV budget", gib(kv_budget_bytes)))
+                }
+            }
+        }
+    };
+
+    // Slots.
+    let (slots, slots_why) = match cfg.slots.value() {
+        Some(slots) => (slots, "set in the configuration".to_string()),
+        None => {
+            let (cap, cap_why) = compute_slot_cap(hw);
+            let fit = (tokens_in_budget / ctx_per_slot as u64).min(MAX_SLOTS as u64) as u32;
+            if fit >= cap {
+                (cap.max(1), format!("{cap_why}; memory fits {fit}"))
+            } else {
+                (fit.max(1), format!("memory fits {fit} of {ctx_per_slot} tokens (compute allows {cap})"))
+            }
+        }
+    };
+    let ctx_size = slots as u64 * ctx_per_slot as u64;
+    let kv_planned_bytes = ctx_size * kv_bytes_per_token;
+    let over_budget = kv_planned_bytes > kv_budget_bytes;
+    if over_budget && (cfg.slots.value().is_some() || cfg.ctx_per_slot.value().is_some()) {
+        warnings.push(format!(
+            "the configured slots × ctx_per_slot need {:.2} GiB of KV cache, more than the {:.2} GiB budget",
+            gib(kv_planned_bytes),
+            gib(kv_budget_bytes)
+        ));
+    }
+    if let Some(t) = trained {
+        if ctx_per_slot > t {
+            warnings.push(format!("ctx_per_slot {ctx_per_slot} exceeds the model's trained context of {t}"));
+        }
+    }
+
+    let (threads, threads_why) = match cfg.threads.value() {
+        Some(t) => (t, "set in the configuration".to_string()),
+        None => (hw.perf_cores.max(1), format!("the {} performance cores", hw.perf_cores.max(1))),
+    };
+    let (class_batch, class_ubatch, batch_why) = batch_sizes(hw);
+    let (batch, ubatch, batch_why) = match cfg.batch.value() {
+        Some(b) => (b, class_ubatch.min(b), "set in the configuration".to_string()),
+        None => (class_batch, class_ubatch, batch_why),
+    };
+
+    let swa_full = match model.sliding_window {
+        Some(window) if !over_budget => {
+            decisions_push(
+                &mut decisions,
+                "--swa-full",
+                "on",
+                format!(
+                    "sliding-window attention (window {window}) would silently disable prefix and KV-shift reuse; the full cache fits"
+                ),
+            );
+            true
+        }
+        Some(window) => {
+            warnings.push(format!(
+                "sliding-window model (window {window}) without --swa-full: memory is short, so llama-server disables --cache-reuse and partial prefix reuse"
+            ));
+            false
+        }
+        None => false,
+    };
+
+    let mut ordered = vec![
+        Decision {
+            flag: "--ctx-size".into(),
+            value: ctx_size.to_string(),
+            why: format!("{slots} slots × {ctx_per_slot} tokens; {ctx_why}; {:.2} GiB of KV", gib(kv_planned_bytes)),
+        },
+        Decision {
+            flag: "--parallel".into(),
+            value: slots.to_string(),
+            why: slots_why,
+        },
+        Decision {
+            flag: "-ngl".into(),
+            value: cfg.gpu_layers.to_string(),
+            why: match (hw.accelerator, cfg.gpu_layers) {
+                (Accelerator::Cpu, _) => "no GPU: llama-server ignores it".into(),
+                (_, 99) => "offload every layer to the GPU".into(),
+                _ => "set in the configuration".into(),
+            },
+        },
+        Decision {
+            flag: "--cache-reuse".into(),
+            value: cfg.cache_reuse.to_string(),
+            why: if cfg.cache_reuse == 0 {
+                "KV shifting off: only exact prefix reuse".into()
+            } else {
+                format!("reuse moved chunks of at least {} tokens by shifting KV", cfg.cache_reuse)
+            },
+        },
+        Decision {
+            flag: "-t".into(),
+            value: threads.to_string(),
+            why: threads_why,
+        },
+        Decision {
+            flag: "-b".into(),
+            value: batch.to_string(),
+            why: batch_why.clone(),
+        },
+        Decision {
+            flag: "-ub".into(),
+            value: ubatch.to_string(),
+            why: batch_why,
+        },
+    ];
+    ordered.append(&mut decisions);
+
+    LaunchPlan {
+        slots,
+        ctx_per_slot,
+        ctx_size,
+        threads,
+        batch,
+        ubatch,
+        gpu_layers: cfg.gpu_layers,
+        cache_reuse: cfg.cache_reuse,
+        swa_full,
+        memory: MemoryBudget {
+            gpu_usable_bytes,
+            gpu_usable_rule,
+            model_bytes: model.size_bytes,
+            margin_bytes,
+            kv_budget_bytes,
+            kv_bytes_per_token,
+            kv_planned_bytes,
+        },
+        decisions: ordered,
+        warnings,
+    }
+}
+
+fn decisions_push(decisions: &mut Vec<Decision>, flag: &str, value: &str, why: String) {
+    decisions.push(Decision {
+        flag: flag.to_string(),
+        value: value.to_string(),
+        why,
+    });
+}
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / GIB as f64
+}
+
+/// The llama-server argv for a plan: binary first, `extra_args` last.
+pub fn command_line(binary: &Path, model: &Path, port: u16, plan: &LaunchPlan, cfg: &LlamaConfig) -> Vec<String> {
+    let mut argv: Vec<String> = vec![binary.display().to_string(), "-m".into(), model.display().to_string()];
+    let mut push = |flag: &str, value: String| {
+        argv.push(flag.to_string());
+        argv.push(value);
+    };
+    push("--host", "127.0.0.1".into());
+    push("--port", port.to_string());
+    push("--ctx-size", plan.ctx_size.to_string());
+    push("--parallel", plan.slots.to_string());
+    push("-ngl", plan.gpu_layers.to_string());
+    push("--cache-reuse", plan.cache_reuse.to_string());
+    push("-t", plan.threads.to_string());
+    push("-b", plan.batch.to_string());
+    push("-ub", plan.ubatch.to_string());
+    if let Some(alias) = &cfg.model_alias {
+        push("--alias", alias.clone());
+    }
+    argv.push("--metrics".into());
+    if plan.swa_full {
+        argv.push("--swa-full".into());
+    }
+    argv.extend(cfg.extra_args.iter().cloned());
+    argv
+}
+
+/// Quotes an argv for a POSIX shell, on one line.
+pub fn shell_quote(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| shlex::try_quote(a).map(|q| q.into_owned()).unwrap_or_else(|_| format!("{a:?}")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -1,0 +1,249 @@
+//! The status document: served as JSON on `GET /status`, rendered for people
+//! by `contextpilotd status`. Field names are part of the interface.
+
+use serde::{Deserialize, Serialize};
+
+use crate::gguf::ModelFacts;
+use crate::hardware::Hardware;
+use crate::plan::LaunchPlan;
+use crate::supervisor::SupervisorView;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_s: u64,
+    pub listen: String,
+    /// "starting" | "ready" | "restarting" | "crashloop" | "stopping".
+    pub state: String,
+    pub child: ChildStatus,
+    pub model: ModelStatus,
+    pub plan: PlanStatus,
+    pub hardware: HardwareStatus,
+    /// Planner and hardware warnings.
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChildStatus {
+    pub pid: Option<u32>,
+    pub port: Option<u16>,
+    pub restarts: u32,
+    pub last_exit: Option<String>,
+    pub started_at: Option<String>,
+    pub command: Vec<String>,
+    pub stderr_tail: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelStatus {
+    pub path: String,
+    pub size_bytes: u64,
+    pub architecture: String,
+    pub context_length: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanStatus {
+    pub slots: u32,
+    pub ctx_per_slot: u32,
+    pub ctx_size: u64,
+    pub threads: u32,
+    pub gpu_layers: u32,
+    pub cache_reuse: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HardwareStatus {
+    pub chip: String,
+    pub memory_bytes: u64,
+    pub perf_cores: u32,
+    pub efficiency_cores: u32,
+    pub gpu_cores: Option<u32>,
+}
+
+/// The parts of the status that do not change while the daemon runs.
+#[derive(Debug, Clone)]
+pub struct StaticStatus {
+    pub listen: String,
+    pub model: ModelStatus,
+    pub plan: PlanStatus,
+    pub hardware: HardwareStatus,
+    pub warnings: Vec<String>,
+}
+
+impl StaticStatus {
+    pub fn new(listen: String, model: &ModelFacts, plan: &LaunchPlan, hw: &Hardware) -> StaticStatus {
+        let mut warnings = hw.warnings.clone();
+        warnings.extend(plan.warnings.iter().cloned());
+        StaticStatus {
+            listen,
+            model: ModelStatus {
+                path: model.path.display().to_string(),
+                size_bytes: model.size_bytes,
+                architecture: model.architecture.clone(),
+                context_length: model.context_length,
+            },
+            plan: PlanStatus {
+                slots: plan.slots,
+                ctx_per_slot: plan.ctx_per_slot,
+                ctx_size: plan.ctx_size,
+                threads: plan.threads,
+                gpu_layers: plan.gpu_layers,
+                cache_reuse: plan.cache_reuse,
+            },
+            hardware: HardwareStatus {
+                chip: hw.chip.clone(),
+                memory_bytes: hw.memory_bytes,
+                perf_cores: hw.perf_cores,
+                efficiency_cores: hw.efficiency_cores,
+                gpu_cores: hw.gpu_cores,
+            },
+            warnings,
+        }
+    }
+
+    /// Combines the fixed parts with the supervisor's current view.
+    pub fn snapshot(&self, uptime_s: u64, view: &SupervisorView, stderr_tail: Vec<String>) -> Status {
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            uptime_s,
+            listen: self.listen.clone(),
+            state: view.state.as_str().to_string(),
+            child: ChildStatus {
+                pid: view.pid,
+                port: view.port,
+                restarts: view.restarts,
+                last_exit: view.last_exit.clone(),
+                started_at: view.started_at.clone(),
+                command: view.command.clone(),
+                stderr_tail,
+            },
+            model: self.model.clone(),
+            plan: self.plan.clone(),
+            hardware: self.hardware.clone(),
+            warnings: self.warnings.clone(),
+        }
+    }
+}
+
+/// Renders a status for a person: what is running, how healthy, and, when
+/// something is wrong, the child's last lines.
+pub fn render(status: &Status) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "contextpilotd {} (pid {}) on http://{}, up {}: {}",
+        status.version,
+        status.pid,
+        status.listen,
+        human_duration(status.uptime_s),
+        status.state.to_uppercase()
+    );
+    let child = &status.child;
+    let _ = match (child.pid, child.port) {
+        (Some(pid), Some(port)) => writeln!(
+            out,
+            "  llama-server  pid {pid} on 127.0.0.1:{port}, started {}, {} restart{}",
+            child.started_at.as_deref().unwrap_or("?"),
+            child.restarts,
+            if child.restarts == 1 { "" } else { "s" }
+        ),
+        _ => writeln!(
+            out,
+            "  llama-server  not running, {} restart{}",
+            child.restarts,
+            if child.restarts == 1 { "" } else { "s" }
+        ),
+    };
+    if let Some(last) = &child.last_exit {
+        let _ = writeln!(out, "  last exit     {last}");
+    }
+    let file = std::path::Path::new(&status.model.path)
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_else(|| status.model.path.clone());
+    let _ = writeln!(
+        out,
+        "  model         {file} ({}, {}, trained context {})",
+        status.model.architecture,
+        human_bytes(status.model.size_bytes),
+        status.model.context_length.map_or("unknown".to_string(), |c| c.to_string())
+    );
+    let p = &status.plan;
+    let _ = writeln!(
+        out,
+        "  plan          {} slot{} × {} tokens (--ctx-size {}), {} threads, -ngl {}, --cache-reuse {}",
+        p.slots,
+        if p.slots == 1 { "" } else { "s" },
+        p.ctx_per_slot,
+        p.ctx_size,
+        p.threads,
+        p.gpu_layers,
+        p.cache_reuse
+    );
+    let h = &status.hardware;
+    let _ = writeln!(
+        out,
+        "  hardware      {}, {} memory, {} performance + {} efficiency cores{}",
+        h.chip,
+        human_bytes(h.memory_bytes),
+        h.perf_cores,
+        h.efficiency_cores,
+        h.gpu_cores.map_or(String::new(), |g| format!(", {g} GPU cores"))
+    );
+    for warning in &status.warnings {
+        let _ = writeln!(out, "  warning       {warning}");
+    }
+    if matches!(status.state.as_str(), "crashloop" | "restarting" | "starting") && !child.stderr_tail.is_empty() {
+        let _ = writeln!(out, "  last lines from llama-server:");
+        let skip = child.stderr_tail.len().saturating_sub(12);
+        for line in &child.stderr_tail[skip..] {
+            let _ = writeln!(out, "    {line}");
+        }
+    }
+    out
+}
+
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn human_duration(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s if s < 86_400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        s => format!("{}d{:02}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_read_well() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(98_362_432), "93.8 MiB");
+        assert_eq!(human_bytes(17_179_869_184), "16.0 GiB");
+        assert_eq!(human_duration(59), "59s");
+        assert_eq!(human_duration(192), "3m12s");
+        assert_eq!(human_duration(7_260), "2h01m");
+        assert_eq!(human_duration(90_000), "1d01h");
+    }
+}

@@ -1,0 +1,269 @@
+//! The platform side of the child: spawning it from an argv vector in its own
+//! process group, tying its life to the daemon's, reading its output, and
+//! stopping it.
+//!
+//! Two mechanisms make sure no llama-server outlives the daemon, even when the
+//! daemon is SIGKILLed:
+//! * On Linux the child gets a parent-death signal (SIGKILL) at spawn.
+//! * On every platform a watchdog process (this binary, `__watchdog`) holds
+//!   the read end of a pipe from the daemon. When the daemon dies the kernel
+//!   closes the pipe; the watchdog sees EOF and kills every process group it
+//!   was told about. macOS has no parent-death signal, so there the watchdog
+//!   is the only mechanism; on Linux it is the second one, and tests run it
+//!   alone by setting `CONTEXTPILOTD_NO_PDEATHSIG=1`.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::io::{self, BufRead};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+
+/// How many lines of the child's output are kept for `status`.
+pub const TAIL_LINES: usize = 200;
+
+/// Set to 1 to skip the parent-death signal, so tests can check that the
+/// watchdog alone cleans up.
+pub const NO_PDEATHSIG_ENV: &str = "CONTEXTPILOTD_NO_PDEATHSIG";
+
+/// The last lines the child printed, shared with the status endpoint.
+#[derive(Clone, Default)]
+pub struct OutputTail(Arc<Mutex<VecDeque<String>>>);
+
+impl OutputTail {
+    pub fn push(&self, line: String) {
+        let mut lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if lines.len() == TAIL_LINES {
+            lines.pop_front();
+        }
+        lines.push_back(line);
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+    }
+}
+
+/// A running llama-server in its own process group.
+pub struct ChildProcess {
+    child: Child,
+    pid: u32,
+}
+
+impl ChildProcess {
+    /// Spawns `argv` (never through a shell) in a new process group, with the
+    /// `LLAMA_ARG_*` environment removed so it cannot override the argv.
+    /// Output lines go to the daemon's log and to `tail`.
+    pub fn spawn(argv: &[String], tail: &OutputTail) -> io::Result<ChildProcess> {
+        let (program, args) = argv
+            .split_first()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command line"))?;
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("LLAMA_ARG_") {
+                command.env_remove(key);
+            }
+        }
+        set_parent_death_signal(&mut command);
+        let mut child = command.spawn()?;
+        let pid = child.id().unwrap_or_default();
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(forward_lines(out, pid, tail.clone()));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(forward_lines(err, pid, tail.clone()));
+        }
+        Ok(ChildProcess { child, pid })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Waits for the child to exit. Cancel-safe.
+    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+        self.child.wait().await
+    }
+
+    /// Stops the child's process group: SIGTERM (and SIGCONT, so a stopped
+    /// child can act on it), then SIGKILL after `grace`. llama-server can hang
+    /// on SIGTERM while a request runs, so the SIGKILL is not optional.
+    pub async fn stop(&mut self, grace: Duration) -> io::Result<ExitStatus> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            signal_group(self.pid, Signal::SIGKILL);
+            return Ok(status);
+        }
+        signal_group(self.pid, Signal::SIGTERM);
+        signal_group(self.pid, Signal::SIGCONT);
+        let status = match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(status) => status?,
+            Err(_) => {
+                tracing::warn!(pid = self.pid, "llama-server did not exit {grace:?} after SIGTERM; sending SIGKILL");
+                signal_group(self.pid, Signal::SIGKILL);
+                self.child.wait().await?
+            }
+        };
+        // Anything the child left in its group goes with it.
+        signal_group(self.pid, Signal::SIGKILL);
+        Ok(status)
+    }
+}
+
+fn signal_group(pgid: u32, signal: Signal) {
+    if pgid == 0 {
+        return;
+    }
+    // ESRCH (the group is gone) is the expected outcome, not an error.
+    let _ = killpg(Pid::from_raw(pgid as i32), signal);
+}
+
+#[cfg(target_os = "linux")]
+fn set_parent_death_signal(command: &mut Command) {
+    if std::env::var_os(NO_PDEATHSIG_ENV).is_some_and(|v| v == "1") {
+        return;
+    }
+    let parent = std::process::id();
+    // SAFETY: prctl and getppid are async-signal-safe. The signal fires when
+    // the *thread* that forked exits; the supervisor spawns from a tokio
+    // worker thread, which lives as long as the runtime, i.e. the daemon.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
+            // The daemon may have died between fork and prctl.
+            if nix::unistd::getppid().as_raw() as u32 != parent {
+                return Err(io::Error::other("contextpilotd exited during spawn"));
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_parent_death_signal(_command: &mut Command) {}
+
+async fn forward_lines(stream: impl AsyncRead + Unpin, pid: u32, tail: OutputTail) {
+    let mut reader = BufReader::new(stream);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+                if line.is_empty() {
+                    continue;
+                }
+                tracing::info!(target: "llama_server", "llama-server[{pid}]: {line}");
+                tail.push(line);
+            }
+        }
+    }
+}
+
+/// Picks a free loopback port by binding port 0. Another process can take it
+/// before the child binds; the child then exits and is restarted on a new one.
+pub fn free_loopback_port() -> io::Result<u16> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// The daemon's end of the watchdog pipe.
+pub struct Watchdog {
+    stdin: Option<ChildStdin>,
+    _process: Child,
+}
+
+impl Watchdog {
+    /// Starts `contextpilotd __watchdog` in its own process group, so a
+    /// terminal's Ctrl-C reaches the daemon but not the watchdog.
+    pub fn start() -> io::Result<Watchdog> {
+        let exe = std::env::current_exe()?;
+        let mut process = Command::new(exe)
+            .arg("__watchdog")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .process_group(0)
+            .spawn()?;
+        let stdin = process.stdin.take();
+        Ok(Watchdog {
+            stdin,
+            _process: process,
+        })
+    }
+
+    /// Tells the watchdog to kill process group `pgid` if the daemon dies.
+    pub async fn watch(&mut self, pgid: u32) {
+        self.send(format!("watch {pgid}\n")).await;
+    }
+
+    /// The group is gone; forget it (its id may be reused).
+    pub async fn unwatch(&mut self, pgid: u32) {
+        self.send(format!("unwatch {pgid}\n")).await;
+    }
+
+    async fn send(&mut self, line: String) {
+        if let Some(stdin) = self.stdin.as_mut() {
+            if let Err(e) = stdin.write_all(line.as_bytes()).await {
+                tracing::warn!("watchdog pipe failed: {e}; the child may outlive a crashed daemon");
+                self.stdin = None;
+            }
+        }
+    }
+}
+
+/// The watchdog process: read `watch N` / `unwatch N` lines until EOF, then
+/// stop every group still watched. Runs without tokio.
+pub fn run_watchdog(input: impl BufRead, grace: Duration) {
+    // The daemon's terminal or service manager may signal our group; only
+    // EOF on stdin should end us.
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: setting a disposition to SIG_IGN runs no handler code.
+        unsafe {
+            let _ = nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigIgn);
+        }
+    }
+    let mut groups = BTreeSet::new();
+    for line in input.lines() {
+        let Ok(line) = line else { break };
+        match line.split_once(' ') {
+            Some(("watch", n)) => {
+                if let Ok(pgid) = n.trim().parse::<u32>() {
+                    groups.insert(pgid);
+                }
+            }
+            Some(("unwatch", n)) => {
+                if let Ok(pgid) = n.trim().parse::<u32>() {
+                    groups.remove(&pgid);
+                }
+            }
+            _ => {}
+        }
+    }
+    for &pgid in &groups {
+        signal_group(pgid, Signal::SIGTERM);
+        signal_group(pgid, Signal::SIGCONT);
+    }
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline && groups.iter().any(|&g| group_exists(g)) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for &pgid in &groups {
+        signal_group(pgid, Signal::SIGKILL);
+    }
+}
+
+fn group_exists(pgid: u32) -> bool {
+    killpg(Pid::from_raw(pgid as i32), None::<Signal>).is_ok()
+}
