@@ -1,0 +1,43 @@
+# contextpilotd: `make run` and `make test` are the two commands to know.
+SHELL := /bin/bash
+CARGO ?= cargo
+DEMO_DIR := target/demo
+
+.PHONY: run test lint fmt bench build provision demo-config clean-cache
+
+## Provision llama-server and the demo model (if needed), build, and run the
+## daemon in the foreground on 127.0.0.1:8765.
+run: provision build demo-config
+	exec target/release/contextpilotd run --config $(DEMO_DIR)/config.toml
+
+## Provision (if needed) and run every test, including the ones that drive a
+## real llama-server with a real model.
+test: provision
+	eval "$$(bash scripts/provision.sh paths)" && \
+	  CONTEXTPILOTD_TEST_LLAMA_SERVER="$$LLAMA_SERVER" CONTEXTPILOTD_TEST_MODEL="$$MODEL" \
+	  $(CARGO) test --all-targets --locked
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets --locked -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+bench:
+	$(CARGO) bench --bench plan
+
+build:
+	$(CARGO) build --release --locked
+
+provision:
+	bash scripts/provision.sh all
+
+demo-config:
+	@mkdir -p $(DEMO_DIR)
+	@eval "$$(bash scripts/provision.sh paths)" && \
+	  printf '# Written by make run: the demo model on the provisioned llama-server.\n[llama]\nbinary = "%s"\nmodel = "%s"\n\n[log]\ndir = "logs"\n' \
+	    "$$LLAMA_SERVER" "$$MODEL" > $(DEMO_DIR)/config.toml
+
+clean-cache:
+	rm -rf "$${CONTEXTPILOTD_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/contextpilotd}"
