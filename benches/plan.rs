@@ -30,8 +30,10 @@ fn bench_plan(c: &mut Criterion) {
     });
 
     let model = gguf::read_model_facts(&path).expect("readable");
-    let hw: Hardware = serde_json::from_str(include_str!("../tests/fixtures/hardware/macos-m3max-128gb.expected.json"))
-        .expect("fixture");
+    let hw: Hardware = serde_json::from_str(include_str!(
+        "../tests/fixtures/hardware/macos-m3max-128gb.expected.json"
+    ))
+    .expect("fixture");
     let cfg = LlamaConfig::default();
     c.bench_function("plan for M3 Max", |b| {
         b.iter(|| contextpilotd::plan::plan(black_box(&hw), black_box(&model), black_box(&cfg)))

@@ -270,7 +270,9 @@ impl fmt::Display for ConfigSource {
             ConfigSource::Flag(p) => write!(f, "{} (--config)", p.display()),
             ConfigSource::Env(p) => write!(f, "{} (${CONFIG_ENV})", p.display()),
             ConfigSource::Default(p) if p.exists() => write!(f, "{}", p.display()),
-            ConfigSource::Default(p) => write!(f, "built-in defaults ({} does not exist)", p.display()),
+            ConfigSource::Default(p) => {
+                write!(f, "built-in defaults ({} does not exist)", p.display())
+            }
             ConfigSource::BuiltIn => f.write_str("built-in defaults"),
         }
     }
@@ -279,7 +281,8 @@ impl fmt::Display for ConfigSource {
 /// `~/Library/Application Support/contextpilotd/config.toml` on macOS,
 /// `~/.config/contextpilotd/config.toml` on Linux.
 pub fn default_config_path() -> Option<PathBuf> {
-    directories::ProjectDirs::from("", "", "contextpilotd").map(|d| d.config_dir().join("config.toml"))
+    directories::ProjectDirs::from("", "", "contextpilotd")
+        .map(|d| d.config_dir().join("config.toml"))
 }
 
 /// Default directory for log files: `~/Library/Logs/contextpilotd` on macOS,
@@ -288,8 +291,11 @@ pub fn default_log_dir() -> Option<PathBuf> {
     if cfg!(target_os = "macos") {
         directories::BaseDirs::new().map(|d| d.home_dir().join("Library/Logs/contextpilotd"))
     } else {
-        directories::ProjectDirs::from("", "", "contextpilotd")
-            .map(|d| d.state_dir().unwrap_or_else(|| d.data_local_dir()).join("logs"))
+        directories::ProjectDirs::from("", "", "contextpilotd").map(|d| {
+            d.state_dir()
+                .unwrap_or_else(|| d.data_local_dir())
+                .join("logs")
+        })
     }
 }
 
@@ -303,7 +309,11 @@ impl Config {
             ConfigSource::Default(_) | ConfigSource::BuiltIn => return Ok(Config::default()),
         };
         let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new(Some(path), None, format!("cannot read the configuration file: {e}"))
+            ConfigError::new(
+                Some(path),
+                None,
+                format!("cannot read the configuration file: {e}"),
+            )
         })?;
         Config::parse(&text, Some(path))
     }
@@ -312,7 +322,9 @@ impl Config {
     /// resolve relative paths (relative to the file's directory).
     pub fn parse(text: &str, file: Option<&Path>) -> Result<Config, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|e| toml_error(text, file, &e))?;
-        let base = file.and_then(Path::parent).filter(|p| !p.as_os_str().is_empty());
+        let base = file
+            .and_then(Path::parent)
+            .filter(|p| !p.as_os_str().is_empty());
         if let Some(model) = config.llama.model.take() {
             config.llama.model = Some(resolve_path(&model, base));
         }
@@ -343,21 +355,33 @@ impl Config {
             return err("server.api_key", "must not be empty".to_string());
         }
         if self.llama.binary.trim().is_empty() {
-            return err("llama.binary", "must name llama-server (a name on PATH or a path)".into());
+            return err(
+                "llama.binary",
+                "must name llama-server (a name on PATH or a path)".into(),
+            );
         }
         if let Auto::Value(slots) = self.llama.slots {
             if !(1..=16).contains(&slots) {
-                return err("llama.slots", format!("{slots} is out of range; allowed: \"auto\" or 1 to 16"));
+                return err(
+                    "llama.slots",
+                    format!("{slots} is out of range; allowed: \"auto\" or 1 to 16"),
+                );
             }
         }
         if let Auto::Value(ctx) = self.llama.ctx_per_slot {
             if ctx < 256 {
-                return err("llama.ctx_per_slot", format!("{ctx} is too small; allowed: \"auto\" or at least 256"));
+                return err(
+                    "llama.ctx_per_slot",
+                    format!("{ctx} is too small; allowed: \"auto\" or at least 256"),
+                );
             }
         }
         if let Auto::Value(batch) = self.llama.batch {
             if batch < 32 {
-                return err("llama.batch", format!("{batch} is too small; allowed: \"auto\" or at least 32"));
+                return err(
+                    "llama.batch",
+                    format!("{batch} is too small; allowed: \"auto\" or at least 32"),
+                );
             }
         }
         if matches!(&self.llama.model_alias, Some(a) if a.trim().is_empty()) {
@@ -369,8 +393,14 @@ impl Config {
             ("supervisor.ready_timeout_s", s.ready_timeout_s),
             ("supervisor.hang_timeout_s", s.hang_timeout_s),
             ("supervisor.stop_timeout_s", s.stop_timeout_s),
-            ("supervisor.restart_backoff_initial_ms", s.restart_backoff_initial_ms),
-            ("supervisor.restart_backoff_max_ms", s.restart_backoff_max_ms),
+            (
+                "supervisor.restart_backoff_initial_ms",
+                s.restart_backoff_initial_ms,
+            ),
+            (
+                "supervisor.restart_backoff_max_ms",
+                s.restart_backoff_max_ms,
+            ),
             ("supervisor.crashloop_window_s", s.crashloop_window_s),
         ] {
             if value == 0 {
@@ -387,13 +417,20 @@ impl Config {
             );
         }
         if s.crashloop_restarts == 0 {
-            return err("supervisor.crashloop_restarts", "must be at least 1".to_string());
+            return err(
+                "supervisor.crashloop_restarts",
+                "must be at least 1".to_string(),
+            );
         }
         const LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
         if !LEVELS.contains(&self.log.level.as_str()) {
             return err(
                 "log.level",
-                format!("{:?} is not a level; allowed: {}", self.log.level, LEVELS.join(", ")),
+                format!(
+                    "{:?} is not a level; allowed: {}",
+                    self.log.level,
+                    LEVELS.join(", ")
+                ),
             );
         }
         Ok(())
@@ -431,7 +468,8 @@ fn toml_error(text: &str, file: Option<&Path>, error: &toml::de::Error) -> Confi
         .take(line_no)
         .filter_map(|l| {
             let l = l.trim();
-            (l.starts_with('[') && l.ends_with(']')).then(|| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+            (l.starts_with('[') && l.ends_with(']'))
+                .then(|| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
         })
         .last();
     let key_on_line = line
@@ -468,7 +506,10 @@ mod tests {
         // without a default are commented out.
         assert_eq!(parse(text).unwrap(), Config::default());
         for key in ["api_key", "model", "model_alias", "dir"] {
-            assert!(text.contains(&format!("# {key} = ")), "{key} is not documented");
+            assert!(
+                text.contains(&format!("# {key} = ")),
+                "{key} is not documented"
+            );
         }
     }
 
@@ -476,7 +517,10 @@ mod tests {
     fn unknown_key_names_key_file_and_allowed() {
         let err = parse("[llama]\nslotz = 4\n").unwrap_err();
         let text = err.to_string();
-        assert!(text.starts_with("/etc/cp/config.toml: llama.slotz: unknown field `slotz`"), "{text}");
+        assert!(
+            text.starts_with("/etc/cp/config.toml: llama.slotz: unknown field `slotz`"),
+            "{text}"
+        );
         assert!(text.contains("expected one of"), "{text}");
         assert!(text.contains("line 2"), "{text}");
     }
@@ -489,7 +533,9 @@ mod tests {
 
     #[test]
     fn wrong_type_names_the_key() {
-        let text = parse("[llama]\nport = \"eighty\"\n").unwrap_err().to_string();
+        let text = parse("[llama]\nport = \"eighty\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(text.contains("llama.port:"), "{text}");
         assert!(text.contains("invalid type"), "{text}");
     }
@@ -499,8 +545,13 @@ mod tests {
         let c = parse("[llama]\nslots = 4\nctx_per_slot = \"auto\"\n").unwrap();
         assert_eq!(c.llama.slots, Auto::Value(4));
         assert_eq!(c.llama.ctx_per_slot, Auto::Auto);
-        let text = parse("[llama]\nslots = \"many\"\n").unwrap_err().to_string();
-        assert!(text.contains("llama.slots") && text.contains("\"auto\" or a positive integer"), "{text}");
+        let text = parse("[llama]\nslots = \"many\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("llama.slots") && text.contains("\"auto\" or a positive integer"),
+            "{text}"
+        );
         let text = parse("[llama]\nslots = 0\n").unwrap_err().to_string();
         assert!(text.contains("llama.slots"), "{text}");
         let text = parse("[llama]\nslots = 17\n").unwrap_err().to_string();
@@ -509,14 +560,20 @@ mod tests {
 
     #[test]
     fn non_loopback_listen_needs_an_api_key() {
-        let text = parse("[server]\nlisten = \"0.0.0.0:8765\"\n").unwrap_err().to_string();
-        assert!(text.contains("server.listen") && text.contains("api_key"), "{text}");
+        let text = parse("[server]\nlisten = \"0.0.0.0:8765\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("server.listen") && text.contains("api_key"),
+            "{text}"
+        );
         parse("[server]\nlisten = \"0.0.0.0:8765\"\napi_key = \"s3cret\"\n").unwrap();
     }
 
     #[test]
     fn relative_paths_resolve_against_the_config_file() {
-        let c = parse("[llama]\nmodel = \"models/m.gguf\"\nbinary = \"./bin/llama-server\"\n").unwrap();
+        let c =
+            parse("[llama]\nmodel = \"models/m.gguf\"\nbinary = \"./bin/llama-server\"\n").unwrap();
         assert_eq!(c.llama.model, Some(PathBuf::from("/etc/cp/models/m.gguf")));
         assert_eq!(c.llama.binary, "/etc/cp/./bin/llama-server");
         let c = parse("[llama]\nbinary = \"llama-server\"\n").unwrap();
@@ -526,7 +583,10 @@ mod tests {
     #[test]
     fn semantic_checks() {
         for (text, key) in [
-            ("[supervisor]\nhang_timeout_s = 0\n", "supervisor.hang_timeout_s"),
+            (
+                "[supervisor]\nhang_timeout_s = 0\n",
+                "supervisor.hang_timeout_s",
+            ),
             (
                 "[supervisor]\nrestart_backoff_initial_ms = 10\nrestart_backoff_max_ms = 5\n",
                 "supervisor.restart_backoff_initial_ms",

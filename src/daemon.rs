@@ -30,10 +30,18 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("contextpilotd is already running for {listen} (pid {pid}); stop it first or change [server] listen")]
     AlreadyRunning { listen: SocketAddr, pid: String },
-    #[error("cannot listen on {listen}: {source}; another program holds it (change [server] listen)")]
-    ListenInUse { listen: SocketAddr, source: std::io::Error },
+    #[error(
+        "cannot listen on {listen}: {source}; another program holds it (change [server] listen)"
+    )]
+    ListenInUse {
+        listen: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot create the instance lock {path}: {source}")]
-    Lock { path: PathBuf, source: std::io::Error },
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Everything the commands derive from configuration before doing anything.
@@ -57,22 +65,29 @@ impl Prepared {
             Ok(path) => path.clone(),
             Err(_) => PathBuf::from(&self.config.llama.binary),
         };
-        plan::command_line(&binary, &self.model.path, port, &self.plan, &self.config.llama)
+        plan::command_line(
+            &binary,
+            &self.model.path,
+            port,
+            &self.plan,
+            &self.config.llama,
+        )
     }
 }
 
 /// Loads the configuration, checks the model and the binary, reads the
 /// model's header, detects (or reads) the hardware and plans the launch.
-pub fn prepare(source: ConfigSource, hardware_file: Option<&Path>) -> Result<Prepared, ConfigError> {
+pub fn prepare(
+    source: ConfigSource,
+    hardware_file: Option<&Path>,
+) -> Result<Prepared, ConfigError> {
     let config = Config::load(&source)?;
     let file = source.path();
     let model_path = config.llama.model.as_deref().ok_or_else(|| {
         ConfigError::new(
             file,
             Some("llama.model"),
-            format!(
-                "no model configured; set it to a .gguf file (configuration read: {source})"
-            ),
+            format!("no model configured; set it to a .gguf file (configuration read: {source})"),
         )
     })?;
     if !model_path.is_file() {
@@ -85,7 +100,11 @@ pub fn prepare(source: ConfigSource, hardware_file: Option<&Path>) -> Result<Pre
     // An absolute, canonical path: llama-server reports it back in
     // /props.model_path, which is how readiness is recognised.
     let model_path = model_path.canonicalize().map_err(|e| {
-        ConfigError::new(file, Some("llama.model"), format!("{}: {e}", model_path.display()))
+        ConfigError::new(
+            file,
+            Some("llama.model"),
+            format!("{}: {e}", model_path.display()),
+        )
     })?;
     let model = gguf::read_model_facts(&model_path)
         .map_err(|e| ConfigError::new(file, Some("llama.model"), e.to_string()))?;
@@ -108,11 +127,21 @@ pub fn prepare(source: ConfigSource, hardware_file: Option<&Path>) -> Result<Pre
 }
 
 fn read_hardware_file(path: &Path) -> Result<Hardware, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::new(Some(path), None, format!("cannot read the hardware profile: {e}")))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new(
+            Some(path),
+            None,
+            format!("cannot read the hardware profile: {e}"),
+        )
+    })?;
     // Accept both a bare profile and a whole `doctor --json` document.
-    let value: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| ConfigError::new(Some(path), None, format!("not a JSON hardware profile: {e}")))?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        ConfigError::new(
+            Some(path),
+            None,
+            format!("not a JSON hardware profile: {e}"),
+        )
+    })?;
     let profile = value.get("hardware").cloned().unwrap_or(value);
     serde_json::from_value(profile)
         .map_err(|e| ConfigError::new(Some(path), None, format!("not a hardware profile: {e}")))
@@ -122,7 +151,10 @@ fn read_hardware_file(path: &Path) -> Result<Hardware, ConfigError> {
 /// name is looked up on PATH.
 pub fn resolve_binary(binary: &str) -> Result<PathBuf, String> {
     use std::os::unix::fs::PermissionsExt;
-    let executable = |p: &Path| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    let executable = |p: &Path| {
+        p.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
     if binary.contains('/') {
         let path = PathBuf::from(binary);
         return if executable(&path) {
@@ -154,7 +186,10 @@ pub struct InstanceLock {
 impl InstanceLock {
     pub fn acquire(listen: SocketAddr) -> Result<InstanceLock, StartError> {
         let dir = runtime_dir();
-        let path = dir.join(format!("listen-{}.lock", listen.to_string().replace([':', '[', ']'], "_")));
+        let path = dir.join(format!(
+            "listen-{}.lock",
+            listen.to_string().replace([':', '[', ']'], "_")
+        ));
         let lock_err = |source| StartError::Lock {
             path: path.clone(),
             source,
@@ -175,7 +210,11 @@ impl InstanceLock {
                 let pid = pid.trim();
                 return Err(StartError::AlreadyRunning {
                     listen,
-                    pid: if pid.is_empty() { "unknown".into() } else { pid.into() },
+                    pid: if pid.is_empty() {
+                        "unknown".into()
+                    } else {
+                        pid.into()
+                    },
                 });
             }
         };
@@ -215,7 +254,12 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         env!("CARGO_PKG_VERSION"),
         lock.path().display()
     );
-    for warning in prepared.hardware.warnings.iter().chain(&prepared.plan.warnings) {
+    for warning in prepared
+        .hardware
+        .warnings
+        .iter()
+        .chain(&prepared.plan.warnings)
+    {
         tracing::warn!("{warning}");
     }
 
@@ -226,7 +270,12 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
             None
         }
     };
-    let status = StaticStatus::new(listen.to_string(), &prepared.model, &prepared.plan, &prepared.hardware);
+    let status = StaticStatus::new(
+        listen.to_string(),
+        &prepared.model,
+        &prepared.plan,
+        &prepared.hardware,
+    );
     let spec = LaunchSpec {
         binary,
         model: prepared.model.path.clone(),
@@ -252,7 +301,10 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(t), Ok(i)) => (t, i),
         _ => {
             tracing::error!("cannot install signal handlers; stop the daemon with SIGKILL");

@@ -64,7 +64,9 @@ impl Gateway {
     }
 
     fn authorized(&self, request: &Request<Incoming>) -> bool {
-        let Some(key) = &self.api_key else { return true };
+        let Some(key) = &self.api_key else {
+            return true;
+        };
         request
             .headers()
             .get(hyper::header::AUTHORIZATION)
@@ -83,14 +85,17 @@ impl Gateway {
                 &format!("llama-server is not ready ({})", state.as_str()),
                 "unavailable_error",
             );
-            response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
             response
         }
     }
 
     pub fn status_document(&self) -> crate::status::Status {
         let view = self.supervisor.borrow().clone();
-        self.status.snapshot(self.started.elapsed().as_secs(), &view, self.tail.lines())
+        self.status
+            .snapshot(self.started.elapsed().as_secs(), &view, self.tail.lines())
     }
 }
 
@@ -158,7 +163,10 @@ pub async fn serve(
         }
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("connections still open after {grace:?}; closing them");
     }
 }

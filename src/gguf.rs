@@ -214,7 +214,9 @@ impl<R: Read> Reader<R> {
                     if elem_ty == 8 {
                         let len = self.u64(key)?;
                         if len > MAX_STRING_BYTES {
-                            return Err(self.invalid(format!("a string in {key} claims {len} bytes")));
+                            return Err(
+                                self.invalid(format!("a string in {key} claims {len} bytes"))
+                            );
                         }
                         self.skip(len, key)?;
                     } else {
@@ -246,10 +248,12 @@ pub fn read_model_facts(path: &Path) -> Result<ModelFacts, GgufError> {
         file_size,
     };
 
-    let magic = reader.bytes::<4>("the magic number").map_err(|_| GgufError::NotGguf {
-        path: path.to_path_buf(),
-        magic: "(file shorter than 4 bytes)".to_string(),
-    })?;
+    let magic = reader
+        .bytes::<4>("the magic number")
+        .map_err(|_| GgufError::NotGguf {
+            path: path.to_path_buf(),
+            magic: "(file shorter than 4 bytes)".to_string(),
+        })?;
     if &magic != b"GGUF" {
         return Err(GgufError::NotGguf {
             path: path.to_path_buf(),

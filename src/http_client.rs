@@ -43,7 +43,11 @@ impl HttpClient {
     }
 
     /// GETs `url` and reads the whole body, all within `timeout`.
-    pub async fn get(&self, url: &str, timeout: Duration) -> Result<(StatusCode, Bytes), HttpError> {
+    pub async fn get(
+        &self,
+        url: &str,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Bytes), HttpError> {
         self.get_with_headers(url, &[], timeout).await
     }
 
@@ -57,7 +61,9 @@ impl HttpClient {
         for (name, value) in headers {
             builder = builder.header(*name, *value);
         }
-        let request = builder.body(Empty::new()).map_err(|e| HttpError::Other(e.to_string()))?;
+        let request = builder
+            .body(Empty::new())
+            .map_err(|e| HttpError::Other(e.to_string()))?;
         let call = async {
             let response = self.inner.request(request).await.map_err(|e| {
                 if e.is_connect() {
@@ -75,6 +81,8 @@ impl HttpClient {
                 .to_bytes();
             Ok((status, body))
         };
-        tokio::time::timeout(timeout, call).await.map_err(|_| HttpError::Timeout(timeout))?
+        tokio::time::timeout(timeout, call)
+            .await
+            .map_err(|_| HttpError::Timeout(timeout))?
     }
 }

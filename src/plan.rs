@@ -102,7 +102,10 @@ pub struct Decision {
 pub fn gpu_usable_memory(hw: &Hardware) -> (u64, String) {
     match hw.accelerator {
         Accelerator::Metal => match hw.gpu_wired_limit_bytes {
-            Some(limit) => (limit, format!("iogpu.wired_limit_mb is set to {} MiB", limit / MIB)),
+            Some(limit) => (
+                limit,
+                format!("iogpu.wired_limit_mb is set to {} MiB", limit / MIB),
+            ),
             None if hw.memory_bytes <= 36 * GIB => (
                 hw.memory_bytes / 3 * 2,
                 "macOS lets Metal wire about 2/3 of RAM up to 36 GiB".to_string(),
@@ -114,7 +117,10 @@ pub fn gpu_usable_memory(hw: &Hardware) -> (u64, String) {
         },
         Accelerator::Cuda => match hw.gpu_memory_bytes {
             Some(vram) => (vram, "the GPU's VRAM".to_string()),
-            None => (hw.memory_bytes / 4 * 3, "VRAM unknown: 3/4 of RAM".to_string()),
+            None => (
+                hw.memory_bytes / 4 * 3,
+                "VRAM unknown: 3/4 of RAM".to_string(),
+            ),
         },
         Accelerator::Cpu => (
             hw.memory_bytes / 4 * 3,
@@ -130,7 +136,10 @@ pub fn compute_slot_cap(hw: &Hardware) -> (u32, String) {
         Accelerator::Metal => match hw.gpu_cores {
             Some(cores) => (
                 (cores / 4).clamp(1, MAX_SLOTS),
-                format!("{cores} GPU cores decode about {} sequences in parallel", (cores / 4).clamp(1, MAX_SLOTS)),
+                format!(
+                    "{cores} GPU cores decode about {} sequences in parallel",
+                    (cores / 4).clamp(1, MAX_SLOTS)
+                ),
             ),
             None => {
                 let cap = match apple::classify(&hw.chip) {
@@ -139,13 +148,22 @@ pub fn compute_slot_cap(hw: &Hardware) -> (u32, String) {
                     Some(ChipClass::Pro) => 4,
                     Some(ChipClass::Base) | None => 2,
                 };
-                (cap, format!("GPU core count unknown; {} class allows {cap}", hw.chip))
+                (
+                    cap,
+                    format!("GPU core count unknown; {} class allows {cap}", hw.chip),
+                )
             }
         },
-        Accelerator::Cuda => (8, "a discrete NVIDIA GPU decodes 8 sequences well in parallel".to_string()),
+        Accelerator::Cuda => (
+            8,
+            "a discrete NVIDIA GPU decodes 8 sequences well in parallel".to_string(),
+        ),
         Accelerator::Cpu => {
             let cap = (hw.perf_cores / 2).clamp(1, 4);
-            (cap, format!("CPU decoding: one slot per two of {} cores", hw.perf_cores))
+            (
+                cap,
+                format!("CPU decoding: one slot per two of {} cores", hw.perf_cores),
+            )
         }
     }
 }
@@ -156,11 +174,21 @@ fn batch_sizes(hw: &Hardware) -> (u32, u32, String) {
     match hw.accelerator {
         Accelerator::Metal => match apple::classify(&hw.chip) {
             Some(ChipClass::Ultra) => (4096, 2048, "Ultra-class GPU: large prefill batches".into()),
-            Some(ChipClass::Max) => (2048, 1024, "Max-class GPU: larger prefill micro-batches".into()),
-            Some(ChipClass::Pro) => (2048, 512, "Pro-class GPU: llama.cpp's default batches".into()),
-            Some(ChipClass::Base) | None => {
-                (1024, 256, "base-class GPU with little memory: smaller compute buffers".into())
-            }
+            Some(ChipClass::Max) => (
+                2048,
+                1024,
+                "Max-class GPU: larger prefill micro-batches".into(),
+            ),
+            Some(ChipClass::Pro) => (
+                2048,
+                512,
+                "Pro-class GPU: llama.cpp's default batches".into(),
+            ),
+            Some(ChipClass::Base) | None => (
+                1024,
+                256,
+                "base-class GPU with little memory: smaller compute buffers".into(),
+            ),
         },
         Accelerator::Cuda => (2048, 512, "CUDA: llama.cpp's default batches".into()),
         Accelerator::Cpu => (2048, 512, "CPU: llama.cpp's default batches".into()),
@@ -174,8 +202,14 @@ pub fn plan(hw: &Hardware, model: &ModelFacts, cfg: &LlamaConfig) -> LaunchPlan 
     let mut decisions = Vec::new();
 
     let (gpu_usable_bytes, gpu_usable_rule) = gpu_usable_memory(hw);
-    let margin_bytes = if gpu_usable_bytes >= 16 * GIB { GIB } else { 512 * MIB };
-    let kv_budget_bytes = gpu_usable_bytes.saturating_sub(model.size_bytes).saturating_sub(margin_bytes);
+    let margin_bytes = if gpu_usable_bytes >= 16 * GIB {
+        GIB
+    } else {
+        512 * MIB
+    };
+    let kv_budget_bytes = gpu_usable_bytes
+        .saturating_sub(model.size_bytes)
+        .saturating_sub(margin_bytes);
     if model.size_bytes + margin_bytes > gpu_usable_bytes {
         warnings.push(format!(
             "the model ({:.1} GiB) does not fit in the {:.1} GiB the GPU may use with a {} MiB margin: expect swapping or a failed load",
@@ -213,7 +247,13 @@ pub fn plan(hw: &Hardware, model: &ModelFacts, cfg: &LlamaConfig) -> LaunchPlan 
                     ));
                     (MIN_CTX_PER_SLOT, "the minimum: memory is short".to_string())
                 } else {
-                    (fit, format!("shrunk from {wanted} to fit {:.2} GiB of KV budget", gib(kv_budget_bytes)))
+                    (
+                        fit,
+                        format!(
+                            "shrunk from {wanted} to fit {:.2} GiB of KV budget",
+                            gib(kv_budget_bytes)
+                        ),
+                    )
                 }
             }
         }
@@ -228,7 +268,10 @@ pub fn plan(hw: &Hardware, model: &ModelFacts, cfg: &LlamaConfig) -> LaunchPlan 
             if fit >= cap {
                 (cap.max(1), format!("{cap_why}; memory fits {fit}"))
             } else {
-                (fit.max(1), format!("memory fits {fit} of {ctx_per_slot} tokens (compute allows {cap})"))
+                (
+                    fit.max(1),
+                    format!("memory fits {fit} of {ctx_per_slot} tokens (compute allows {cap})"),
+                )
             }
         }
     };
@@ -244,17 +287,26 @@ pub fn plan(hw: &Hardware, model: &ModelFacts, cfg: &LlamaConfig) -> LaunchPlan 
     }
     if let Some(t) = trained {
         if ctx_per_slot > t {
-            warnings.push(format!("ctx_per_slot {ctx_per_slot} exceeds the model's trained context of {t}"));
+            warnings.push(format!(
+                "ctx_per_slot {ctx_per_slot} exceeds the model's trained context of {t}"
+            ));
         }
     }
 
     let (threads, threads_why) = match cfg.threads.value() {
         Some(t) => (t, "set in the configuration".to_string()),
-        None => (hw.perf_cores.max(1), format!("the {} performance cores", hw.perf_cores.max(1))),
+        None => (
+            hw.perf_cores.max(1),
+            format!("the {} performance cores", hw.perf_cores.max(1)),
+        ),
     };
     let (class_batch, class_ubatch, batch_why) = batch_sizes(hw);
     let (batch, ubatch, batch_why) = match cfg.batch.value() {
-        Some(b) => (b, class_ubatch.min(b), "set in the configuration".to_string()),
+        Some(b) => (
+            b,
+            class_ubatch.min(b),
+            "set in the configuration".to_string(),
+        ),
         None => (class_batch, class_ubatch, batch_why),
     };
 
@@ -283,7 +335,10 @@ pub fn plan(hw: &Hardware, model: &ModelFacts, cfg: &LlamaConfig) -> LaunchPlan 
         Decision {
             flag: "--ctx-size".into(),
             value: ctx_size.to_string(),
-            why: format!("{slots} slots × {ctx_per_slot} tokens; {ctx_why}; {:.2} GiB of KV", gib(kv_planned_bytes)),
+            why: format!(
+                "{slots} slots × {ctx_per_slot} tokens; {ctx_why}; {:.2} GiB of KV",
+                gib(kv_planned_bytes)
+            ),
         },
         Decision {
             flag: "--parallel".into(),
@@ -305,7 +360,10 @@ pub fn plan(hw: &Hardware, model: &ModelFacts, cfg: &LlamaConfig) -> LaunchPlan 
             why: if cfg.cache_reuse == 0 {
                 "KV shifting off: only exact prefix reuse".into()
             } else {
-                format!("reuse moved chunks of at least {} tokens by shifting KV", cfg.cache_reuse)
+                format!(
+                    "reuse moved chunks of at least {} tokens by shifting KV",
+                    cfg.cache_reuse
+                )
             },
         },
         Decision {
@@ -363,8 +421,18 @@ fn gib(bytes: u64) -> f64 {
 }
 
 /// The llama-server argv for a plan: binary first, `extra_args` last.
-pub fn command_line(binary: &Path, model: &Path, port: u16, plan: &LaunchPlan, cfg: &LlamaConfig) -> Vec<String> {
-    let mut argv: Vec<String> = vec![binary.display().to_string(), "-m".into(), model.display().to_string()];
+pub fn command_line(
+    binary: &Path,
+    model: &Path,
+    port: u16,
+    plan: &LaunchPlan,
+    cfg: &LlamaConfig,
+) -> Vec<String> {
+    let mut argv: Vec<String> = vec![
+        binary.display().to_string(),
+        "-m".into(),
+        model.display().to_string(),
+    ];
     let mut push = |flag: &str, value: String| {
         argv.push(flag.to_string());
         argv.push(value);
@@ -392,7 +460,11 @@ pub fn command_line(binary: &Path, model: &Path, port: u16, plan: &LaunchPlan, c
 /// Quotes an argv for a POSIX shell, on one line.
 pub fn shell_quote(argv: &[String]) -> String {
     argv.iter()
-        .map(|a| shlex::try_quote(a).map(|q| q.into_owned()).unwrap_or_else(|_| format!("{a:?}")))
+        .map(|a| {
+            shlex::try_quote(a)
+                .map(|q| q.into_owned())
+                .unwrap_or_else(|_| format!("{a:?}"))
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }

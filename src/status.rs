@@ -74,7 +74,12 @@ pub struct StaticStatus {
 }
 
 impl StaticStatus {
-    pub fn new(listen: String, model: &ModelFacts, plan: &LaunchPlan, hw: &Hardware) -> StaticStatus {
+    pub fn new(
+        listen: String,
+        model: &ModelFacts,
+        plan: &LaunchPlan,
+        hw: &Hardware,
+    ) -> StaticStatus {
         let mut warnings = hw.warnings.clone();
         warnings.extend(plan.warnings.iter().cloned());
         StaticStatus {
@@ -105,7 +110,12 @@ impl StaticStatus {
     }
 
     /// Combines the fixed parts with the supervisor's current view.
-    pub fn snapshot(&self, uptime_s: u64, view: &SupervisorView, stderr_tail: Vec<String>) -> Status {
+    pub fn snapshot(
+        &self,
+        uptime_s: u64,
+        view: &SupervisorView,
+        stderr_tail: Vec<String>,
+    ) -> Status {
         Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),
@@ -171,7 +181,10 @@ pub fn render(status: &Status) -> String {
         "  model         {file} ({}, {}, trained context {})",
         status.model.architecture,
         human_bytes(status.model.size_bytes),
-        status.model.context_length.map_or("unknown".to_string(), |c| c.to_string())
+        status
+            .model
+            .context_length
+            .map_or("unknown".to_string(), |c| c.to_string())
     );
     let p = &status.plan;
     let _ = writeln!(
@@ -193,12 +206,17 @@ pub fn render(status: &Status) -> String {
         human_bytes(h.memory_bytes),
         h.perf_cores,
         h.efficiency_cores,
-        h.gpu_cores.map_or(String::new(), |g| format!(", {g} GPU cores"))
+        h.gpu_cores
+            .map_or(String::new(), |g| format!(", {g} GPU cores"))
     );
     for warning in &status.warnings {
         let _ = writeln!(out, "  warning       {warning}");
     }
-    if matches!(status.state.as_str(), "crashloop" | "restarting" | "starting") && !child.stderr_tail.is_empty() {
+    if matches!(
+        status.state.as_str(),
+        "crashloop" | "restarting" | "starting"
+    ) && !child.stderr_tail.is_empty()
+    {
         let _ = writeln!(out, "  last lines from llama-server:");
         let skip = child.stderr_tail.len().saturating_sub(12);
         for line in &child.stderr_tail[skip..] {

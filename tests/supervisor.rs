@@ -20,21 +20,52 @@ fn reaches_ready_and_status_has_every_field() {
     let mut daemon = Daemon::start(&parts, "");
     let status = daemon.wait_ready();
 
-    for key in ["version", "pid", "uptime_s", "listen", "state", "child", "model", "plan", "hardware"] {
+    for key in [
+        "version", "pid", "uptime_s", "listen", "state", "child", "model", "plan", "hardware",
+    ] {
         assert!(!status[key].is_null(), "status lacks {key}: {status}");
     }
-    for key in ["pid", "port", "restarts", "started_at", "command", "stderr_tail"] {
-        assert!(!status["child"][key].is_null(), "status.child lacks {key}: {status}");
+    for key in [
+        "pid",
+        "port",
+        "restarts",
+        "started_at",
+        "command",
+        "stderr_tail",
+    ] {
+        assert!(
+            !status["child"][key].is_null(),
+            "status.child lacks {key}: {status}"
+        );
     }
-    assert!(status["child"].get("last_exit").is_some(), "status.child lacks last_exit");
+    assert!(
+        status["child"].get("last_exit").is_some(),
+        "status.child lacks last_exit"
+    );
     for key in ["path", "size_bytes", "architecture", "context_length"] {
-        assert!(!status["model"][key].is_null(), "status.model lacks {key}: {status}");
+        assert!(
+            !status["model"][key].is_null(),
+            "status.model lacks {key}: {status}"
+        );
     }
-    for key in ["slots", "ctx_per_slot", "ctx_size", "threads", "gpu_layers", "cache_reuse"] {
-        assert!(!status["plan"][key].is_null(), "status.plan lacks {key}: {status}");
+    for key in [
+        "slots",
+        "ctx_per_slot",
+        "ctx_size",
+        "threads",
+        "gpu_layers",
+        "cache_reuse",
+    ] {
+        assert!(
+            !status["plan"][key].is_null(),
+            "status.plan lacks {key}: {status}"
+        );
     }
     for key in ["chip", "memory_bytes", "perf_cores", "efficiency_cores"] {
-        assert!(!status["hardware"][key].is_null(), "status.hardware lacks {key}: {status}");
+        assert!(
+            !status["hardware"][key].is_null(),
+            "status.hardware lacks {key}: {status}"
+        );
     }
     assert!(status["hardware"].get("gpu_cores").is_some());
 
@@ -55,8 +86,16 @@ fn reaches_ready_and_status_has_every_field() {
         .collect();
     assert_eq!(command[0], parts.llama_server.to_str().unwrap());
     let port = status["child"]["port"].as_u64().unwrap().to_string();
-    for pair in [["--host", "127.0.0.1"], ["--port", &port], ["--ctx-size", "512"], ["--parallel", "1"]] {
-        assert!(command.windows(2).any(|w| w == pair), "{pair:?} missing from {command:?}");
+    for pair in [
+        ["--host", "127.0.0.1"],
+        ["--port", &port],
+        ["--ctx-size", "512"],
+        ["--parallel", "1"],
+    ] {
+        assert!(
+            command.windows(2).any(|w| w == pair),
+            "{pair:?} missing from {command:?}"
+        );
     }
     for flag in ["-m", "-ngl", "--cache-reuse", "--metrics"] {
         assert!(command.contains(&flag), "{flag} missing from {command:?}");
@@ -75,14 +114,22 @@ fn reaches_ready_and_status_has_every_field() {
 
     // `status --json` prints the same document; `status` renders it.
     let out = daemon.command(&["status", "--json"]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let via_cli: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(via_cli["child"]["pid"], status["child"]["pid"]);
     let out = daemon.command(&["status"]);
     assert_eq!(out.status.code(), Some(0));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("READY"), "{text}");
-    assert!(text.contains(&format!("pid {}", child_pid(&status))), "{text}");
+    assert!(
+        text.contains(&format!("pid {}", child_pid(&status))),
+        "{text}"
+    );
 
     // Unknown routes and wrong methods get OpenAI-shaped errors.
     let (code, body) = http_get(daemon.listen, "/nope").unwrap();
@@ -110,7 +157,10 @@ fn killed_child_is_restarted() {
     });
     assert_ne!(child_pid(&status), first);
     assert!(
-        status["child"]["last_exit"].as_str().unwrap().contains("SIGKILL"),
+        status["child"]["last_exit"]
+            .as_str()
+            .unwrap()
+            .contains("SIGKILL"),
         "{status}"
     );
     assert!(!process_alive(first));
@@ -143,7 +193,10 @@ fn sigterm_stops_daemon_and_child() {
     signal(daemon.pid(), Signal::SIGTERM);
     let exit = daemon.wait_exit(Duration::from_secs(30));
     assert_eq!(exit.code(), Some(0), "stderr:\n{}", daemon.stderr());
-    assert!(!process_alive(child), "llama-server {child} outlived the daemon");
+    assert!(
+        !process_alive(child),
+        "llama-server {child} outlived the daemon"
+    );
     assert!(daemon.stderr().contains("contextpilotd stopped"));
 }
 
@@ -155,9 +208,11 @@ fn sigkill_of_the_daemon_takes_the_child_along() {
 
     signal(daemon.pid(), Signal::SIGKILL);
     daemon.wait_exit(Duration::from_secs(10));
-    wait_for(Duration::from_secs(10), "llama-server to die with the daemon", || {
-        (!process_alive(child)).then_some(())
-    });
+    wait_for(
+        Duration::from_secs(10),
+        "llama-server to die with the daemon",
+        || (!process_alive(child)).then_some(()),
+    );
 }
 
 /// The watchdog is macOS's only guard against an orphaned child; on Linux it
@@ -173,9 +228,11 @@ fn watchdog_alone_cleans_up_after_a_killed_daemon() {
 
     signal(daemon.pid(), Signal::SIGKILL);
     daemon.wait_exit(Duration::from_secs(10));
-    wait_for(Duration::from_secs(15), "the watchdog to stop llama-server", || {
-        (!process_alive(child)).then_some(())
-    });
+    wait_for(
+        Duration::from_secs(15),
+        "the watchdog to stop llama-server",
+        || (!process_alive(child)).then_some(()),
+    );
 }
 
 #[test]
@@ -192,14 +249,27 @@ fn corrupt_model_is_a_crash_loop_with_the_childs_words() {
         model: corrupt,
     };
     let mut daemon = Daemon::start_with(
-        |listen| test_config(&broken, listen, "").replace("restart_backoff_max_ms = 1000", "restart_backoff_max_ms = 300"),
+        |listen| {
+            test_config(&broken, listen, "").replace(
+                "restart_backoff_max_ms = 1000",
+                "restart_backoff_max_ms = 300",
+            )
+        },
         &[],
     );
     // crashloop_restarts defaults to 5: the sixth quick restart is a loop.
-    let status = daemon.wait_status(Duration::from_secs(60), "state crashloop", |s| s["state"] == "crashloop");
-    assert!(status["child"]["restarts"].as_u64().unwrap() >= 6, "{status}");
+    let status = daemon.wait_status(Duration::from_secs(60), "state crashloop", |s| {
+        s["state"] == "crashloop"
+    });
     assert!(
-        status["child"]["last_exit"].as_str().unwrap().contains("exited with code"),
+        status["child"]["restarts"].as_u64().unwrap() >= 6,
+        "{status}"
+    );
+    assert!(
+        status["child"]["last_exit"]
+            .as_str()
+            .unwrap()
+            .contains("exited with code"),
         "{status}"
     );
     let tail: Vec<&str> = status["child"]["stderr_tail"]
@@ -209,7 +279,8 @@ fn corrupt_model_is_a_crash_loop_with_the_childs_words() {
         .map(|l| l.as_str().unwrap())
         .collect();
     assert!(
-        tail.iter().any(|l| l.contains("llama_server: exiting due to model loading error")),
+        tail.iter()
+            .any(|l| l.contains("llama_server: exiting due to model loading error")),
         "the child's own error is not in the tail: {tail:#?}"
     );
     let (code, _) = http_get(daemon.listen, "/health").unwrap();
@@ -217,7 +288,10 @@ fn corrupt_model_is_a_crash_loop_with_the_childs_words() {
 
     let out = daemon.command(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("CRASHLOOP") && text.contains("model loading error"), "{text}");
+    assert!(
+        text.contains("CRASHLOOP") && text.contains("model loading error"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -230,7 +304,11 @@ fn second_daemon_on_the_same_address_refuses_to_start() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains(&format!("already running for {} (pid {})", daemon.listen, daemon.pid())),
+        stderr.contains(&format!(
+            "already running for {} (pid {})",
+            daemon.listen,
+            daemon.pid()
+        )),
         "{stderr}"
     );
     // The first one is unharmed.

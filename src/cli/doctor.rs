@@ -68,7 +68,11 @@ fn render(p: &Prepared) -> String {
     let _ = writeln!(
         out,
         "\nhardware{}",
-        if p.hardware_from_file { " (from --hardware)" } else { " (detected)" }
+        if p.hardware_from_file {
+            " (from --hardware)"
+        } else {
+            " (detected)"
+        }
     );
     let _ = writeln!(out, "  chip         {} ({} {})", hw.chip, hw.os, hw.arch);
     let _ = writeln!(out, "  memory       {}", human_bytes(hw.memory_bytes));
@@ -125,6 +129,10 @@ fn render(p: &Prepared) -> String {
             let _ = writeln!(out, "  ! {w}");
         }
     }
-    let _ = writeln!(out, "\ncommand\n  {}", shell_quote(&p.argv(p.config.llama.port)));
+    let _ = writeln!(
+        out,
+        "\ncommand\n  {}",
+        shell_quote(&p.argv(p.config.llama.port))
+    );
     out
 }

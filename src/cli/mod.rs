@@ -97,9 +97,16 @@ pub fn main() -> i32 {
         Command::Run { config } => run::run(config),
         Command::Status { json, config } => status::run(config, json),
         Command::PrintCommand { config, hardware } => print_command::run(config, hardware),
-        Command::Doctor { json, config, hardware } => doctor::run(config, hardware, json),
+        Command::Doctor {
+            json,
+            config,
+            hardware,
+        } => doctor::run(config, hardware, json),
         Command::Watchdog => {
-            crate::supervisor::process::run_watchdog(std::io::stdin().lock(), std::time::Duration::from_secs(5));
+            crate::supervisor::process::run_watchdog(
+                std::io::stdin().lock(),
+                std::time::Duration::from_secs(5),
+            );
             EXIT_OK
         }
     }

@@ -6,6 +6,7 @@ use super::{report, ConfigArg, EXIT_CONFIG, EXIT_OK};
 use crate::config::ConfigSource;
 use crate::daemon;
 use crate::plan::shell_quote;
+use crate::supervisor::process::free_loopback_port;
 
 pub fn run(arg: ConfigArg, hardware: Option<PathBuf>) -> i32 {
     let source = ConfigSource::locate(arg.config.as_deref());
@@ -19,8 +20,12 @@ pub fn run(arg: ConfigArg, hardware: Option<PathBuf>) -> i32 {
     if let Err(e) = &prepared.binary {
         eprintln!("contextpilotd: warning: {e}");
     }
-    // With port 0 the daemon picks a free port at each start; show the
-    // placeholder value rather than inventing one.
-    println!("{}", shell_quote(&prepared.argv(prepared.config.llama.port)));
+    // With port 0 the daemon picks a free port at each start; pick one now
+    // too, so the printed command runs as it is.
+    let port = match prepared.config.llama.port {
+        0 => free_loopback_port().unwrap_or(0),
+        port => port,
+    };
+    println!("{}", shell_quote(&prepared.argv(port)));
     EXIT_OK
 }

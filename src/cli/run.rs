@@ -20,8 +20,16 @@ pub fn run(arg: ConfigArg) -> i32 {
             return EXIT_CONFIG;
         }
     };
+    // A missing binary is reported before anything starts.
+    if let Err(e) = &prepared.binary {
+        report(e);
+        return EXIT_CONFIG;
+    }
     init_logging(&prepared.config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             report(&format!("cannot start the async runtime: {e}"));
@@ -31,7 +39,6 @@ pub fn run(arg: ConfigArg) -> i32 {
     match runtime.block_on(daemon::run(prepared)) {
         Ok(()) => EXIT_OK,
         Err(e) => {
-            tracing::error!("{e}");
             report(&e);
             EXIT_CONFIG
         }
@@ -43,9 +50,12 @@ pub fn run(arg: ConfigArg) -> i32 {
 /// with an `EnvFilter` directive.
 fn init_logging(config: &Config) {
     let filter = || {
-        EnvFilter::try_from_env("CONTEXTPILOTD_LOG").unwrap_or_else(|_| EnvFilter::new(&config.log.level))
+        EnvFilter::try_from_env("CONTEXTPILOTD_LOG")
+            .unwrap_or_else(|_| EnvFilter::new(&config.log.level))
     };
-    let stderr = fmt::layer().with_writer(std::io::stderr).with_filter(filter());
+    let stderr = fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(filter());
     let file = config.log_dir().and_then(|dir| {
         std::fs::create_dir_all(&dir).ok()?;
         OpenOptions::new()
@@ -54,6 +64,14 @@ fn init_logging(config: &Config) {
             .open(dir.join("contextpilotd.log"))
             .ok()
     });
-    let file_layer = file.map(|f| fmt::layer().with_ansi(false).with_writer(Mutex::new(f)).with_filter(filter()));
-    let _ = tracing_subscriber::registry().with(stderr).with(file_layer).try_init();
+    let file_layer = file.map(|f| {
+        fmt::layer()
+            .with_ansi(false)
+            .with_writer(Mutex::new(f))
+            .with_filter(filter())
+    });
+    let _ = tracing_subscriber::registry()
+        .with(stderr)
+        .with(file_layer)
+        .try_init();
 }

@@ -18,20 +18,34 @@ pub fn run(arg: ConfigArg, json: bool) -> i32 {
     };
     let listen = config.server.listen;
     let url = format!("http://{listen}/status");
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             report(&format!("cannot start the async runtime: {e}"));
             return EXIT_FAILURE;
         }
     };
-    let auth = config.server.api_key.as_ref().map(|k| format!("Bearer {k}"));
+    let auth = config
+        .server
+        .api_key
+        .as_ref()
+        .map(|k| format!("Bearer {k}"));
     let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
-    let result = runtime.block_on(HttpClient::new().get_with_headers(&url, &headers, Duration::from_secs(5)));
+    let result = runtime.block_on(HttpClient::new().get_with_headers(
+        &url,
+        &headers,
+        Duration::from_secs(5),
+    ));
     let body = match result {
         Ok((code, body)) if code.is_success() => body,
         Ok((code, body)) => {
-            report(&format!("{url} answered {code}: {}", String::from_utf8_lossy(&body)));
+            report(&format!(
+                "{url} answered {code}: {}",
+                String::from_utf8_lossy(&body)
+            ));
             return EXIT_FAILURE;
         }
         Err(HttpError::Connect(_)) => {
@@ -53,7 +67,9 @@ pub fn run(arg: ConfigArg, json: bool) -> i32 {
             EXIT_OK
         }
         Err(e) => {
-            report(&format!("{url} answered something that is not a contextpilotd status: {e}"));
+            report(&format!(
+                "{url} answered something that is not a contextpilotd status: {e}"
+            ));
             EXIT_FAILURE
         }
     }

@@ -28,7 +28,8 @@ pub fn detect() -> Hardware {
         system.refresh_memory();
         if hw.memory_bytes == 0 && system.total_memory() > 0 {
             hw.memory_bytes = system.total_memory();
-            hw.warnings.retain(|w| !w.starts_with("Physical memory is unknown"));
+            hw.warnings
+                .retain(|w| !w.starts_with("Physical memory is unknown"));
         }
         if hw.logical_cpus == 0 {
             let cores = sysinfo::System::physical_core_count().unwrap_or(1).max(1) as u32;

@@ -102,7 +102,11 @@ impl SupervisorHandle {
 }
 
 /// Starts the supervisor task.
-pub fn start(spec: LaunchSpec, cfg: SupervisorConfig, watchdog: Option<Watchdog>) -> SupervisorHandle {
+pub fn start(
+    spec: LaunchSpec,
+    cfg: SupervisorConfig,
+    watchdog: Option<Watchdog>,
+) -> SupervisorHandle {
     let (view_tx, view) = watch::channel(SupervisorView {
         state: State::Starting,
         pid: None,
@@ -160,7 +164,10 @@ impl Supervisor {
                 p => p,
             };
             let argv = self.spec.argv(port);
-            self.tail.push(format!("--- contextpilotd: starting {}", plan::shell_quote(&argv)));
+            self.tail.push(format!(
+                "--- contextpilotd: starting {}",
+                plan::shell_quote(&argv)
+            ));
             let (outcome, ready_for) = match ChildProcess::spawn(&argv, &self.tail) {
                 Ok(mut child) => {
                     let pid = child.pid();
@@ -180,7 +187,10 @@ impl Supervisor {
                     }
                     result
                 }
-                Err(e) => (Outcome::Killed(format!("could not start {}: {e}", argv[0])), None),
+                Err(e) => (
+                    Outcome::Killed(format!("could not start {}: {e}", argv[0])),
+                    None,
+                ),
             };
 
             let last_exit = match outcome {
@@ -189,7 +199,9 @@ impl Supervisor {
                 Outcome::Killed(why) => why,
             };
             tracing::warn!("llama-server ended: {last_exit}");
-            self.tail.push(format!("--- contextpilotd: llama-server ended: {last_exit}"));
+            self.tail.push(format!(
+                "--- contextpilotd: llama-server ended: {last_exit}"
+            ));
 
             if ready_for.is_some_and(|d| d >= STABLE_AFTER) {
                 failures = 0;
@@ -197,7 +209,10 @@ impl Supervisor {
             let now = Instant::now();
             recent_restarts.push_back(now);
             let window = Duration::from_secs(self.cfg.crashloop_window_s);
-            while recent_restarts.front().is_some_and(|t| now.duration_since(*t) > window) {
+            while recent_restarts
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > window)
+            {
                 recent_restarts.pop_front();
             }
             let crashloop = recent_restarts.len() > self.cfg.crashloop_restarts as usize;
@@ -212,7 +227,11 @@ impl Supervisor {
                 )
             };
             failures = failures.saturating_add(1);
-            let state = if crashloop { State::Crashloop } else { State::Restarting };
+            let state = if crashloop {
+                State::Crashloop
+            } else {
+                State::Restarting
+            };
             if crashloop {
                 tracing::error!(
                     "llama-server restarted {} times within {}s: crash loop; retrying every {delay:?}",
@@ -237,7 +256,11 @@ impl Supervisor {
 
     /// Follows one child from spawn to its end. Returns how it ended and how
     /// long it was ready.
-    async fn watch_child(&mut self, child: &mut ChildProcess, port: u16) -> (Outcome, Option<Duration>) {
+    async fn watch_child(
+        &mut self,
+        child: &mut ChildProcess,
+        port: u16,
+    ) -> (Outcome, Option<Duration>) {
         let stop_grace = Duration::from_secs(self.cfg.stop_timeout_s);
         let health_interval = Duration::from_millis(self.cfg.health_interval_ms);
         let hang_timeout = Duration::from_secs(self.cfg.hang_timeout_s);
@@ -250,7 +273,10 @@ impl Supervisor {
         loop {
             let (pause, probe_timeout) = match ready_at {
                 None => (READY_POLL, Duration::from_secs(2)),
-                Some(_) => (health_interval, health_interval.max(Duration::from_millis(500))),
+                Some(_) => (
+                    health_interval,
+                    health_interval.max(Duration::from_millis(500)),
+                ),
             };
             let probe = async {
                 tokio::time::sleep(pause).await;
@@ -288,7 +314,10 @@ impl Supervisor {
                     self.view.send_modify(|v| v.state = State::Ready);
                 }
                 None if now >= ready_deadline => {
-                    let why = format!("not ready within ready_timeout_s ({}s); killed", self.cfg.ready_timeout_s);
+                    let why = format!(
+                        "not ready within ready_timeout_s ({}s); killed",
+                        self.cfg.ready_timeout_s
+                    );
                     let _ = child.stop(stop_grace).await;
                     return (Outcome::Killed(why), None);
                 }
@@ -325,7 +354,11 @@ impl Supervisor {
         }
         let model_path = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
-            .and_then(|v| v.get("model_path").and_then(|p| p.as_str()).map(str::to_string));
+            .and_then(|v| {
+                v.get("model_path")
+                    .and_then(|p| p.as_str())
+                    .map(str::to_string)
+            });
         match model_path {
             Some(path) if same_file(Path::new(&path), &self.spec.model) => true,
             other => {
@@ -422,15 +455,39 @@ mod tests {
 
     #[test]
     fn backoff_doubles_caps_and_jitters() {
-        assert_eq!(backoff_delay(500, 30_000, 0, 0.5), Duration::from_millis(500));
-        assert_eq!(backoff_delay(500, 30_000, 1, 0.5), Duration::from_millis(1000));
-        assert_eq!(backoff_delay(500, 30_000, 3, 0.5), Duration::from_millis(4000));
-        assert_eq!(backoff_delay(500, 30_000, 20, 0.5), Duration::from_millis(30_000));
-        assert_eq!(backoff_delay(500, 30_000, 200, 0.5), Duration::from_millis(30_000));
-        assert_eq!(backoff_delay(500, 30_000, 0, 0.0), Duration::from_millis(400));
-        assert_eq!(backoff_delay(500, 30_000, 0, 0.999), Duration::from_millis(599));
+        assert_eq!(
+            backoff_delay(500, 30_000, 0, 0.5),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            backoff_delay(500, 30_000, 1, 0.5),
+            Duration::from_millis(1000)
+        );
+        assert_eq!(
+            backoff_delay(500, 30_000, 3, 0.5),
+            Duration::from_millis(4000)
+        );
+        assert_eq!(
+            backoff_delay(500, 30_000, 20, 0.5),
+            Duration::from_millis(30_000)
+        );
+        assert_eq!(
+            backoff_delay(500, 30_000, 200, 0.5),
+            Duration::from_millis(30_000)
+        );
+        assert_eq!(
+            backoff_delay(500, 30_000, 0, 0.0),
+            Duration::from_millis(400)
+        );
+        assert_eq!(
+            backoff_delay(500, 30_000, 0, 0.999),
+            Duration::from_millis(599)
+        );
         // Jitter never goes past the maximum.
-        assert_eq!(backoff_delay(500, 30_000, 10, 0.999), Duration::from_millis(30_000));
+        assert_eq!(
+            backoff_delay(500, 30_000, 10, 0.999),
+            Duration::from_millis(30_000)
+        );
     }
 
     #[test]
@@ -452,7 +509,13 @@ mod tests {
     #[test]
     fn exits_are_described() {
         use std::os::unix::process::ExitStatusExt;
-        assert_eq!(describe_exit(ExitStatus::from_raw(1 << 8)), "exited with code 1");
-        assert_eq!(describe_exit(ExitStatus::from_raw(9)), "killed by signal 9 (SIGKILL)");
+        assert_eq!(
+            describe_exit(ExitStatus::from_raw(1 << 8)),
+            "exited with code 1"
+        );
+        assert_eq!(
+            describe_exit(ExitStatus::from_raw(9)),
+            "killed by signal 9 (SIGKILL)"
+        );
     }
 }

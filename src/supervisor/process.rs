@@ -44,7 +44,12 @@ impl OutputTail {
     }
 
     pub fn lines(&self) -> Vec<String> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 }
 
@@ -109,7 +114,10 @@ impl ChildProcess {
         let status = match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(status) => status?,
             Err(_) => {
-                tracing::warn!(pid = self.pid, "llama-server did not exit {grace:?} after SIGTERM; sending SIGKILL");
+                tracing::warn!(
+                    pid = self.pid,
+                    "llama-server did not exit {grace:?} after SIGTERM; sending SIGKILL"
+                );
                 signal_group(self.pid, Signal::SIGKILL);
                 self.child.wait().await?
             }

@@ -56,7 +56,11 @@ pub fn real_parts() -> RealParts {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `check` until it returns `Some`, or panics with `what` after
@@ -67,7 +71,10 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Opt
         if let Some(v) = check() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -107,7 +114,9 @@ pub fn process_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
             // The state follows the parenthesised command name.
-            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next());
             state != Some("Z") && state != Some("X")
         }
         Err(_) => false,
@@ -161,7 +170,10 @@ dir = "logs"
 impl Daemon {
     /// Writes `config_text` (with `{listen}` already filled in) and starts
     /// `contextpilotd run`.
-    pub fn start_with(config_text: impl FnOnce(SocketAddr) -> String, envs: &[(&str, &str)]) -> Daemon {
+    pub fn start_with(
+        config_text: impl FnOnce(SocketAddr) -> String,
+        envs: &[(&str, &str)],
+    ) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = dir.path().join("config.toml");
@@ -174,7 +186,9 @@ impl Daemon {
             .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(dir.path().join("stderr.log")).unwrap()))
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.path().join("stderr.log")).unwrap(),
+            ))
             .spawn()
             .unwrap();
         Daemon {
@@ -203,7 +217,12 @@ impl Daemon {
     }
 
     /// Waits until the status satisfies `pred`; returns that status.
-    pub fn wait_status(&mut self, timeout: Duration, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    pub fn wait_status(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + timeout;
         let mut last = None;
         loop {
@@ -214,12 +233,16 @@ impl Daemon {
                 last = Some(status);
             }
             if let Ok(Some(exit)) = self.process.try_wait() {
-                panic!("daemon exited ({exit}) while waiting for {what}; stderr:\n{}", self.stderr());
+                panic!(
+                    "daemon exited ({exit}) while waiting for {what}; stderr:\n{}",
+                    self.stderr()
+                );
             }
             if Instant::now() >= deadline {
                 panic!(
                     "timed out after {timeout:?} waiting for {what}; last status: {}\nstderr:\n{}",
-                    last.map(|s| serde_json::to_string_pretty(&s).unwrap()).unwrap_or_default(),
+                    last.map(|s| serde_json::to_string_pretty(&s).unwrap())
+                        .unwrap_or_default(),
                     self.stderr()
                 );
             }
@@ -228,7 +251,9 @@ impl Daemon {
     }
 
     pub fn wait_ready(&mut self) -> Value {
-        self.wait_status(Duration::from_secs(90), "state ready", |s| s["state"] == "ready")
+        self.wait_status(Duration::from_secs(90), "state ready", |s| {
+            s["state"] == "ready"
+        })
     }
 
     pub fn stderr(&self) -> String {
@@ -240,7 +265,9 @@ impl Daemon {
     }
 
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        wait_for(timeout, "the daemon to exit", || self.process.try_wait().unwrap())
+        wait_for(timeout, "the daemon to exit", || {
+            self.process.try_wait().unwrap()
+        })
     }
 
     /// Runs another `contextpilotd` command against this daemon's config.
@@ -265,7 +292,10 @@ impl Drop for Daemon {
         let _ = self.process.wait();
         for &pid in &self.seen_children {
             if process_alive(pid) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
     }
