@@ -17,7 +17,14 @@ fn child_pid(status: &Value) -> u32 {
 #[test]
 fn reaches_ready_and_status_has_every_field() {
     let parts = real_parts();
-    let mut daemon = Daemon::start(&parts, "");
+    // Variables llama-server would read as flags must not reach it: an API
+    // key would lock the daemon out of /props, so it would never be ready.
+    let hijack = [
+        ("LLAMA_API_KEY", "hijack"),
+        ("LLAMA_ARG_ALIAS", "hijacked"),
+        ("LLAMA_ARG_ENDPOINT_SLOTS", "0"),
+    ];
+    let mut daemon = Daemon::start_with(|listen| test_config(&parts, listen, ""), &hijack);
     let status = daemon.wait_ready();
 
     for key in [
@@ -107,6 +114,9 @@ fn reaches_ready_and_status_has_every_field() {
     assert_eq!(code, 200);
     let props: Value = serde_json::from_str(&props).unwrap();
     assert_eq!(props["model_path"], status["model"]["path"]);
+    assert_ne!(props["model_alias"], "hijacked");
+    let (code, _) = http_get(child, "/slots").unwrap();
+    assert_eq!(code, 200, "/slots was disabled through the environment");
 
     // The daemon's own /health follows the child.
     let (code, _) = http_get(daemon.listen, "/health").unwrap();

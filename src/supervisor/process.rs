@@ -61,7 +61,8 @@ pub struct ChildProcess {
 
 impl ChildProcess {
     /// Spawns `argv` (never through a shell) in a new process group, with the
-    /// `LLAMA_ARG_*` environment removed so it cannot override the argv.
+    /// `LLAMA_ARG_*` and `LLAMA_API_KEY` variables removed so they cannot
+    /// override the argv.
     /// Output lines go to the daemon's log and to `tail`.
     pub fn spawn(argv: &[String], tail: &OutputTail) -> io::Result<ChildProcess> {
         let (program, args) = argv
@@ -76,7 +77,7 @@ impl ChildProcess {
             .process_group(0)
             .kill_on_drop(true);
         for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("LLAMA_ARG_") {
+            if overrides_argv(&key.to_string_lossy()) {
                 command.env_remove(key);
             }
         }
@@ -126,6 +127,13 @@ impl ChildProcess {
         signal_group(self.pid, Signal::SIGKILL);
         Ok(status)
     }
+}
+
+/// llama-server reads most flags from `LLAMA_ARG_*` variables too, and
+/// `--api-key` from `LLAMA_API_KEY`; any of them in the daemon's environment
+/// would silently change the child the daemon planned.
+fn overrides_argv(name: &str) -> bool {
+    name.starts_with("LLAMA_ARG_") || name == "LLAMA_API_KEY"
 }
 
 fn signal_group(pgid: u32, signal: Signal) {
