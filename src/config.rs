@@ -462,28 +462,42 @@ fn toml_error(text: &str, file: Option<&Path>, error: &toml::de::Error) -> Confi
         return ConfigError::new(file, None, message);
     };
     let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
-    let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
-    let table = text
-        .lines()
-        .take(line_no)
-        .filter_map(|l| {
-            let l = l.trim();
-            (l.starts_with('[') && l.ends_with(']'))
-                .then(|| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
-        })
-        .last();
-    let key_on_line = line
-        .split_once('=')
-        .map(|(k, _)| k.trim().trim_matches('"').to_string())
-        .filter(|k| !k.is_empty() && !line.starts_with('['));
-    // For an unknown table, serde's message already names it and the span
-    // points at the header line.
-    let key = match (table, key_on_line) {
-        (Some(t), Some(k)) => Some(format!("{t}.{k}")),
-        (None, Some(k)) => Some(k),
-        (_, None) => None,
-    };
+    let key = key_path_at(text, span.start);
     ConfigError::new(file, key.as_deref(), format!("{message} (line {line_no})"))
+}
+
+/// The dotted path of the innermost key whose name or value covers byte
+/// `pos`, from the spans of the parsed document. `None` when the text is
+/// not valid TOML (a syntax error has no key to name).
+fn key_path_at(text: &str, pos: usize) -> Option<String> {
+    use toml::de::{DeTable, DeValue};
+
+    fn walk(table: &DeTable<'_>, pos: usize, path: &mut Vec<String>, best: &mut Vec<String>) {
+        for (key, value) in table.iter() {
+            path.push(key.get_ref().to_string());
+            if (key.span().contains(&pos) || value.span().contains(&pos)) && path.len() > best.len()
+            {
+                *best = path.clone();
+            }
+            match value.get_ref() {
+                DeValue::Table(inner) => walk(inner, pos, path, best),
+                DeValue::Array(items) => {
+                    for item in items {
+                        if let DeValue::Table(inner) = item.get_ref() {
+                            walk(inner, pos, path, best);
+                        }
+                    }
+                }
+                _ => {}
+            }
+            path.pop();
+        }
+    }
+
+    let document = DeTable::parse(text).ok()?;
+    let mut best = Vec::new();
+    walk(document.get_ref(), pos, &mut Vec::new(), &mut best);
+    (!best.is_empty()).then(|| best.join("."))
 }
 
 #[cfg(test)]
@@ -523,6 +537,18 @@ mod tests {
         );
         assert!(text.contains("expected one of"), "{text}");
         assert!(text.contains("line 2"), "{text}");
+    }
+
+    #[test]
+    fn keys_are_found_by_their_spans_not_by_line_shape() {
+        let err = parse("[server]\n[llama] # the model\nslotz = 4\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("llama.slotz"), "{err}");
+        let err = parse("[llama]\nextra_args = [\n  \"--a\",\n  42,\n]\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("llama.extra_args"), "{err}");
+        let err = parse("[llama]\nextra_args = [\"--override-kv=x\", 42]\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("llama.extra_args"), "{err}");
+        let err = parse("llama.port = \"x\"\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("llama.port"), "{err}");
     }
 
     #[test]

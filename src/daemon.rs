@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -194,12 +195,14 @@ impl InstanceLock {
             path: path.clone(),
             source,
         };
-        std::fs::create_dir_all(&dir).map_err(lock_err)?;
+        private_dir(&dir).map_err(lock_err)?;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
             .open(&path)
             .map_err(lock_err)?;
         let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
@@ -232,17 +235,70 @@ impl InstanceLock {
     }
 }
 
-/// `$XDG_RUNTIME_DIR/contextpilotd`, else a per-user directory in the
-/// system's temp dir.
+/// Creates `dir` (mode 0700) if needed and checks that it is a real
+/// directory owned by us and closed to others, so nobody else can plant or
+/// hold our lock file.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = std::fs::symlink_metadata(dir)?;
+    let uid = nix::unistd::getuid().as_raw();
+    if !meta.is_dir() || meta.uid() != uid || meta.permissions().mode() & 0o022 != 0 {
+        return Err(std::io::Error::other(format!(
+            "{} must be a directory owned by uid {uid} and writable only by it",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// `$XDG_RUNTIME_DIR/contextpilotd`, else `run/` in the per-user cache dir
+/// (`~/.cache/contextpilotd/run`, `~/Library/Caches/contextpilotd/run`).
 fn runtime_dir() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
-        Some(dir) => PathBuf::from(dir).join("contextpilotd"),
-        None => std::env::temp_dir().join(format!("contextpilotd-{}", nix::unistd::getuid())),
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        return PathBuf::from(dir).join("contextpilotd");
+    }
+    directories::ProjectDirs::from("", "", "contextpilotd")
+        .map(|d| d.cache_dir().join("run"))
+        .unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("contextpilotd-{}", nix::unistd::getuid()))
+        })
+}
+
+/// Set to 1 to run without the watchdog, so tests can check that the
+/// parent-death signal alone cleans up on Linux.
+pub const NO_WATCHDOG_ENV: &str = "CONTEXTPILOTD_NO_WATCHDOG";
+
+/// SIGTERM and SIGINT, caught from the moment the daemon starts so that a
+/// stop during start-up is still an orderly stop with exit code 0.
+pub struct ShutdownSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    /// Must run inside the tokio runtime.
+    pub fn install() -> std::io::Result<ShutdownSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(ShutdownSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM received"),
+            _ = self.int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(prepared: Prepared) -> Result<(), StartError> {
+pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(), StartError> {
     let binary = prepared.binary.clone()?;
     let listen = prepared.config.server.listen;
     let lock = InstanceLock::acquire(listen)?;
@@ -263,12 +319,9 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         tracing::warn!("{warning}");
     }
 
-    let watchdog = match Watchdog::start() {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!("could not start the watchdog: {e}; a crashed daemon may leave llama-server running");
-            None
-        }
+    let watchdog = match std::env::var_os(NO_WATCHDOG_ENV).filter(|v| v == "1") {
+        Some(_) => None,
+        None => start_watchdog(),
     };
     let status = StaticStatus::new(
         listen.to_string(),
@@ -291,7 +344,12 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         api_key: prepared.config.server.api_key.clone(),
     });
 
-    gateway::serve(listener, gateway, shutdown_signal(), DRAIN_GRACE).await;
+    let stop = async {
+        signals.recv().await;
+        // From here on a child that dies is not replaced.
+        supervisor.drain();
+    };
+    gateway::serve(listener, gateway, stop, DRAIN_GRACE).await;
     tracing::info!("shutting down: stopping llama-server");
     supervisor.shutdown().await;
     tracing::info!("contextpilotd stopped");
@@ -299,20 +357,14 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut int) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(t), Ok(i)) => (t, i),
-        _ => {
-            tracing::error!("cannot install signal handlers; stop the daemon with SIGKILL");
-            return std::future::pending().await;
+fn start_watchdog() -> Option<Watchdog> {
+    match Watchdog::start() {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(
+                "could not start the watchdog: {e}; a crashed daemon may leave llama-server running"
+            );
+            None
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
     }
 }

@@ -42,16 +42,21 @@ impl ModelFacts {
     /// `None` when the header lacks the attention shape.
     pub fn kv_bytes_per_token(&self) -> Option<u64> {
         const F16_BYTES: u64 = 2;
-        let heads = self.head_count?;
-        let per_head = self.embedding_length.map(|e| e / heads.max(1));
+        let heads = self.head_count.filter(|h| *h > 0)?;
+        let per_head = self.embedding_length.map(|e| e / heads);
         let key_length = self.key_length.or(per_head)?;
         let value_length = self.value_length.or(per_head)?;
-        let per_layer_heads_kv: u64 = match self.head_count_kv.as_slice() {
-            [] => heads * self.block_count,
-            [one] => one * self.block_count,
-            many => many.iter().sum(),
+        let heads_kv_over_layers: u64 = match self.head_count_kv.as_slice() {
+            [] => heads.checked_mul(self.block_count)?,
+            [one] => one.checked_mul(self.block_count)?,
+            many => many.iter().try_fold(0u64, |sum, h| sum.checked_add(*h))?,
         };
-        Some(per_layer_heads_kv * (key_length + value_length) * F16_BYTES)
+        // Recurrent models (Mamba, RWKV) have no attention KV: 0 means
+        // "unknown" to the planner, never a divisor.
+        heads_kv_over_layers
+            .checked_mul(key_length.checked_add(value_length)?)?
+            .checked_mul(F16_BYTES)
+            .filter(|bytes| *bytes > 0)
     }
 }
 
@@ -176,6 +181,11 @@ impl<R: Read> Reader<R> {
     fn array(&mut self, key: &str) -> Result<Value, GgufError> {
         let elem_ty = self.u32(key)?;
         let count = self.u64(key)?;
+        if elem_ty == 9 {
+            // llama.cpp's loader accepts no nested arrays either; refusing
+            // them also bounds the recursion.
+            return Err(self.invalid(format!("array {key} holds arrays")));
+        }
         let fixed_width = match elem_ty {
             0 | 1 | 7 => Some(1),
             2 | 3 => Some(2),
@@ -189,9 +199,12 @@ impl<R: Read> Reader<R> {
                 let Some(total) = total else {
                     return Err(self.invalid(format!("array {key} claims {count} elements")));
                 };
-                // Per-layer integer arrays (e.g. head_count_kv) are short and
-                // wanted; token-type arrays are long and skipped.
-                if count <= 4096 && matches!(elem_ty, 0..=5 | 7 | 10 | 11) {
+                // Only the per-layer KV head counts are wanted; every other
+                // array (token types, scores, ...) is skipped unread.
+                if key.ends_with(".attention.head_count_kv")
+                    && count <= 4096
+                    && matches!(elem_ty, 0..=5 | 7 | 10 | 11)
+                {
                     let mut out = Vec::with_capacity(count as usize);
                     for _ in 0..count {
                         match self.value(elem_ty, key)? {
@@ -209,19 +222,18 @@ impl<R: Read> Reader<R> {
                 if count > self.file_size {
                     return Err(self.invalid(format!("array {key} claims {count} elements")));
                 }
+                if elem_ty != 8 {
+                    return Err(
+                        self.invalid(format!("array {key} has unknown element type {elem_ty}"))
+                    );
+                }
+                // Strings (vocabularies, merges): walk and drop.
                 for _ in 0..count {
-                    // Strings (vocabularies) or nested arrays: walk and drop.
-                    if elem_ty == 8 {
-                        let len = self.u64(key)?;
-                        if len > MAX_STRING_BYTES {
-                            return Err(
-                                self.invalid(format!("a string in {key} claims {len} bytes"))
-                            );
-                        }
-                        self.skip(len, key)?;
-                    } else {
-                        self.value(elem_ty, key)?;
+                    let len = self.u64(key)?;
+                    if len > MAX_STRING_BYTES {
+                        return Err(self.invalid(format!("a string in {key} claims {len} bytes")));
                     }
+                    self.skip(len, key)?;
                 }
                 Ok(Value::Other)
             }
@@ -317,7 +329,7 @@ fn facts_from_kv(
             Some(Value::Str(s)) => Some(s.clone()),
             _ => None,
         },
-        context_length: int("context_length"),
+        context_length: int("context_length").filter(|c| *c > 0),
         block_count,
         embedding_length: int("embedding_length"),
         head_count: int("attention.head_count"),
@@ -491,6 +503,47 @@ mod tests {
         let file = write(&bytes);
         let err = read_model_facts(file.path()).unwrap_err();
         assert!(matches!(err, GgufError::Invalid { .. }), "{err}");
+    }
+
+    #[test]
+    fn nested_arrays_are_refused_without_recursion() {
+        let mut bytes = b"GGUF".to_vec();
+        bytes.extend_from_slice(&3u32.to_le_bytes());
+        bytes.extend_from_slice(&0u64.to_le_bytes());
+        bytes.extend_from_slice(&1u64.to_le_bytes());
+        bytes.extend_from_slice(&1u64.to_le_bytes());
+        bytes.push(b'k');
+        for _ in 0..100_000 {
+            bytes.extend_from_slice(&9u32.to_le_bytes()); // value type: array
+            bytes.extend_from_slice(&9u32.to_le_bytes()); // of arrays
+            bytes.extend_from_slice(&1u64.to_le_bytes());
+        }
+        let file = write(&bytes);
+        let err = read_model_facts(file.path()).unwrap_err();
+        assert!(matches!(err, GgufError::Invalid { .. }), "{err}");
+    }
+
+    #[test]
+    fn kv_size_is_none_for_attention_free_or_absurd_headers() {
+        let file = write(&header(&[
+            ("general.architecture", Str("mamba")),
+            ("mamba.block_count", U32(64)),
+            ("mamba.context_length", U32(0)),
+            ("mamba.embedding_length", U32(2560)),
+            ("mamba.attention.head_count", U32(0)),
+        ]));
+        let facts = read_model_facts(file.path()).unwrap();
+        assert_eq!(facts.kv_bytes_per_token(), None);
+        assert_eq!(facts.context_length, None);
+        let absurd = ModelFacts {
+            block_count: 1 << 40,
+            head_count: Some(1),
+            head_count_kv: vec![1 << 30],
+            key_length: Some(128),
+            value_length: Some(128),
+            ..facts
+        };
+        assert_eq!(absurd.kv_bytes_per_token(), None);
     }
 
     #[test]

@@ -237,14 +237,13 @@ pub fn plan(hw: &Hardware, model: &ModelFacts, cfg: &LlamaConfig) -> LaunchPlan 
                 Some(t) if t < DEFAULT_CTX_PER_SLOT => format!("the model's trained context ({t})"),
                 _ => format!("{DEFAULT_CTX_PER_SLOT} tokens per slot for long-context work"),
             };
-            if tokens_in_budget >= wanted as u64 {
+            // With the slot count fixed by the user, each slot gets its share.
+            let tokens_per_slot = tokens_in_budget / cfg.slots.value().unwrap_or(1).max(1) as u64;
+            if tokens_per_slot >= wanted as u64 {
                 (wanted, wanted_why)
             } else {
-                let fit = ((tokens_in_budget / 256) * 256).min(u32::MAX as u64) as u32;
+                let fit = ((tokens_per_slot / 256) * 256).min(u32::MAX as u64) as u32;
                 if fit < MIN_CTX_PER_SLOT {
-                    warnings.push(format!(
-                        "memory allows only {tokens_in_budget} context tokens; using the minimum of {MIN_CTX_PER_SLOT}"
-                    ));
                     (MIN_CTX_PER_SLOT, "the minimum: memory is short".to_string())
                 } else {
                     (
@@ -276,11 +275,16 @@ pub fn plan(hw: &Hardware, model: &ModelFacts, cfg: &LlamaConfig) -> LaunchPlan 
         }
     };
     let ctx_size = slots as u64 * ctx_per_slot as u64;
-    let kv_planned_bytes = ctx_size * kv_bytes_per_token;
+    let kv_planned_bytes = ctx_size.saturating_mul(kv_bytes_per_token);
     let over_budget = kv_planned_bytes > kv_budget_bytes;
-    if over_budget && (cfg.slots.value().is_some() || cfg.ctx_per_slot.value().is_some()) {
+    if over_budget {
+        let whose = if cfg.slots.value().is_some() || cfg.ctx_per_slot.value().is_some() {
+            "the configured"
+        } else {
+            "even the smallest"
+        };
         warnings.push(format!(
-            "the configured slots × ctx_per_slot need {:.2} GiB of KV cache, more than the {:.2} GiB budget",
+            "{whose} slots × ctx_per_slot need {:.2} GiB of KV cache, more than the {:.2} GiB budget",
             gib(kv_planned_bytes),
             gib(kv_budget_bytes)
         ));

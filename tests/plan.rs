@@ -191,6 +191,39 @@ fn explicit_values_win_and_warn_when_over_budget() {
 }
 
 #[test]
+fn explicit_slots_share_the_budget() {
+    // 8 GiB M1 with an 8B model has room for 2052 tokens of KV: four slots
+    // get 512 each (the minimum), not 2048 each.
+    let cfg = LlamaConfig {
+        slots: Auto::Value(4),
+        ..LlamaConfig::default()
+    };
+    let p = plan(&hardware("macos-m1-8gb"), &llama_8b(), &cfg);
+    assert_eq!((p.slots, p.ctx_per_slot, p.ctx_size), (4, 512, 2048));
+    assert!(p.memory.kv_planned_bytes <= p.memory.kv_budget_bytes);
+    let cfg = LlamaConfig {
+        slots: Auto::Value(2),
+        ..LlamaConfig::default()
+    };
+    let p = plan(&hardware("macos-m1-8gb"), &llama_8b(), &cfg);
+    assert_eq!((p.slots, p.ctx_per_slot), (2, 1024));
+}
+
+#[test]
+fn attention_free_models_plan_without_panicking() {
+    let mamba = ModelFacts {
+        architecture: "mamba".into(),
+        head_count: Some(0),
+        head_count_kv: vec![],
+        context_length: None,
+        ..llama_1b()
+    };
+    let p = plan(&hardware("macos-m1-8gb"), &mamba, &LlamaConfig::default());
+    assert!(p.slots >= 1);
+    assert!(p.warnings.iter().any(|w| w.contains("attention shape")));
+}
+
+#[test]
 fn a_model_too_big_for_memory_is_called_out() {
     let huge = ModelFacts {
         size_bytes: 40 << 30,
@@ -202,6 +235,11 @@ fn a_model_too_big_for_memory_is_called_out() {
         &LlamaConfig::default(),
     );
     assert_eq!((p.slots, p.ctx_per_slot), (1, 512));
+    assert!(
+        p.warnings.iter().any(|w| w.contains("even the smallest")),
+        "{:?}",
+        p.warnings
+    );
     assert!(
         p.warnings.iter().any(|w| w.contains("does not fit")),
         "{:?}",

@@ -12,20 +12,6 @@ use crate::config::{Config, ConfigSource};
 use crate::daemon;
 
 pub fn run(arg: ConfigArg) -> i32 {
-    let source = ConfigSource::locate(arg.config.as_deref());
-    let prepared = match daemon::prepare(source, None) {
-        Ok(p) => p,
-        Err(e) => {
-            report(&e);
-            return EXIT_CONFIG;
-        }
-    };
-    // A missing binary is reported before anything starts.
-    if let Err(e) = &prepared.binary {
-        report(e);
-        return EXIT_CONFIG;
-    }
-    init_logging(&prepared.config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -36,13 +22,37 @@ pub fn run(arg: ConfigArg) -> i32 {
             return EXIT_FAILURE;
         }
     };
-    match runtime.block_on(daemon::run(prepared)) {
-        Ok(()) => EXIT_OK,
-        Err(e) => {
-            report(&e);
-            EXIT_CONFIG
+    runtime.block_on(async {
+        // First of all, so that SIGTERM during start-up is an orderly stop.
+        let signals = match daemon::ShutdownSignals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                report(&format!("cannot install signal handlers: {e}"));
+                return EXIT_FAILURE;
+            }
+        };
+        let source = ConfigSource::locate(arg.config.as_deref());
+        let prepared = match daemon::prepare(source, None) {
+            Ok(p) => p,
+            Err(e) => {
+                report(&e);
+                return EXIT_CONFIG;
+            }
+        };
+        // A missing binary is reported before anything starts.
+        if let Err(e) = &prepared.binary {
+            report(e);
+            return EXIT_CONFIG;
         }
-    }
+        init_logging(&prepared.config);
+        match daemon::run(prepared, signals).await {
+            Ok(()) => EXIT_OK,
+            Err(e) => {
+                report(&e);
+                EXIT_CONFIG
+            }
+        }
+    })
 }
 
 /// Logs to stderr (what a terminal, launchd or journald shows) and to

@@ -84,19 +84,40 @@ impl LaunchSpec {
     }
 }
 
+/// Where the daemon is in its life, as the supervisor sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    Run,
+    /// Shutting down: the child keeps serving in-flight work, but one that
+    /// dies now is not restarted.
+    Drain,
+    /// Stop the child and end.
+    Stop,
+}
+
 /// The rest of the daemon's handle on the supervisor task.
 pub struct SupervisorHandle {
     pub view: watch::Receiver<SupervisorView>,
     pub tail: OutputTail,
-    shutdown: watch::Sender<bool>,
+    phase: watch::Sender<Phase>,
     task: JoinHandle<()>,
 }
 
 impl SupervisorHandle {
+    /// No more restarts: the daemon is shutting down and the current child
+    /// only finishes in-flight work.
+    pub fn drain(&self) {
+        self.phase.send_if_modified(|p| {
+            let changed = *p < Phase::Drain;
+            *p = (*p).max(Phase::Drain);
+            changed
+        });
+    }
+
     /// Stops the child (SIGTERM, SIGKILL after the stop timeout) and waits
     /// until it is gone.
     pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
+        let _ = self.phase.send(Phase::Stop);
         let _ = self.task.await;
     }
 }
@@ -116,14 +137,14 @@ pub fn start(
         started_at: None,
         command: spec.argv(spec.llama.port),
     });
-    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (phase, phase_rx) = watch::channel(Phase::Run);
     let tail = OutputTail::default();
     let supervisor = Supervisor {
         spec,
         cfg,
         view: view_tx,
         tail: tail.clone(),
-        shutdown: shutdown_rx,
+        phase: phase_rx,
         watchdog,
         http: HttpClient::new(),
     };
@@ -131,7 +152,7 @@ pub fn start(
     SupervisorHandle {
         view,
         tail,
-        shutdown,
+        phase,
         task,
     }
 }
@@ -141,7 +162,7 @@ struct Supervisor {
     cfg: SupervisorConfig,
     view: watch::Sender<SupervisorView>,
     tail: OutputTail,
-    shutdown: watch::Receiver<bool>,
+    phase: watch::Receiver<Phase>,
     watchdog: Option<Watchdog>,
     http: HttpClient,
 }
@@ -194,7 +215,12 @@ impl Supervisor {
             };
 
             let last_exit = match outcome {
-                Outcome::Shutdown => return self.view.send_modify(|v| v.pid = None),
+                Outcome::Shutdown => {
+                    return self.view.send_modify(|v| {
+                        v.state = State::Stopping;
+                        v.pid = None;
+                    })
+                }
                 Outcome::Exited(status) => describe_exit(status),
                 Outcome::Killed(why) => why,
             };
@@ -203,8 +229,17 @@ impl Supervisor {
                 "--- contextpilotd: llama-server ended: {last_exit}"
             ));
 
+            if *self.phase.borrow() >= Phase::Drain {
+                // Shutting down: a child that ends now is not replaced.
+                return self.view.send_modify(|v| {
+                    v.state = State::Stopping;
+                    v.pid = None;
+                    v.last_exit = Some(last_exit);
+                });
+            }
             if ready_for.is_some_and(|d| d >= STABLE_AFTER) {
                 failures = 0;
+                recent_restarts.clear();
             }
             let now = Instant::now();
             recent_restarts.push_back(now);
@@ -247,7 +282,7 @@ impl Supervisor {
             });
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                _ = stop_requested(&mut self.shutdown) => {
+                _ = self.phase.wait_for(|p| *p >= Phase::Drain) => {
                     return self.view.send_modify(|v| v.state = State::Stopping);
                 }
             }
@@ -268,7 +303,7 @@ impl Supervisor {
         let base = format!("http://127.0.0.1:{port}");
         let mut ready_at: Option<Instant> = None;
         let mut last_ok = Instant::now();
-        let mut shutdown = self.shutdown.clone();
+        let mut phase = self.phase.clone();
 
         loop {
             let (pause, probe_timeout) = match ready_at {
@@ -285,7 +320,10 @@ impl Supervisor {
                     Some(_) => self.probe_health(&base, probe_timeout).await,
                 }
             };
+            // Biased: an exit that coincides with a failed probe is an exit,
+            // not a hang.
             let ok = tokio::select! {
+                biased;
                 status = child.wait() => {
                     let ready_for = ready_at.map(|t| t.elapsed());
                     return match status {
@@ -293,7 +331,7 @@ impl Supervisor {
                         Err(e) => (Outcome::Killed(format!("lost track of the child: {e}")), ready_for),
                     };
                 }
-                _ = stop_requested(&mut shutdown) => {
+                _ = stop_requested(&mut phase) => {
                     self.view.send_modify(|v| v.state = State::Stopping);
                     tracing::info!(pid = child.pid(), "stopping llama-server");
                     match child.stop(stop_grace).await {
@@ -314,6 +352,9 @@ impl Supervisor {
                     self.view.send_modify(|v| v.state = State::Ready);
                 }
                 None if now >= ready_deadline => {
+                    if let Some(status) = child.try_exited() {
+                        return (Outcome::Exited(status), None);
+                    }
                     let why = format!(
                         "not ready within ready_timeout_s ({}s); killed",
                         self.cfg.ready_timeout_s
@@ -324,6 +365,9 @@ impl Supervisor {
                 None => {}
                 Some(_) if ok => last_ok = now,
                 Some(ready) if now.duration_since(last_ok) >= hang_timeout => {
+                    if let Some(status) = child.try_exited() {
+                        return (Outcome::Exited(status), Some(now.duration_since(ready)));
+                    }
                     let why = format!(
                         "hung: /health did not answer for {}s (hang_timeout_s); killed",
                         now.duration_since(last_ok).as_secs()
@@ -373,9 +417,10 @@ impl Supervisor {
     }
 }
 
-/// Resolves once shutdown is requested (or the daemon's handle is gone).
-async fn stop_requested(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
+/// Resolves once the child is to be stopped (or the daemon's handle is
+/// gone).
+async fn stop_requested(phase: &mut watch::Receiver<Phase>) {
+    let _ = phase.wait_for(|p| *p == Phase::Stop).await;
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {

@@ -102,30 +102,33 @@ impl ChildProcess {
         self.child.wait().await
     }
 
+    /// The exit status if the child has already exited.
+    pub fn try_exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Stops the child's process group: SIGTERM (and SIGCONT, so a stopped
     /// child can act on it), then SIGKILL after `grace`. llama-server can hang
-    /// on SIGTERM while a request runs, so the SIGKILL is not optional.
+    /// on SIGTERM while a request runs, so the SIGKILL is not optional. The
+    /// group is never signalled after the child is reaped: its id could
+    /// belong to someone else by then.
     pub async fn stop(&mut self, grace: Duration) -> io::Result<ExitStatus> {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            signal_group(self.pid, Signal::SIGKILL);
+        if let Some(status) = self.child.try_wait()? {
             return Ok(status);
         }
         signal_group(self.pid, Signal::SIGTERM);
         signal_group(self.pid, Signal::SIGCONT);
-        let status = match tokio::time::timeout(grace, self.child.wait()).await {
-            Ok(status) => status?,
+        match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(status) => status,
             Err(_) => {
                 tracing::warn!(
                     pid = self.pid,
                     "llama-server did not exit {grace:?} after SIGTERM; sending SIGKILL"
                 );
                 signal_group(self.pid, Signal::SIGKILL);
-                self.child.wait().await?
+                self.child.wait().await
             }
-        };
-        // Anything the child left in its group goes with it.
-        signal_group(self.pid, Signal::SIGKILL);
-        Ok(status)
+        }
     }
 }
 
@@ -275,7 +278,7 @@ pub fn run_watchdog(input: impl BufRead, grace: Duration) {
     while std::time::Instant::now() < deadline && groups.iter().any(|&g| group_exists(g)) {
         std::thread::sleep(Duration::from_millis(50));
     }
-    for &pgid in &groups {
+    for &pgid in groups.iter().filter(|&&g| group_exists(g)) {
         signal_group(pgid, Signal::SIGKILL);
     }
 }
