@@ -19,6 +19,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub llama: LlamaConfig,
     pub supervisor: SupervisorConfig,
+    pub meter: MeterConfig,
     pub log: LogConfig,
 }
 
@@ -30,6 +31,15 @@ pub struct ServerConfig {
     /// Required for a listen address other than loopback; clients send it as
     /// `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
+    /// Requests allowed to wait for a free slot; more get 429.
+    pub max_queue: usize,
+    /// How long a request waits for a starting child or a free slot before
+    /// it gets 503.
+    pub queue_timeout_s: u64,
+    /// Larger request bodies get 413.
+    pub max_body_bytes: usize,
+    /// A client must send its request headers within this time.
+    pub header_timeout_s: u64,
 }
 
 impl Default for ServerConfig {
@@ -37,6 +47,38 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8765)),
             api_key: None,
+            max_queue: 64,
+            queue_timeout_s: 120,
+            max_body_bytes: 32 << 20,
+            header_timeout_s: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MeterConfig {
+    /// The per-request JSONL log; defaults to `query_log.jsonl` in the
+    /// platform data dir.
+    pub query_log: Option<PathBuf>,
+    /// Also log prompt and completion text (off: only numbers are logged).
+    pub log_prompts: bool,
+    /// Rotate the query log when it grows past this size.
+    pub max_log_bytes: u64,
+    /// Rotated files to keep (`query_log.jsonl.1` ... `.N`).
+    pub keep_files: u32,
+    /// How often GPU use is sampled in the background; 0 turns it off.
+    pub gpu_sample_ms: u64,
+}
+
+impl Default for MeterConfig {
+    fn default() -> Self {
+        MeterConfig {
+            query_log: None,
+            log_prompts: false,
+            max_log_bytes: 64 << 20,
+            keep_files: 5,
+            gpu_sample_ms: 1000,
         }
     }
 }
@@ -331,6 +373,9 @@ impl Config {
         if let Some(dir) = config.log.dir.take() {
             config.log.dir = Some(resolve_path(&dir, base));
         }
+        if let Some(log) = config.meter.query_log.take() {
+            config.meter.query_log = Some(resolve_path(&log, base));
+        }
         if config.llama.binary.contains('/') {
             config.llama.binary = resolve_path(Path::new(&config.llama.binary), base)
                 .display()
@@ -387,6 +432,16 @@ impl Config {
         if matches!(&self.llama.model_alias, Some(a) if a.trim().is_empty()) {
             return err("llama.model_alias", "must not be empty".to_string());
         }
+        for (key, value) in [
+            ("server.queue_timeout_s", self.server.queue_timeout_s),
+            ("server.max_body_bytes", self.server.max_body_bytes as u64),
+            ("server.header_timeout_s", self.server.header_timeout_s),
+            ("meter.max_log_bytes", self.meter.max_log_bytes),
+        ] {
+            if value == 0 {
+                return err(key, "must be greater than 0".to_string());
+            }
+        }
         let s = &self.supervisor;
         for (key, value) in [
             ("supervisor.health_interval_ms", s.health_interval_ms),
@@ -434,6 +489,14 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// The query log path, configured or the platform default.
+    pub fn query_log_path(&self) -> Option<PathBuf> {
+        self.meter.query_log.clone().or_else(|| {
+            directories::ProjectDirs::from("", "", "contextpilotd")
+                .map(|d| d.data_local_dir().join("query_log.jsonl"))
+        })
     }
 
     /// The directory for log files, configured or the platform default.
@@ -519,7 +582,7 @@ mod tests {
         // The example documents every key with its default value; keys
         // without a default are commented out.
         assert_eq!(parse(text).unwrap(), Config::default());
-        for key in ["api_key", "model", "model_alias", "dir"] {
+        for key in ["api_key", "model", "model_alias", "dir", "query_log"] {
             assert!(
                 text.contains(&format!("# {key} = ")),
                 "{key} is not documented"

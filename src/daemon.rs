@@ -6,6 +6,7 @@ use std::io::{Read, Seek, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,10 +14,13 @@ use nix::fcntl::{Flock, FlockArg};
 use tokio::net::TcpListener;
 
 use crate::config::{Config, ConfigError, ConfigSource};
-use crate::gateway::{self, Gateway};
+use crate::gateway::{self, Gateway, Upstream};
 use crate::gguf::{self, ModelFacts};
 use crate::hardware::{self, Hardware};
+use crate::meter::gpu::GpuSampler;
+use crate::meter::Meter;
 use crate::plan::{self, LaunchPlan};
+use crate::slots::Scheduler;
 use crate::status::StaticStatus;
 use crate::supervisor::{self, process::Watchdog, LaunchSpec};
 
@@ -329,6 +333,20 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
         &prepared.plan,
         &prepared.hardware,
     );
+    let model_id = prepared
+        .config
+        .llama
+        .model_alias
+        .clone()
+        .unwrap_or_else(|| {
+            prepared
+                .model
+                .path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".to_string())
+        });
+    let slots = prepared.plan.slots as usize;
     let spec = LaunchSpec {
         binary,
         model: prepared.model.path.clone(),
@@ -336,20 +354,44 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
         llama: prepared.config.llama.clone(),
     };
     let supervisor = supervisor::start(spec, prepared.config.supervisor.clone(), watchdog);
+    let config = &prepared.config;
+    let query_log = config.query_log_path();
+    match &query_log {
+        Some(path) => tracing::info!("query log: {}", path.display()),
+        None => tracing::warn!(
+            "no data directory for the query log; requests are metered in memory only"
+        ),
+    }
+    let gpu = (config.meter.gpu_sample_ms > 0)
+        .then(|| GpuSampler::start(Duration::from_millis(config.meter.gpu_sample_ms)));
+    let started_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default();
     let gateway = Arc::new(Gateway {
         started: Instant::now(),
         status,
         supervisor: supervisor.view.clone(),
         tail: supervisor.tail.clone(),
-        api_key: prepared.config.server.api_key.clone(),
+        api_key: config.server.api_key.clone(),
+        model_id,
+        scheduler: Scheduler::new(slots, config.server.max_queue),
+        meter: Meter::start(&config.meter, query_log),
+        upstream: Upstream::new(),
+        max_body_bytes: config.server.max_body_bytes,
+        queue_timeout: Duration::from_secs(config.server.queue_timeout_s),
+        gpu,
+        query_prefix: format!("{started_ms:x}"),
+        next_query: AtomicU64::new(0),
     });
+    let header_timeout = Duration::from_secs(config.server.header_timeout_s);
 
     let stop = async {
         signals.recv().await;
         // From here on a child that dies is not replaced.
         supervisor.drain();
     };
-    gateway::serve(listener, gateway, stop, DRAIN_GRACE).await;
+    gateway::serve(listener, gateway, stop, DRAIN_GRACE, header_timeout).await;
     tracing::info!("shutting down: stopping llama-server");
     supervisor.shutdown().await;
     tracing::info!("contextpilotd stopped");

@@ -35,6 +35,8 @@ pub mod gateway;
 pub mod gguf;
 pub mod hardware;
 pub mod http_client;
+pub mod meter;
 pub mod plan;
+pub mod slots;
 pub mod status;
 pub mod supervisor;

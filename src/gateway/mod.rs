@@ -1,0 +1,324 @@
+//! The daemon's HTTP front door on `[server] listen`.
+//!
+//! Routing, authentication and the daemon's own endpoints live here; the
+//! path of a model request (admission, slot choice, forwarding, retry,
+//! metering) is in [`proxy`]. Every error is an OpenAI-shaped JSON body
+//! `{"error": {"message", "type", "code"}}`.
+
+mod proxy;
+pub use proxy::Upstream;
+pub mod sse;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::meter::{Gauges, Meter};
+use crate::slots::Scheduler;
+use crate::status::StaticStatus;
+use crate::supervisor::process::OutputTail;
+use crate::supervisor::{State, SupervisorView};
+
+/// Response bodies: whole (`Full`) or streamed from a channel.
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// What request handlers can see.
+pub struct Gateway {
+    pub started: Instant,
+    pub status: StaticStatus,
+    pub supervisor: watch::Receiver<SupervisorView>,
+    pub tail: OutputTail,
+    pub api_key: Option<String>,
+    /// The model id on `/v1/models` and in every record.
+    pub model_id: String,
+    pub scheduler: Arc<Scheduler>,
+    pub meter: Meter,
+    pub upstream: proxy::Upstream,
+    pub max_body_bytes: usize,
+    pub queue_timeout: Duration,
+    pub gpu: Option<Arc<crate::meter::gpu::GpuSampler>>,
+    /// Query ids are this prefix (unique per daemon start) and a counter.
+    pub query_prefix: String,
+    pub next_query: AtomicU64,
+}
+
+/// Routes that run a model request through admission, slot choice and the
+/// meter.
+const MODEL_ROUTES: [&str; 3] = ["/v1/chat/completions", "/v1/completions", "/completion"];
+/// llama.cpp routes passed through as they are, for tools that speak them.
+const POST_PASSTHROUGH: [&str; 5] = [
+    "/v1/embeddings",
+    "/embeddings",
+    "/tokenize",
+    "/detokenize",
+    "/apply-template",
+];
+
+impl Gateway {
+    async fn handle(self: &Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+        let path = request.uri().path().to_string();
+        if path != "/health" && !self.authorized(&request) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong API key: send \"Authorization: Bearer <key>\"",
+                "authentication_error",
+            );
+        }
+        let method = request.method().clone();
+        let post = method == Method::POST;
+        let get = method == Method::GET;
+        match path.as_str() {
+            "/health" if get => self.health(),
+            "/status" if get => json(StatusCode::OK, &self.status_document()),
+            "/stats" if get => match self.meter.stats().await {
+                Some(stats) => json(StatusCode::OK, &stats),
+                None => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the meter is not running",
+                    "server_error",
+                ),
+            },
+            "/metrics" if get => self.metrics().await,
+            "/v1/models" | "/models" if get => self.models(),
+            "/slots" if get => proxy::passthrough(self, request).await,
+            p if post && MODEL_ROUTES.contains(&p) => proxy::model_request(self, request).await,
+            p if post && POST_PASSTHROUGH.contains(&p) => proxy::passthrough(self, request).await,
+            "/health" | "/status" | "/stats" | "/metrics" | "/v1/models" | "/models" | "/slots" => {
+                method_not_allowed(&method, &path, "GET")
+            }
+            p if MODEL_ROUTES.contains(&p) || POST_PASSTHROUGH.contains(&p) => {
+                method_not_allowed(&method, &path, "POST")
+            }
+            _ => error(
+                StatusCode::NOT_FOUND,
+                &format!("no route for {method} {path}"),
+                "not_found_error",
+            ),
+        }
+    }
+
+    fn authorized(&self, request: &Request<Incoming>) -> bool {
+        let Some(key) = &self.api_key else {
+            return true;
+        };
+        request
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), key.as_bytes()))
+    }
+
+    fn health(&self) -> Response<Body> {
+        let state = self.supervisor.borrow().state;
+        if state == State::Ready {
+            json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+        } else {
+            let mut response = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("llama-server is not ready ({})", state.as_str()),
+                "unavailable_error",
+            );
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        }
+    }
+
+    fn models(&self) -> Response<Body> {
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs().saturating_sub(self.started.elapsed().as_secs()))
+            .unwrap_or_default();
+        json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "object": "list",
+                "data": [{
+                    "id": self.model_id,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "contextpilotd",
+                    "meta": {
+                        "path": self.status.model.path,
+                        "architecture": self.status.model.architecture,
+                        "context_length_per_slot": self.status.plan.ctx_per_slot,
+                        "slots": self.status.plan.slots,
+                    },
+                }],
+            }),
+        )
+    }
+
+    async fn metrics(&self) -> Response<Body> {
+        let view = self.supervisor.borrow().clone();
+        let gauges = Gauges {
+            child_up: view.state == State::Ready,
+            slots_busy: self.scheduler.busy(),
+            queue_depth: self.scheduler.queued(),
+            child_restarts: view.restarts,
+        };
+        match self.meter.metrics(gauges).await {
+            Some(text) => {
+                let mut response = Response::new(full(Bytes::from(text)));
+                response.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                response
+            }
+            None => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the meter is not running",
+                "server_error",
+            ),
+        }
+    }
+
+    pub fn status_document(&self) -> crate::status::Status {
+        let view = self.supervisor.borrow().clone();
+        self.status
+            .snapshot(self.started.elapsed().as_secs(), &view, self.tail.lines())
+    }
+}
+
+fn method_not_allowed(method: &Method, path: &str, allowed: &'static str) -> Response<Body> {
+    let mut response = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &format!("{method} is not allowed on {path}; use {allowed}"),
+        "invalid_request_error",
+    );
+    response
+        .headers_mut()
+        .insert(hyper::header::ALLOW, HeaderValue::from_static(allowed));
+    response
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).boxed_unsync()
+}
+
+pub fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
+    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    let mut response = Response::new(full(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// An OpenAI-shaped error body.
+pub fn error_body(status: StatusCode, message: &str, kind: &str) -> serde_json::Value {
+    serde_json::json!({"error": {"message": message, "type": kind, "code": status.as_u16()}})
+}
+
+/// An OpenAI-shaped error response.
+pub fn error(status: StatusCode, message: &str, kind: &str) -> Response<Body> {
+    json(status, &error_body(status, message, kind))
+}
+
+/// A response body fed chunk by chunk from a channel; the sender sees an
+/// error once the client is gone.
+pub struct ChannelBody {
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl ChannelBody {
+    pub fn new(capacity: usize) -> (mpsc::Sender<Bytes>, ChannelBody) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (tx, ChannelBody { rx })
+    }
+}
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// Serves `listener` until `shutdown` resolves, then stops accepting and
+/// gives open connections up to `grace` to finish.
+pub async fn serve(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+    header_timeout: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .keep_alive(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer): (_, SocketAddr) = match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let gateway = gateway.clone();
+                let service = service_fn(move |request| {
+                    let gateway = gateway.clone();
+                    async move { Ok::<_, Infallible>(gateway.handle(request).await) }
+                });
+                let connection = builder.serve_connection(TokioIo::new(stream), service);
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(%peer, "connection ended: {e}");
+                    }
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after {grace:?}; closing them");
+    }
+}

@@ -1,0 +1,729 @@
+//! The path of one model request, top to bottom: read and validate the body,
+//! wait for a ready child, take a slot (admission + slot choice), forward
+//! with `cache_prompt` and `id_slot`, stream or return the answer, retry once
+//! if the child died before anything reached the client, and hand the meter
+//! a record of what happened, whatever happened.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+use super::sse::StreamObserver;
+use super::{error, error_body, full, json, Body, ChannelBody, Gateway};
+use crate::meter::{round2, CacheReuse, QueryRecord};
+use crate::slots::{AdmitError, SlotLease};
+use crate::supervisor::{rfc3339_utc, State};
+
+/// The daemon's HTTP client to the child: keep-alive connections, no
+/// timeouts of its own (generation can take minutes; liveness is the
+/// supervisor's job).
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Upstream {
+    pub fn new() -> Upstream {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        Upstream {
+            client: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(60))
+                .build(connector),
+        }
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        port: u16,
+        path_and_query: &str,
+        body: Bytes,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("http://127.0.0.1:{port}{path_and_query}"))
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .expect("a loopback URI and fixed headers always build");
+        self.client.request(request).await
+    }
+
+    /// Whether the child on `port` still answers at all.
+    async fn alive(&self, port: u16) -> bool {
+        let probe = self.send(Method::GET, port, "/health", Bytes::new());
+        matches!(
+            tokio::time::timeout(Duration::from_millis(500), probe).await,
+            Ok(Ok(_))
+        )
+    }
+}
+
+/// A child that is ready for requests.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    pid: u32,
+    port: u16,
+}
+
+impl Gateway {
+    /// Waits until the child is ready (and, after a failure, is not the one
+    /// that failed), or returns the state it was stuck in at the deadline.
+    async fn wait_ready(&self, avoid_pid: Option<u32>, deadline: Instant) -> Result<Target, State> {
+        let mut view = self.supervisor.clone();
+        loop {
+            {
+                let v = view.borrow_and_update();
+                if let (State::Ready, Some(pid), Some(port)) = (v.state, v.pid, v.port) {
+                    if Some(pid) != avoid_pid {
+                        return Ok(Target { pid, port });
+                    }
+                }
+            }
+            let state = view.borrow().state;
+            match tokio::time::timeout_at(deadline.into(), view.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return Err(state),
+            }
+        }
+    }
+}
+
+/// What is known about one request while it runs; becomes its record.
+struct Ctx {
+    gateway: Arc<Gateway>,
+    query_id: String,
+    timestamp: String,
+    arrived: Instant,
+    path: String,
+    stream: bool,
+    retried: bool,
+    slot: Option<usize>,
+    prompt: Option<Value>,
+    /// Set once the record is sent; a context dropped without it (the
+    /// client went away mid-request) records itself as such.
+    recorded: bool,
+}
+
+/// How a request ended, for its record.
+#[derive(Default)]
+struct Outcome {
+    status: u16,
+    timings: Option<Value>,
+    usage: Option<Value>,
+    error: Option<String>,
+    ttft_ms: Option<f64>,
+    completion: Option<String>,
+    tokens_evaluated: Option<u64>,
+    tokens_predicted: Option<u64>,
+}
+
+impl Ctx {
+    fn finish(&mut self, outcome: Outcome) {
+        if self.recorded {
+            return;
+        }
+        self.recorded = true;
+        let now = Instant::now();
+        let latency_ms = round2(now.duration_since(self.arrived).as_secs_f64() * 1000.0);
+        let timings = outcome.timings.as_ref();
+        let cache_reuse = timings.and_then(CacheReuse::from_timings);
+        let usage_n = |key: &str| {
+            outcome
+                .usage
+                .as_ref()
+                .and_then(|u| u.get(key))
+                .and_then(Value::as_u64)
+        };
+        let timing_n = |key: &str| timings.and_then(|t| t.get(key)).and_then(Value::as_u64);
+        let prompt_tokens = usage_n("prompt_tokens")
+            .or_else(|| cache_reuse.as_ref().map(|c| c.total_prompt_tokens))
+            .or(outcome.tokens_evaluated);
+        let completion_tokens = usage_n("completion_tokens")
+            .or_else(|| timing_n("predicted_n"))
+            .or(outcome.tokens_predicted);
+        // Without a stream there is no first-token moment to see: the
+        // latency less the generation time is when the first token was ready.
+        let ttft_ms = outcome.ttft_ms.or_else(|| {
+            let gen_ms = cache_reuse.as_ref()?.gen_ms;
+            (outcome.status == 200).then(|| round2((latency_ms - gen_ms).max(0.0)))
+        });
+        let gpu = self
+            .gateway
+            .gpu
+            .as_ref()
+            .and_then(|g| g.window(self.arrived, now))
+            .and_then(|w| serde_json::to_value(w).ok());
+        self.gateway.meter.record(QueryRecord {
+            query_id: self.query_id.clone(),
+            timestamp: self.timestamp.clone(),
+            path: self.path.clone(),
+            model: self.gateway.model_id.clone(),
+            slot_id: self.slot,
+            status_code: outcome.status,
+            stream: self.stream,
+            latency_ms,
+            ttft_ms,
+            prompt_tokens,
+            completion_tokens,
+            cache_reuse,
+            error: outcome.error,
+            retried: self.retried,
+            gpu,
+            prompt: self.prompt.take(),
+            completion: outcome.completion,
+        });
+    }
+
+    /// Records an error and builds its response.
+    fn fail(&mut self, status: StatusCode, message: &str, kind: &str) -> Response<Body> {
+        self.finish(Outcome {
+            status: status.as_u16(),
+            error: Some(message.to_string()),
+            ..Outcome::default()
+        });
+        error(status, message, kind)
+    }
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.finish(Outcome {
+                status: 499,
+                error: Some("the client went away before the response was complete".into()),
+                ..Outcome::default()
+            });
+        }
+    }
+}
+
+/// Reads a request body up to `limit` bytes.
+async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Response<Body>> {
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("the request body is larger than max_body_bytes ({limit} bytes)"),
+            "invalid_request_error",
+        )
+    };
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    match Limited::new(request.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(too_large())
+        }
+        Err(e) => Err(error(
+            StatusCode::BAD_REQUEST,
+            &format!("could not read the request body: {e}"),
+            "invalid_request_error",
+        )),
+    }
+}
+
+/// The text slot choice compares: what llama.cpp will see at the start of
+/// the prompt, in order.
+fn prompt_key(path: &str, body: &Value) -> String {
+    if path == "/v1/chat/completions" {
+        let tools = body.get("tools").map(Value::to_string).unwrap_or_default();
+        format!(
+            "{tools}{}",
+            body.get("messages")
+                .map(Value::to_string)
+                .unwrap_or_default()
+        )
+    } else {
+        match body.get("prompt") {
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+            None => String::new(),
+        }
+    }
+}
+
+fn validate(path: &str, body: &Value) -> Result<(), String> {
+    if path == "/v1/chat/completions" {
+        match body.get("messages") {
+            Some(Value::Array(m)) if !m.is_empty() => Ok(()),
+            Some(Value::Array(_)) => Err("`messages` must not be empty".into()),
+            Some(_) => Err("`messages` must be an array of messages".into()),
+            None => Err("`messages` is required".into()),
+        }
+    } else {
+        match body.get("prompt") {
+            Some(Value::String(_) | Value::Array(_)) => Ok(()),
+            Some(_) => Err("`prompt` must be a string or an array".into()),
+            None => Err("`prompt` is required".into()),
+        }
+    }
+}
+
+/// `POST /v1/chat/completions`, `/v1/completions` and native `/completion`.
+pub(super) async fn model_request(
+    gateway: &Arc<Gateway>,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    let arrived = Instant::now();
+    let path = request.uri().path().to_string();
+    let number = gateway.next_query.fetch_add(1, Ordering::Relaxed);
+    let mut ctx = Ctx {
+        gateway: gateway.clone(),
+        query_id: format!("{}-{number}", gateway.query_prefix),
+        timestamp: rfc3339_utc(SystemTime::now()),
+        arrived,
+        path: path.clone(),
+        stream: false,
+        retried: false,
+        slot: None,
+        prompt: None,
+        recorded: false,
+    };
+    let raw = match read_body(request, gateway.max_body_bytes).await {
+        Ok(raw) => raw,
+        Err(response) => {
+            let status = response.status();
+            ctx.finish(Outcome {
+                status: status.as_u16(),
+                error: Some(
+                    status
+                        .canonical_reason()
+                        .unwrap_or("bad request")
+                        .to_string(),
+                ),
+                ..Outcome::default()
+            });
+            return response;
+        }
+    };
+    let mut body: Value = match serde_json::from_slice(&raw) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(_) => {
+            return ctx.fail(
+                StatusCode::BAD_REQUEST,
+                "the request body must be a JSON object",
+                "invalid_request_error",
+            )
+        }
+        Err(e) => {
+            return ctx.fail(
+                StatusCode::BAD_REQUEST,
+                &format!("the request body is not valid JSON: {e}"),
+                "invalid_request_error",
+            )
+        }
+    };
+    if let Err(message) = validate(&path, &body) {
+        return ctx.fail(StatusCode::BAD_REQUEST, &message, "invalid_request_error");
+    }
+    ctx.stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    if gateway.meter.log_prompts {
+        ctx.prompt = body.get("messages").or_else(|| body.get("prompt")).cloned();
+    }
+    let key = prompt_key(&path, &body);
+    body["cache_prompt"] = Value::Bool(true);
+
+    let deadline = arrived + gateway.queue_timeout;
+    let mut avoid_pid = None;
+    loop {
+        let target = match gateway.wait_ready(avoid_pid, deadline).await {
+            Ok(target) => target,
+            Err(state) => {
+                let mut response = ctx.fail(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!(
+                        "llama-server is not ready ({}) after {}s; try again",
+                        state.as_str(),
+                        gateway.queue_timeout.as_secs()
+                    ),
+                    "unavailable_error",
+                );
+                response
+                    .headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from_static("5"));
+                return response;
+            }
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let lease = match gateway.scheduler.acquire(&key, target.pid, remaining).await {
+            Ok(lease) => lease,
+            Err(AdmitError::QueueFull) => {
+                let mut response = ctx.fail(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many requests are waiting for a slot (max_queue); try again",
+                    "rate_limit_error",
+                );
+                response
+                    .headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+                return response;
+            }
+            Err(AdmitError::Timeout) => {
+                let mut response = ctx.fail(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no slot came free in time (queue_timeout_s); try again",
+                    "unavailable_error",
+                );
+                response
+                    .headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from_static("5"));
+                return response;
+            }
+        };
+        ctx.slot = Some(lease.id());
+        body["id_slot"] = Value::from(lease.id());
+        let payload = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+
+        match forward(&mut ctx, target, &path, payload, lease).await {
+            Forwarded::Done(response) => return response,
+            Forwarded::ChildDied(why) if !ctx.retried => {
+                // Nothing has reached the client: try once more, on the
+                // restarted child unless this one turns out to be alive.
+                tracing::warn!(query = %ctx.query_id, "llama-server failed the request ({why}); retrying once");
+                ctx.retried = true;
+                avoid_pid = (!gateway.upstream.alive(target.port).await).then_some(target.pid);
+            }
+            Forwarded::ChildDied(why) => {
+                return ctx.fail(
+                    StatusCode::BAD_GATEWAY,
+                    &format!(
+                        "llama-server failed the request twice ({why}); see contextpilotd status"
+                    ),
+                    "server_error",
+                );
+            }
+        }
+    }
+}
+
+enum Forwarded {
+    Done(Response<Body>),
+    /// The child closed the connection before any byte reached the client.
+    ChildDied(String),
+}
+
+async fn forward(
+    ctx: &mut Ctx,
+    target: Target,
+    path: &str,
+    payload: Bytes,
+    lease: SlotLease,
+) -> Forwarded {
+    let upstream = &ctx.gateway.upstream;
+    let response = match upstream
+        .send(Method::POST, target.port, path, payload)
+        .await
+    {
+        Ok(response) => response,
+        Err(e) => return Forwarded::ChildDied(e.to_string()),
+    };
+    let (parts, mut incoming) = response.into_parts();
+    let is_sse = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if ctx.stream && parts.status == StatusCode::OK && is_sse {
+        // Hold the response until the first chunk: a child that dies before
+        // it can still be retried.
+        let first = match incoming.frame().await {
+            Some(Ok(frame)) => frame.into_data().unwrap_or_default(),
+            Some(Err(e)) => return Forwarded::ChildDied(e.to_string()),
+            None => return Forwarded::ChildDied("the stream ended before its first event".into()),
+        };
+        return Forwarded::Done(start_stream(ctx, first, incoming, lease));
+    }
+    let bytes = match incoming.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => return Forwarded::ChildDied(e.to_string()),
+    };
+    drop(lease);
+    Forwarded::Done(finish_whole(ctx, parts.status, bytes))
+}
+
+/// A whole (non-streamed) answer: fill `usage.prompt_tokens_details.cached_tokens`
+/// from the timings, record, respond.
+fn finish_whole(ctx: &mut Ctx, status: StatusCode, bytes: Bytes) -> Response<Body> {
+    let Ok(mut value) = serde_json::from_slice::<Value>(&bytes) else {
+        ctx.finish(Outcome {
+            status: status.as_u16(),
+            error: (!status.is_success()).then(|| String::from_utf8_lossy(&bytes).into_owned()),
+            ..Outcome::default()
+        });
+        let mut response = Response::new(full(bytes));
+        *response.status_mut() = status;
+        return response;
+    };
+    let timings = value.get("timings").cloned();
+    if let (Some(cached), Some(usage)) = (
+        timings.as_ref().and_then(|t| t.get("cache_n")).cloned(),
+        value.get_mut("usage").and_then(Value::as_object_mut),
+    ) {
+        let details = usage
+            .entry("prompt_tokens_details")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Some(details) = details.as_object_mut() {
+            details.insert("cached_tokens".into(), cached);
+        }
+    }
+    let completion = if ctx.gateway.meter.log_prompts {
+        value
+            .pointer("/choices/0/message/content")
+            .or_else(|| value.pointer("/choices/0/text"))
+            .or_else(|| value.get("content"))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    } else {
+        None
+    };
+    ctx.finish(Outcome {
+        status: status.as_u16(),
+        timings,
+        usage: value.get("usage").cloned(),
+        error: value
+            .pointer("/error/message")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .or_else(|| (!status.is_success()).then(|| format!("llama-server answered {status}"))),
+        completion,
+        tokens_evaluated: value.get("tokens_evaluated").and_then(Value::as_u64),
+        tokens_predicted: value.get("tokens_predicted").and_then(Value::as_u64),
+        ..Outcome::default()
+    });
+    json(status, &value)
+}
+
+/// Starts relaying a stream: every chunk goes to the client as it arrives,
+/// and a copy to the observer for the record.
+fn start_stream(
+    outer: &mut Ctx,
+    first: Bytes,
+    mut incoming: Incoming,
+    lease: SlotLease,
+) -> Response<Body> {
+    let (tx, body) = ChannelBody::new(64);
+    let mut ctx = Ctx {
+        gateway: outer.gateway.clone(),
+        query_id: std::mem::take(&mut outer.query_id),
+        timestamp: std::mem::take(&mut outer.timestamp),
+        arrived: outer.arrived,
+        path: std::mem::take(&mut outer.path),
+        stream: true,
+        retried: outer.retried,
+        slot: outer.slot,
+        prompt: outer.prompt.take(),
+        recorded: false,
+    };
+    // The stream task records from here on; the caller's context must not.
+    outer.recorded = true;
+    let openai = ctx.path.starts_with("/v1/");
+    let mut observer = StreamObserver::new(ctx.gateway.meter.log_prompts);
+    tokio::spawn(async move {
+        let _lease = lease;
+        let mut ttft_ms = None;
+        let mut chunk = Some(first);
+        let mut cut: Option<String> = None;
+        let mut client_gone = false;
+        loop {
+            let data = match chunk.take() {
+                Some(data) => data,
+                None => match incoming.frame().await {
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) => data,
+                        Err(_) => continue, // trailers
+                    },
+                    Some(Err(e)) => {
+                        cut = Some(e.to_string());
+                        break;
+                    }
+                    None => break,
+                },
+            };
+            if observer.feed(&data) {
+                ttft_ms = Some(round2(ctx.arrived.elapsed().as_secs_f64() * 1000.0));
+            }
+            if tx.send(data).await.is_err() {
+                client_gone = true;
+                break;
+            }
+        }
+        // A /v1 stream that ends without [DONE] was cut too.
+        if cut.is_none() && !client_gone && openai && !observer.saw_done {
+            cut = Some("the stream ended without [DONE]".into());
+        }
+        let error = if client_gone {
+            Some("the client went away during the stream".to_string())
+        } else if let Some(why) = &cut {
+            let message = format!(
+                "llama-server stopped during the response ({why}); the answer is incomplete"
+            );
+            let event = error_body(StatusCode::BAD_GATEWAY, &message, "server_error");
+            let mut tail = format!("data: {event}\n\n");
+            if openai {
+                tail.push_str("data: [DONE]\n\n");
+            }
+            let _ = tx.send(Bytes::from(tail)).await;
+            Some(message)
+        } else {
+            observer.error.clone()
+        };
+        ctx.finish(Outcome {
+            status: if client_gone { 499 } else { 200 },
+            timings: observer.timings.take(),
+            usage: observer.usage.take(),
+            error,
+            ttft_ms,
+            completion: observer.text.take(),
+            tokens_evaluated: observer.tokens_evaluated,
+            tokens_predicted: observer.tokens_predicted,
+        });
+    });
+    let mut response = Response::new(http_body_util::BodyExt::boxed_unsync(body));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+/// llama.cpp routes passed through unmetered: `/tokenize`, `/detokenize`,
+/// `/apply-template`, `/v1/embeddings`, `GET /slots`.
+pub(super) async fn passthrough(
+    gateway: &Arc<Gateway>,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    let method = request.method().clone();
+    let path_and_query = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| request.uri().path().to_string());
+    let body = match read_body(request, gateway.max_body_bytes).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    if method == Method::POST && serde_json::from_slice::<Value>(&body).is_err() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the request body is not valid JSON",
+            "invalid_request_error",
+        );
+    }
+    let deadline = Instant::now() + gateway.queue_timeout;
+    let target = match gateway.wait_ready(None, deadline).await {
+        Ok(target) => target,
+        Err(state) => {
+            let mut response = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("llama-server is not ready ({})", state.as_str()),
+                "unavailable_error",
+            );
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("5"));
+            return response;
+        }
+    };
+    let response = match gateway
+        .upstream
+        .send(method, target.port, &path_and_query, body)
+        .await
+    {
+        Ok(response) => response,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                &format!("llama-server did not answer: {e}"),
+                "server_error",
+            )
+        }
+    };
+    let (parts, incoming) = response.into_parts();
+    let bytes = match incoming.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                &format!("llama-server stopped answering: {e}"),
+                "server_error",
+            )
+        }
+    };
+    let mut out = Response::new(full(bytes));
+    *out.status_mut() = parts.status;
+    if let Some(content_type) = parts.headers.get(CONTENT_TYPE) {
+        out.headers_mut().insert(CONTENT_TYPE, content_type.clone());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_keys_follow_prompt_order() {
+        let chat = serde_json::json!({"messages": [{"role": "system", "content": "docs"}, {"role": "user", "content": "q"}]});
+        let key = prompt_key("/v1/chat/completions", &chat);
+        // serde_json orders object keys; only consistency matters here.
+        assert!(
+            key.starts_with("[{\"content\":\"docs\",\"role\":\"system\"}"),
+            "{key}"
+        );
+        let with_tools = serde_json::json!({"tools": [{"type": "function"}], "messages": []});
+        assert!(prompt_key("/v1/chat/completions", &with_tools).starts_with("[{\"type\""));
+        assert_eq!(
+            prompt_key("/completion", &serde_json::json!({"prompt": "abc"})),
+            "abc"
+        );
+        assert_eq!(
+            prompt_key("/v1/completions", &serde_json::json!({"prompt": [1, 2]})),
+            "[1,2]"
+        );
+    }
+
+    #[test]
+    fn validation_messages() {
+        assert!(validate(
+            "/v1/chat/completions",
+            &serde_json::json!({"messages": [{}]})
+        )
+        .is_ok());
+        assert_eq!(
+            validate(
+                "/v1/chat/completions",
+                &serde_json::json!({"messages": "hi"})
+            )
+            .unwrap_err(),
+            "`messages` must be an array of messages"
+        );
+        assert!(validate("/v1/chat/completions", &serde_json::json!({})).is_err());
+        assert!(validate("/v1/completions", &serde_json::json!({"prompt": "x"})).is_ok());
+        assert!(validate("/completion", &serde_json::json!({"prompt": 5})).is_err());
+    }
+}

@@ -1,0 +1,203 @@
+//! Metering: one record per request, from llama-server's own timings.
+//!
+//! The meter runs on its own thread and owns everything it writes: the JSONL
+//! query log (with size-based rotation), the aggregate statistics behind
+//! `/stats`, and the Prometheus registry behind `/metrics`. Requests hand it
+//! a [`QueryRecord`] through a channel and never wait on disk. Questions
+//! (`/stats`, `/metrics`) travel the same channel, so an answer always
+//! reflects every record sent before it.
+
+pub mod gpu;
+pub mod metrics;
+mod stats;
+mod writer;
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+pub use stats::StatsSnapshot;
+
+use crate::config::MeterConfig;
+
+/// One request, as written to the query log. Field names are an interface.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QueryRecord {
+    pub query_id: String,
+    /// RFC 3339 UTC time the request arrived.
+    pub timestamp: String,
+    pub path: String,
+    pub model: String,
+    pub slot_id: Option<usize>,
+    pub status_code: u16,
+    pub stream: bool,
+    pub latency_ms: f64,
+    /// Time to the first generated token: measured on streams; on other
+    /// requests, the latency less llama-server's generation time.
+    pub ttft_ms: Option<f64>,
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    pub cache_reuse: Option<CacheReuse>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub retried: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<serde_json::Value>,
+    /// Only with `[meter] log_prompts = true`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion: Option<String>,
+}
+
+/// How much of the prompt llama.cpp served from its KV cache, from the
+/// response's `timings`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CacheReuse {
+    pub total_prompt_tokens: u64,
+    pub reused_tokens: u64,
+    pub newly_computed: u64,
+    pub reuse_ratio_pct: f64,
+    pub prompt_eval_ms: f64,
+    pub gen_ms: f64,
+    pub prompt_tps: f64,
+    pub gen_tps: f64,
+}
+
+impl CacheReuse {
+    /// From a llama-server `timings` object: `cache_n` tokens came from the
+    /// cache, `prompt_n` were computed.
+    pub fn from_timings(timings: &serde_json::Value) -> Option<CacheReuse> {
+        let num = |key: &str| timings.get(key).and_then(serde_json::Value::as_f64);
+        let reused = num("cache_n")? as u64;
+        let computed = num("prompt_n")? as u64;
+        let total = reused + computed;
+        Some(CacheReuse {
+            total_prompt_tokens: total,
+            reused_tokens: reused,
+            newly_computed: computed,
+            reuse_ratio_pct: if total == 0 {
+                0.0
+            } else {
+                round2(100.0 * reused as f64 / total as f64)
+            },
+            prompt_eval_ms: round2(num("prompt_ms").unwrap_or(0.0)),
+            gen_ms: round2(num("predicted_ms").unwrap_or(0.0)),
+            prompt_tps: round2(num("prompt_per_second").unwrap_or(0.0)),
+            gen_tps: round2(num("predicted_per_second").unwrap_or(0.0)),
+        })
+    }
+}
+
+pub fn round2(x: f64) -> f64 {
+    if x.is_finite() {
+        (x * 100.0).round() / 100.0
+    } else {
+        0.0
+    }
+}
+
+/// Point-in-time values the gateway knows and the registry shows as gauges.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    pub child_up: bool,
+    pub slots_busy: usize,
+    pub queue_depth: usize,
+    pub child_restarts: u32,
+}
+
+enum Message {
+    Record(Box<QueryRecord>),
+    Stats(oneshot::Sender<StatsSnapshot>),
+    Metrics(Gauges, oneshot::Sender<String>),
+}
+
+/// The gateway's handle on the meter thread.
+#[derive(Clone)]
+pub struct Meter {
+    tx: mpsc::Sender<Message>,
+    pub log_prompts: bool,
+}
+
+impl Meter {
+    /// Starts the meter thread. `query_log: None` keeps no log file.
+    pub fn start(cfg: &MeterConfig, query_log: Option<PathBuf>) -> Meter {
+        let (tx, rx) = mpsc::channel();
+        let mut writer =
+            query_log.map(|path| writer::LogWriter::new(path, cfg.max_log_bytes, cfg.keep_files));
+        let spawned = std::thread::Builder::new()
+            .name("meter".into())
+            .spawn(move || {
+                let mut stats = stats::Stats::new();
+                let mut registry = metrics::Metrics::new();
+                for message in rx {
+                    match message {
+                        Message::Record(record) => {
+                            if let Some(w) = writer.as_mut() {
+                                w.append(&record);
+                            }
+                            stats.add(&record);
+                            registry.observe(&record);
+                        }
+                        Message::Stats(reply) => {
+                            let _ =
+                                reply.send(stats.snapshot(
+                                    writer.as_ref().map(|w| w.failed_writes()).unwrap_or(0),
+                                ));
+                        }
+                        Message::Metrics(gauges, reply) => {
+                            let _ = reply.send(registry.encode(gauges));
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the meter thread: {e}; requests will not be metered");
+        }
+        Meter {
+            tx,
+            log_prompts: cfg.log_prompts,
+        }
+    }
+
+    /// Hands a record to the meter; never blocks.
+    pub fn record(&self, record: QueryRecord) {
+        let _ = self.tx.send(Message::Record(Box::new(record)));
+    }
+
+    pub async fn stats(&self) -> Option<StatsSnapshot> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(Message::Stats(reply)).ok()?;
+        answer.await.ok()
+    }
+
+    pub async fn metrics(&self, gauges: Gauges) -> Option<String> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(Message::Metrics(gauges, reply)).ok()?;
+        answer.await.ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reuse_from_timings() {
+        let timings = serde_json::json!({"cache_n": 34, "prompt_n": 1, "prompt_ms": 16.794,
+            "prompt_per_second": 59.5, "predicted_n": 4, "predicted_ms": 50.123, "predicted_per_second": 79.8});
+        let reuse = CacheReuse::from_timings(&timings).unwrap();
+        assert_eq!(reuse.total_prompt_tokens, 35);
+        assert_eq!(reuse.reused_tokens, 34);
+        assert_eq!(reuse.newly_computed, 1);
+        assert_eq!(reuse.reuse_ratio_pct, 97.14);
+        assert_eq!(reuse.prompt_eval_ms, 16.79);
+        assert_eq!(reuse.gen_ms, 50.12);
+        assert!(CacheReuse::from_timings(&serde_json::json!({"prompt_n": 3})).is_none());
+        let empty =
+            CacheReuse::from_timings(&serde_json::json!({"cache_n": 0, "prompt_n": 0})).unwrap();
+        assert_eq!(empty.reuse_ratio_pct, 0.0);
+    }
+}

@@ -1,0 +1,195 @@
+//! The aggregates behind `GET /stats`: totals since start, percentiles over
+//! a bounded window of recent requests.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::Serialize;
+
+use super::{round2, QueryRecord};
+use crate::supervisor::rfc3339_utc;
+
+/// Percentiles are computed over at most this many recent requests.
+pub const WINDOW: usize = 1000;
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Distribution {
+    pub avg: f64,
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Distribution {
+    /// Nearest-rank percentiles; `None` for no values.
+    pub fn of(values: impl Iterator<Item = f64>) -> Option<Distribution> {
+        let mut sorted: Vec<f64> = values.filter(|v| v.is_finite()).collect();
+        if sorted.is_empty() {
+            return None;
+        }
+        sorted.sort_by(f64::total_cmp);
+        let rank = |p: f64| {
+            sorted[((p / 100.0 * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
+        };
+        Some(Distribution {
+            avg: round2(sorted.iter().sum::<f64>() / sorted.len() as f64),
+            p50: round2(rank(50.0)),
+            p95: round2(rank(95.0)),
+            p99: round2(rank(99.0)),
+            min: round2(sorted[0]),
+            max: round2(sorted[sorted.len() - 1]),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CacheTotals {
+    pub queries_with_data: u64,
+    pub avg_reuse_ratio_pct: f64,
+    pub token_weighted_reuse_pct: f64,
+    pub reused_tokens_total: u64,
+    pub prompt_tokens_total: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SlotTotals {
+    pub queries: u64,
+    pub reused_tokens: u64,
+    pub prompt_tokens: u64,
+    pub reuse_pct: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StatsSnapshot {
+    pub total_queries: u64,
+    pub errors: u64,
+    pub retried: u64,
+    pub latency_ms: Option<Distribution>,
+    pub ttft_ms: Option<Distribution>,
+    pub cache_reuse: CacheTotals,
+    pub per_slot: BTreeMap<String, SlotTotals>,
+    /// RFC 3339 time the totals count from (the daemon's start).
+    pub since: String,
+    /// Percentiles cover at most this many recent requests.
+    pub window: usize,
+    pub log_write_failures: u64,
+}
+
+pub struct Stats {
+    since: String,
+    total: u64,
+    errors: u64,
+    retried: u64,
+    recent: VecDeque<(f64, Option<f64>)>,
+    with_data: u64,
+    ratio_sum: f64,
+    reused: u64,
+    prompt: u64,
+    per_slot: BTreeMap<usize, (u64, u64, u64)>,
+}
+
+impl Stats {
+    pub fn new() -> Stats {
+        Stats {
+            since: rfc3339_utc(std::time::SystemTime::now()),
+            total: 0,
+            errors: 0,
+            retried: 0,
+            recent: VecDeque::with_capacity(WINDOW),
+            with_data: 0,
+            ratio_sum: 0.0,
+            reused: 0,
+            prompt: 0,
+            per_slot: BTreeMap::new(),
+        }
+    }
+
+    pub fn add(&mut self, record: &QueryRecord) {
+        self.total += 1;
+        self.errors += u64::from(record.error.is_some());
+        self.retried += u64::from(record.retried);
+        if self.recent.len() == WINDOW {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((record.latency_ms, record.ttft_ms));
+        if let Some(reuse) = &record.cache_reuse {
+            self.with_data += 1;
+            self.ratio_sum += reuse.reuse_ratio_pct;
+            self.reused += reuse.reused_tokens;
+            self.prompt += reuse.total_prompt_tokens;
+        }
+        if let Some(slot) = record.slot_id {
+            let entry = self.per_slot.entry(slot).or_default();
+            entry.0 += 1;
+            if let Some(reuse) = &record.cache_reuse {
+                entry.1 += reuse.reused_tokens;
+                entry.2 += reuse.total_prompt_tokens;
+            }
+        }
+    }
+
+    pub fn snapshot(&self, log_write_failures: u64) -> StatsSnapshot {
+        let pct = |part: u64, whole: u64| {
+            if whole == 0 {
+                0.0
+            } else {
+                round2(100.0 * part as f64 / whole as f64)
+            }
+        };
+        StatsSnapshot {
+            total_queries: self.total,
+            errors: self.errors,
+            retried: self.retried,
+            latency_ms: Distribution::of(self.recent.iter().map(|(l, _)| *l)),
+            ttft_ms: Distribution::of(self.recent.iter().filter_map(|(_, t)| *t)),
+            cache_reuse: CacheTotals {
+                queries_with_data: self.with_data,
+                avg_reuse_ratio_pct: if self.with_data == 0 {
+                    0.0
+                } else {
+                    round2(self.ratio_sum / self.with_data as f64)
+                },
+                token_weighted_reuse_pct: pct(self.reused, self.prompt),
+                reused_tokens_total: self.reused,
+                prompt_tokens_total: self.prompt,
+            },
+            per_slot: self
+                .per_slot
+                .iter()
+                .map(|(slot, (queries, reused, prompt))| {
+                    (
+                        slot.to_string(),
+                        SlotTotals {
+                            queries: *queries,
+                            reused_tokens: *reused,
+                            prompt_tokens: *prompt,
+                            reuse_pct: pct(*reused, *prompt),
+                        },
+                    )
+                })
+                .collect(),
+            since: self.since.clone(),
+            window: WINDOW,
+            log_write_failures,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let d = Distribution::of((1..=100).map(f64::from)).unwrap();
+        assert_eq!(
+            (d.p50, d.p95, d.p99, d.min, d.max, d.avg),
+            (50.0, 95.0, 99.0, 1.0, 100.0, 50.5)
+        );
+        let one = Distribution::of([7.0].into_iter()).unwrap();
+        assert_eq!((one.p50, one.p99), (7.0, 7.0));
+        assert!(Distribution::of(std::iter::empty()).is_none());
+        assert!(Distribution::of([f64::NAN].into_iter()).is_none());
+    }
+}

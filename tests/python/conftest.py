@@ -1,0 +1,65 @@
+"""Fixtures of the end-to-end suite (helpers in e2e.py).
+
+`daemon`: the default daemon, one per test module.
+`make_daemon`: a test's own daemon with extra [server] keys, stopped at the
+end of the test; its exit code must be 0 unless the test killed it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from e2e import ENV_VARS, Daemon
+
+
+def _finish(daemon: Daemon) -> None:
+    code = daemon.stop()
+    if not daemon.killed and not daemon.start_failed:
+        assert code == 0, (
+            f"contextpilotd exited with code {code} after SIGTERM (expected 0).\n"
+            f"stderr:\n{daemon.stderr()[-4000:]}"
+        )
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory) -> Daemon:
+    """The default daemon, shared by the tests of one module."""
+    d = Daemon(tmp_path_factory.mktemp("daemon"))
+    try:
+        d.start()
+        yield d
+    finally:
+        _finish(d)
+
+
+@pytest.fixture
+def make_daemon(tmp_path_factory):
+    """Factory for a test's own daemon: `make_daemon(server={"api_key": "k"})`.
+    Each is started, and stopped (exit code 0 unless the test killed it) at
+    the end of the test."""
+    made: list[Daemon] = []
+
+    def make(server: dict[str, Any] | None = None, start: bool = True) -> Daemon:
+        d = Daemon(tmp_path_factory.mktemp("daemon"), server=server)
+        made.append(d)
+        return d.start() if start else d
+
+    yield make
+    errors = []
+    for d in made:
+        try:
+            _finish(d)
+        except BaseException as e:  # stop every daemon before reporting
+            errors.append(e)
+    if errors:
+        raise errors[0]
+
+
+def pytest_report_header(config):
+    lines = []
+    for name in ENV_VARS:
+        lines.append(f"{name}={os.environ.get(name, '<unset>')}")
+    return lines
