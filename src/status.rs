@@ -23,6 +23,23 @@ pub struct Status {
     /// Planner and hardware warnings.
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// Headline numbers of the requests served since start.
+    #[serde(default)]
+    pub requests: Option<RequestsHeadline>,
+    /// Why GPU use is not sampled, when it is not.
+    #[serde(default)]
+    pub gpu_sampling: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestsHeadline {
+    pub total: u64,
+    pub errors: u64,
+    pub retried: u64,
+    pub token_weighted_reuse_pct: f64,
+    pub latency_p50_ms: Option<f64>,
+    pub ttft_p50_ms: Option<f64>,
+    pub query_log: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -135,6 +152,8 @@ impl StaticStatus {
             plan: self.plan.clone(),
             hardware: self.hardware.clone(),
             warnings: self.warnings.clone(),
+            requests: None,
+            gpu_sampling: None,
         }
     }
 }
@@ -209,6 +228,25 @@ pub fn render(status: &Status) -> String {
         h.gpu_cores
             .map_or(String::new(), |g| format!(", {g} GPU cores"))
     );
+    if let Some(r) = &status.requests {
+        let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} ms"));
+        let _ = writeln!(
+            out,
+            "  requests      {} served, {} errors, {} retried; {:.1}% of prompt tokens from cache; p50 latency {}, TTFT {}",
+            r.total,
+            r.errors,
+            r.retried,
+            r.token_weighted_reuse_pct,
+            ms(r.latency_p50_ms),
+            ms(r.ttft_p50_ms)
+        );
+        if let Some(log) = &r.query_log {
+            let _ = writeln!(out, "  query log     {log}");
+        }
+    }
+    if let Some(reason) = &status.gpu_sampling {
+        let _ = writeln!(out, "  gpu sampling  off: {reason}");
+    }
     for warning in &status.warnings {
         let _ = writeln!(out, "  warning       {warning}");
     }

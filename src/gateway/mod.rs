@@ -54,6 +54,7 @@ pub struct Gateway {
     pub max_body_bytes: usize,
     pub queue_timeout: Duration,
     pub gpu: Option<Arc<crate::meter::gpu::GpuSampler>>,
+    pub query_log: Option<std::path::PathBuf>,
     /// Query ids are this prefix (unique per daemon start) and a counter.
     pub query_prefix: String,
     pub next_query: AtomicU64,
@@ -86,7 +87,7 @@ impl Gateway {
         let get = method == Method::GET;
         match path.as_str() {
             "/health" if get => self.health(),
-            "/status" if get => json(StatusCode::OK, &self.status_document()),
+            "/status" if get => json(StatusCode::OK, &self.status_with_requests().await),
             "/stats" if get => match self.meter.stats().await {
                 Some(stats) => json(StatusCode::OK, &stats),
                 None => error(
@@ -193,6 +194,23 @@ impl Gateway {
                 "server_error",
             ),
         }
+    }
+
+    async fn status_with_requests(&self) -> crate::status::Status {
+        let mut status = self.status_document();
+        if let Some(stats) = self.meter.stats().await {
+            status.requests = Some(crate::status::RequestsHeadline {
+                total: stats.total_queries,
+                errors: stats.errors,
+                retried: stats.retried,
+                token_weighted_reuse_pct: stats.cache_reuse.token_weighted_reuse_pct,
+                latency_p50_ms: stats.latency_ms.map(|d| d.p50),
+                ttft_p50_ms: stats.ttft_ms.map(|d| d.p50),
+                query_log: self.query_log.as_ref().map(|p| p.display().to_string()),
+            });
+        }
+        status.gpu_sampling = self.gpu.as_ref().and_then(|g| g.unavailable_reason());
+        status
     }
 
     pub fn status_document(&self) -> crate::status::Status {
