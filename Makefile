@@ -11,11 +11,16 @@ run: provision build demo-config
 	exec target/release/contextpilotd run --config $(DEMO_DIR)/config.toml
 
 ## Provision (if needed) and run every test, including the ones that drive a
-## real llama-server with a real model.
+## real llama-server with a real model: cargo's tests, then the end-to-end
+## suite with the official OpenAI Python SDK (its pinned venv is provisioned
+## into the cache too).
 test: provision
 	eval "$$(bash scripts/provision.sh paths)" && \
-	  CONTEXTPILOTD_TEST_LLAMA_SERVER="$$LLAMA_SERVER" CONTEXTPILOTD_TEST_MODEL="$$MODEL" \
-	  $(CARGO) test --all-targets --locked
+	  export CONTEXTPILOTD_TEST_LLAMA_SERVER="$$LLAMA_SERVER" CONTEXTPILOTD_TEST_MODEL="$$MODEL" && \
+	  $(CARGO) test --all-targets --locked && \
+	  $(CARGO) build --locked && \
+	  PY="$$(bash scripts/python-env.sh | tail -n 1)" && \
+	  CONTEXTPILOTD_BIN="$$PWD/target/debug/contextpilotd" "$$PY" -m pytest tests/python -q
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -24,8 +29,13 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-bench:
-	$(CARGO) bench --bench plan
+## Criterion benches of the planning path, then the gateway's added latency
+## against llama-server direct and the daemon's memory (real llama-server).
+bench: provision
+	$(CARGO) build --release --locked
+	eval "$$(bash scripts/provision.sh paths)" && \
+	  CONTEXTPILOTD_TEST_LLAMA_SERVER="$$LLAMA_SERVER" CONTEXTPILOTD_TEST_MODEL="$$MODEL" \
+	  $(CARGO) bench --locked --bench plan --bench gateway
 
 build:
 	$(CARGO) build --release --locked

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from e2e import ENV_VARS, Daemon
+from e2e import ENV_VARS, Daemon, required_path
 
 
 def _finish(daemon: Daemon) -> None:
@@ -24,8 +24,25 @@ def _finish(daemon: Daemon) -> None:
         )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_proxy_for_loopback():
+    """httpx and the SDK honour HTTP(S)_PROXY; the daemon is on loopback."""
+    for name in ("NO_PROXY", "no_proxy"):
+        entries = [e for e in os.environ.get(name, "").split(",") if e]
+        os.environ[name] = ",".join(entries + [h for h in ("127.0.0.1", "localhost") if h not in entries])
+    yield
+
+
+@pytest.fixture(scope="session")
+def real_parts() -> dict[str, str]:
+    """The daemon binary, llama-server and the model from the environment.
+    A missing one makes every test that needs a daemon an error (at setup),
+    never a skip."""
+    return {name: str(required_path(name)) for name in ENV_VARS}
+
+
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory) -> Daemon:
+def daemon(real_parts, tmp_path_factory) -> Daemon:
     """The default daemon, shared by the tests of one module."""
     d = Daemon(tmp_path_factory.mktemp("daemon"))
     try:
@@ -36,7 +53,7 @@ def daemon(tmp_path_factory) -> Daemon:
 
 
 @pytest.fixture
-def make_daemon(tmp_path_factory):
+def make_daemon(real_parts, tmp_path_factory):
     """Factory for a test's own daemon: `make_daemon(server={"api_key": "k"})`.
     Each is started, and stopped (exit code 0 unless the test killed it) at
     the end of the test."""
