@@ -42,6 +42,15 @@ fn gauge(daemon: &Daemon, name: &str) -> Option<i64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// The query log once it holds at least `n` lines (the meter writes on its
+/// own thread, after the response).
+fn query_log_with(daemon: &Daemon, n: usize) -> Vec<Value> {
+    wait_for(Duration::from_secs(10), "the query log", || {
+        let log = query_log(daemon);
+        (log.len() >= n).then_some(log)
+    })
+}
+
 fn query_log(daemon: &Daemon) -> Vec<Value> {
     std::fs::read_to_string(daemon.dir().join("query_log.jsonl"))
         .unwrap_or_default()
@@ -88,7 +97,7 @@ fn a_full_queue_answers_429_with_retry_after() {
     // The two others are served in order, not dropped.
     assert_eq!(running.join().unwrap().unwrap().0, 200);
     assert_eq!(queued.join().unwrap().unwrap().0, 200);
-    let statuses: Vec<u64> = query_log(&daemon)
+    let statuses: Vec<u64> = query_log_with(&daemon, 3)
         .iter()
         .map(|r| r["status_code"].as_u64().unwrap())
         .collect();
@@ -136,7 +145,7 @@ fn a_child_that_never_gets_ready_means_503_with_retry_after() {
             .contains("not ready"),
         "{body}"
     );
-    let log = query_log(&daemon);
+    let log = query_log_with(&daemon, 1);
     assert_eq!(log.len(), 1);
     assert_eq!(log[0]["status_code"], 503);
 }
@@ -177,14 +186,7 @@ fn a_client_that_walks_away_frees_its_slot_and_is_recorded() {
                 .then_some(())
         },
     );
-    let records = wait_for(
-        Duration::from_secs(10),
-        "the record of the abandoned request",
-        || {
-            let log = query_log(&daemon);
-            (!log.is_empty()).then_some(log)
-        },
-    );
+    let records = query_log_with(&daemon, 1);
     assert_eq!(records[0]["status_code"], 499, "{records:?}");
     assert_eq!(gauge(&daemon, "contextpilotd_slots_busy"), Some(0));
 }
