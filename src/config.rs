@@ -442,6 +442,32 @@ impl Config {
                 return err(key, "must be greater than 0".to_string());
             }
         }
+        // Flags the daemon itself owns: overriding them would break what it
+        // knows about the child (its port, its slots, its model).
+        const OWNED: [(&str, &str); 10] = [
+            ("-m", "llama.model"),
+            ("--model", "llama.model"),
+            ("--host", "(always 127.0.0.1)"),
+            ("--port", "llama.port"),
+            ("-c", "llama.ctx_per_slot"),
+            ("--ctx-size", "llama.ctx_per_slot"),
+            ("-np", "llama.slots"),
+            ("--parallel", "llama.slots"),
+            ("--api-key", "(the daemon talks to the child on loopback)"),
+            (
+                "--api-key-file",
+                "(the daemon talks to the child on loopback)",
+            ),
+        ];
+        for arg in &self.llama.extra_args {
+            let flag = arg.split_once('=').map_or(arg.as_str(), |(f, _)| f);
+            if let Some((_, instead)) = OWNED.iter().find(|(owned, _)| *owned == flag) {
+                return err(
+                    "llama.extra_args",
+                    format!("{flag} is set by contextpilotd; use {instead} instead"),
+                );
+            }
+        }
         let s = &self.supervisor;
         for (key, value) in [
             ("supervisor.health_interval_ms", s.health_interval_ms),
@@ -682,6 +708,11 @@ mod tests {
             ),
             ("[log]\nlevel = \"loud\"\n", "log.level"),
             ("[llama]\nctx_per_slot = 100\n", "llama.ctx_per_slot"),
+            (
+                "[llama]\nextra_args = [\"--parallel\", \"8\"]\n",
+                "llama.extra_args",
+            ),
+            ("[llama]\nextra_args = [\"--port=9\"]\n", "llama.extra_args"),
         ] {
             let err = parse(text).unwrap_err();
             assert_eq!(err.key.as_deref(), Some(key), "{err}");

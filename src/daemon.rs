@@ -368,6 +368,7 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or_default();
+    let meter = Meter::start(&config.meter, query_log.clone());
     let gateway = Arc::new(Gateway {
         started: Instant::now(),
         status,
@@ -376,7 +377,7 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
         api_key: config.server.api_key.clone(),
         model_id,
         scheduler: Scheduler::new(slots, config.server.max_queue),
-        meter: Meter::start(&config.meter, query_log.clone()),
+        meter: meter.clone(),
         query_log,
         upstream: Upstream::new(),
         max_body_bytes: config.server.max_body_bytes,
@@ -395,6 +396,8 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
     gateway::serve(listener, gateway, stop, DRAIN_GRACE, header_timeout).await;
     tracing::info!("shutting down: stopping llama-server");
     supervisor.shutdown().await;
+    // Streams the stop cut have recorded themselves by now; write it all.
+    meter.flush().await;
     tracing::info!("contextpilotd stopped");
     drop(lock);
     Ok(())

@@ -23,7 +23,7 @@ pub const MIN_USEFUL_PREFIX: usize = 256;
 pub struct SlotState {
     pub busy: bool,
     /// The prompt key of the last request sent to this slot.
-    pub holds: String,
+    pub holds: Arc<str>,
     pub last_used: Option<Instant>,
 }
 
@@ -35,31 +35,29 @@ pub fn choose_slot(slots: &[SlotState], prompt: &str) -> Option<usize> {
         .iter()
         .enumerate()
         .filter(|(_, s)| !s.busy)
-        .max_by(|(_, a), (_, b)| {
-            let useful = |s: &SlotState| {
-                let n = common_prefix_len(&s.holds, prompt);
-                if n >= MIN_USEFUL_PREFIX {
-                    n
-                } else {
-                    0
-                }
-            };
+        .map(|(i, s)| {
+            let n = common_prefix_len(&s.holds, prompt);
+            let useful = if n >= MIN_USEFUL_PREFIX { n } else { 0 };
             // Longer prefix wins; on a tie the older `last_used` (None is
-            // oldest) wins, hence the reversed comparison.
-            useful(a)
-                .cmp(&useful(b))
-                .then_with(|| b.last_used.cmp(&a.last_used))
+            // oldest) wins, hence Reverse.
+            (useful, std::cmp::Reverse(s.last_used), i)
         })
-        .map(|(i, _)| i)
+        .max()
+        .map(|(_, _, i)| i)
 }
 
 /// Length in bytes of the common prefix of `a` and `b`, on a char boundary.
 pub fn common_prefix_len(a: &str, b: &str) -> usize {
-    a.char_indices()
-        .zip(b.chars())
-        .find(|((_, x), y)| x != y)
-        .map(|((i, _), _)| i)
-        .unwrap_or_else(|| a.len().min(b.len()))
+    let mut n = a
+        .as_bytes()
+        .iter()
+        .zip(b.as_bytes())
+        .position(|(x, y)| x != y)
+        .unwrap_or_else(|| a.len().min(b.len()));
+    while !a.is_char_boundary(n) {
+        n -= 1;
+    }
+    n
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,7 +99,7 @@ impl Scheduler {
     /// with the prompt as its new contents.
     pub async fn acquire(
         self: &Arc<Self>,
-        prompt: &str,
+        prompt: &Arc<str>,
         child_pid: u32,
         timeout: Duration,
     ) -> Result<SlotLease, AdmitError> {
@@ -124,7 +122,7 @@ impl Scheduler {
             // A new child: whatever the old one cached is gone.
             table.child_pid = Some(child_pid);
             for slot in &mut table.slots {
-                slot.holds.clear();
+                slot.holds = Arc::from("");
             }
         }
         let slot = choose_slot(&table.slots, prompt)
@@ -132,7 +130,7 @@ impl Scheduler {
         let state = &mut table.slots[slot];
         let reusable = common_prefix_len(&state.holds, prompt);
         state.busy = true;
-        state.holds = prompt.to_string();
+        state.holds = prompt.clone();
         state.last_used = Some(Instant::now());
         drop(table);
         Ok(SlotLease {
@@ -202,7 +200,7 @@ mod tests {
     fn slot(holds: &str, busy: bool, age_s: u64) -> SlotState {
         SlotState {
             busy,
-            holds: holds.to_string(),
+            holds: Arc::from(holds),
             last_used: Instant::now().checked_sub(Duration::from_secs(age_s)),
         }
     }
@@ -259,7 +257,7 @@ mod tests {
     async fn admission_is_bounded_and_frees_on_drop() {
         let scheduler = Scheduler::new(1, 1);
         let first = scheduler
-            .acquire("a", 1, Duration::from_secs(5))
+            .acquire(&Arc::from("a"), 1, Duration::from_secs(5))
             .await
             .unwrap();
         assert_eq!(scheduler.busy(), 1);
@@ -267,7 +265,7 @@ mod tests {
         let waiter = {
             let s = scheduler.clone();
             tokio::spawn(async move {
-                s.acquire("b", 1, Duration::from_secs(30))
+                s.acquire(&Arc::from("b"), 1, Duration::from_secs(30))
                     .await
                     .map(|l| l.id())
             })
@@ -281,7 +279,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             scheduler
-                .acquire("c", 1, Duration::from_secs(5))
+                .acquire(&Arc::from("c"), 1, Duration::from_secs(5))
                 .await
                 .err(),
             Some(AdmitError::QueueFull)
@@ -296,11 +294,11 @@ mod tests {
     async fn waiting_times_out() {
         let scheduler = Scheduler::new(1, 4);
         let _held = scheduler
-            .acquire("a", 1, Duration::from_secs(5))
+            .acquire(&Arc::from("a"), 1, Duration::from_secs(5))
             .await
             .unwrap();
         let err = scheduler
-            .acquire("b", 1, Duration::from_secs(5))
+            .acquire(&Arc::from("b"), 1, Duration::from_secs(5))
             .await
             .err();
         assert_eq!(err, Some(AdmitError::Timeout));
@@ -310,7 +308,7 @@ mod tests {
     #[tokio::test]
     async fn a_new_child_starts_with_empty_slots() {
         let scheduler = Scheduler::new(2, 4);
-        let docs = "d".repeat(1000);
+        let docs: Arc<str> = Arc::from("d".repeat(1000));
         let lease = scheduler
             .acquire(&docs, 7, Duration::from_secs(1))
             .await

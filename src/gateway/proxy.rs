@@ -44,7 +44,10 @@ impl Upstream {
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
         Upstream {
             client: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(60))
+                // llama-server's HTTP library closes idle connections after
+                // 5 s; never reuse one it may be closing.
+                .pool_idle_timeout(Duration::from_secs(4))
+                .pool_timer(hyper_util::rt::TokioTimer::new())
                 .build(connector),
         }
     }
@@ -65,15 +68,21 @@ impl Upstream {
         self.client.request(request).await
     }
 
-    /// Whether the child on `port` still answers at all.
-    async fn alive(&self, port: u16) -> bool {
+    /// Whether the child on `port` is gone: the probe fails outright
+    /// (refused, or reset on a pooled connection). A slow answer is not
+    /// death: a busy child may be slow.
+    async fn is_gone(&self, port: u16) -> bool {
         let probe = self.send(Method::GET, port, "/health", Bytes::new());
         matches!(
             tokio::time::timeout(Duration::from_millis(500), probe).await,
-            Ok(Ok(_))
+            Ok(Err(_))
         )
     }
 }
+
+/// A stream client that takes no data for this long is treated as gone, so
+/// it cannot hold a slot forever.
+const STALLED_CLIENT: Duration = Duration::from_secs(60);
 
 /// A child that is ready for requests.
 #[derive(Debug, Clone, Copy)]
@@ -345,10 +354,11 @@ pub(super) async fn model_request(
     if gateway.meter.log_prompts {
         ctx.prompt = body.get("messages").or_else(|| body.get("prompt")).cloned();
     }
-    let key = prompt_key(&path, &body);
+    drop(raw);
+    let key: Arc<str> = Arc::from(prompt_key(&path, &body));
     body["cache_prompt"] = Value::Bool(true);
 
-    let deadline = arrived + gateway.queue_timeout;
+    let mut deadline = arrived + gateway.queue_timeout;
     let mut avoid_pid = None;
     loop {
         let target = match gateway.wait_ready(avoid_pid, deadline).await {
@@ -406,16 +416,27 @@ pub(super) async fn model_request(
                 // restarted child unless this one turns out to be alive.
                 tracing::warn!(query = %ctx.query_id, "llama-server failed the request ({why}); retrying once");
                 ctx.retried = true;
-                avoid_pid = (!gateway.upstream.alive(target.port).await).then_some(target.pid);
+                // The retry gets a full wait of its own: a long request that
+                // crashes late still deserves the restarted child.
+                deadline = Instant::now() + gateway.queue_timeout;
+                avoid_pid = gateway
+                    .upstream
+                    .is_gone(target.port)
+                    .await
+                    .then_some(target.pid);
             }
             Forwarded::ChildDied(why) => {
-                return ctx.fail(
+                let mut response = ctx.fail(
                     StatusCode::BAD_GATEWAY,
                     &format!(
                         "llama-server failed the request twice ({why}); see contextpilotd status"
                     ),
                     "server_error",
                 );
+                response
+                    .headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from_static("5"));
+                return response;
             }
         }
     }
@@ -544,7 +565,7 @@ fn start_stream(
     let openai = ctx.path.starts_with("/v1/");
     let mut observer = StreamObserver::new(ctx.gateway.meter.log_prompts);
     tokio::spawn(async move {
-        let _lease = lease;
+        let mut lease = Some(lease);
         let mut ttft_ms = None;
         let mut chunk = Some(first);
         let mut cut: Option<String> = None;
@@ -552,33 +573,57 @@ fn start_stream(
         loop {
             let data = match chunk.take() {
                 Some(data) => data,
-                None => match incoming.frame().await {
-                    Some(Ok(frame)) => match frame.into_data() {
-                        Ok(data) => data,
-                        Err(_) => continue, // trailers
-                    },
-                    Some(Err(e)) => {
-                        cut = Some(e.to_string());
-                        break;
+                None => {
+                    let frame = tokio::select! {
+                        frame = incoming.frame() => frame,
+                        // Notice a client that left while the child is quiet
+                        // (long prefill), not only at the next chunk.
+                        _ = tx.closed() => {
+                            client_gone = true;
+                            break;
+                        }
+                    };
+                    match frame {
+                        Some(Ok(frame)) => match frame.into_data() {
+                            Ok(data) => data,
+                            Err(_) => continue, // trailers
+                        },
+                        Some(Err(e)) => {
+                            cut = Some(e.to_string());
+                            break;
+                        }
+                        None => break,
                     }
-                    None => break,
-                },
+                }
             };
+            // Forward first (a `Bytes` clone is a reference count), then
+            // read the copy.
+            let sent = tokio::time::timeout(STALLED_CLIENT, tx.send(data.clone())).await;
             if observer.feed(&data) {
                 ttft_ms = Some(round2(ctx.arrived.elapsed().as_secs_f64() * 1000.0));
             }
-            if tx.send(data).await.is_err() {
+            if !matches!(sent, Ok(Ok(()))) {
+                // Gone, or not reading for so long that holding the slot
+                // any longer would starve everyone else.
                 client_gone = true;
                 break;
             }
         }
-        // A /v1 stream that ends without [DONE] was cut too.
-        if cut.is_none() && !client_gone && openai && !observer.saw_done {
-            cut = Some("the stream ended without [DONE]".into());
-        }
+        // Stop the upstream request and free the slot before anything else.
+        drop(incoming);
+        drop(lease.take());
         let error = if client_gone {
-            Some("the client went away during the stream".to_string())
-        } else if let Some(why) = &cut {
+            Some("the client went away (or stopped reading) during the stream".to_string())
+        } else if let Some(child_error) = observer.error.clone() {
+            // llama-server reported an error in the stream and ended it
+            // without [DONE]: its words, then the end marker clients expect.
+            if openai && !observer.saw_done {
+                let _ = tx.try_send(Bytes::from_static(b"data: [DONE]\n\n"));
+            }
+            Some(child_error)
+        } else if let Some(why) = cut.or_else(|| {
+            (openai && !observer.saw_done).then(|| "the stream ended without [DONE]".to_string())
+        }) {
             let message = format!(
                 "llama-server stopped during the response ({why}); the answer is incomplete"
             );
@@ -587,10 +632,10 @@ fn start_stream(
             if openai {
                 tail.push_str("data: [DONE]\n\n");
             }
-            let _ = tx.send(Bytes::from(tail)).await;
+            let _ = tx.try_send(Bytes::from(tail));
             Some(message)
         } else {
-            observer.error.clone()
+            None
         };
         ctx.finish(Outcome {
             status: if client_gone { 499 } else { 200 },

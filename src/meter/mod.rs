@@ -112,19 +112,30 @@ enum Message {
     Record(Box<QueryRecord>),
     Stats(oneshot::Sender<StatsSnapshot>),
     Metrics(Gauges, oneshot::Sender<String>),
+    /// Answered once everything sent before it is written.
+    Flush(oneshot::Sender<()>),
 }
+
+/// Records the meter may fall behind by before new ones are dropped (and
+/// counted): a stalled disk must not grow the daemon without bound.
+const BACKLOG: usize = 10_000;
+/// `/stats`, `/metrics` and `/status` give up on the meter after this long.
+const QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The gateway's handle on the meter thread.
 #[derive(Clone)]
 pub struct Meter {
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::SyncSender<Message>,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub log_prompts: bool,
 }
 
 impl Meter {
     /// Starts the meter thread. `query_log: None` keeps no log file.
     pub fn start(cfg: &MeterConfig, query_log: Option<PathBuf>) -> Meter {
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(BACKLOG);
+        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let dropped_in_thread = dropped.clone();
         let mut writer =
             query_log.map(|path| writer::LogWriter::new(path, cfg.max_log_bytes, cfg.keep_files));
         let spawned = std::thread::Builder::new()
@@ -142,13 +153,16 @@ impl Meter {
                             registry.observe(&record);
                         }
                         Message::Stats(reply) => {
-                            let _ =
-                                reply.send(stats.snapshot(
-                                    writer.as_ref().map(|w| w.failed_writes()).unwrap_or(0),
-                                ));
+                            let failed = writer.as_ref().map(|w| w.failed_writes()).unwrap_or(0);
+                            let dropped =
+                                dropped_in_thread.load(std::sync::atomic::Ordering::Relaxed);
+                            let _ = reply.send(stats.snapshot(failed, dropped));
                         }
                         Message::Metrics(gauges, reply) => {
                             let _ = reply.send(registry.encode(gauges));
+                        }
+                        Message::Flush(reply) => {
+                            let _ = reply.send(());
                         }
                     }
                 }
@@ -158,25 +172,47 @@ impl Meter {
         }
         Meter {
             tx,
+            dropped,
             log_prompts: cfg.log_prompts,
         }
     }
 
-    /// Hands a record to the meter; never blocks.
+    /// Hands a record to the meter; never blocks. When the meter is too far
+    /// behind, the record is dropped and counted.
     pub fn record(&self, record: QueryRecord) {
-        let _ = self.tx.send(Message::Record(Box::new(record)));
+        if let Err(mpsc::TrySendError::Full(_)) =
+            self.tx.try_send(Message::Record(Box::new(record)))
+        {
+            let n = self
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            if n.is_power_of_two() {
+                tracing::warn!("the meter is {BACKLOG} records behind; {n} records dropped so far");
+            }
+        }
+    }
+
+    async fn ask<T>(&self, message: impl FnOnce(oneshot::Sender<T>) -> Message) -> Option<T> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.try_send(message(reply)).ok()?;
+        tokio::time::timeout(QUERY_TIMEOUT, answer).await.ok()?.ok()
     }
 
     pub async fn stats(&self) -> Option<StatsSnapshot> {
-        let (reply, answer) = oneshot::channel();
-        self.tx.send(Message::Stats(reply)).ok()?;
-        answer.await.ok()
+        self.ask(Message::Stats).await
     }
 
     pub async fn metrics(&self, gauges: Gauges) -> Option<String> {
+        self.ask(|reply| Message::Metrics(gauges, reply)).await
+    }
+
+    /// Waits until every record sent so far is written (at shutdown).
+    pub async fn flush(&self) {
         let (reply, answer) = oneshot::channel();
-        self.tx.send(Message::Metrics(gauges, reply)).ok()?;
-        answer.await.ok()
+        if self.tx.try_send(Message::Flush(reply)).is_ok() {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), answer).await;
+        }
     }
 }
 

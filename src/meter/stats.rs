@@ -74,6 +74,8 @@ pub struct StatsSnapshot {
     /// Percentiles cover at most this many recent requests.
     pub window: usize,
     pub log_write_failures: u64,
+    /// Records dropped because the meter fell too far behind.
+    pub records_dropped: u64,
 }
 
 pub struct Stats {
@@ -129,7 +131,7 @@ impl Stats {
         }
     }
 
-    pub fn snapshot(&self, log_write_failures: u64) -> StatsSnapshot {
+    pub fn snapshot(&self, log_write_failures: u64, records_dropped: u64) -> StatsSnapshot {
         let pct = |part: u64, whole: u64| {
             if whole == 0 {
                 0.0
@@ -172,6 +174,7 @@ impl Stats {
             since: self.since.clone(),
             window: WINDOW,
             log_write_failures,
+            records_dropped,
         }
     }
 }

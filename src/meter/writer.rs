@@ -68,11 +68,18 @@ impl LogWriter {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .create(true)
             .append(true)
+            .read(true)
             .open(&self.path)?;
         self.len = file.metadata()?.len();
+        // A crash mid-write (or a power cut) can leave a fragment at the end;
+        // end it so the next record starts a line of its own.
+        if self.len > 0 && !ends_with_newline(&mut file, self.len)? {
+            file.write_all(b"\n")?;
+            self.len += 1;
+        }
         self.file = Some(file);
         Ok(())
     }
@@ -101,6 +108,14 @@ impl LogWriter {
             tracing::warn!("query log: {why} ({} failed writes so far)", self.failed);
         }
     }
+}
+
+fn ends_with_newline(file: &mut File, len: u64) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    file.seek(SeekFrom::Start(len - 1))?;
+    let mut last = [0u8; 1];
+    file.read_exact(&mut last)?;
+    Ok(last[0] == b'\n')
 }
 
 pub fn numbered_path(path: &Path, n: u32) -> PathBuf {
@@ -162,6 +177,22 @@ mod tests {
             }
         }
         assert_eq!(writer.failed_writes(), 0);
+    }
+
+    #[test]
+    fn a_fragment_left_by_a_crash_does_not_swallow_the_next_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("query_log.jsonl");
+        std::fs::write(&path, "{\"query_id\":\"q0\"}\n{\"query_id\":\"q1\",\"pa").unwrap();
+        let mut writer = LogWriter::new(path.clone(), 1 << 20, 2);
+        writer.append(&record(2));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(
+            serde_json::from_str::<serde_json::Value>(lines[2]).is_ok(),
+            "{text}"
+        );
     }
 
     #[test]
