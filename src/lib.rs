@@ -37,6 +37,7 @@ pub mod hardware;
 pub mod http_client;
 pub mod meter;
 pub mod plan;
+pub mod reorder;
 pub mod slots;
 pub mod status;
 pub mod supervisor;

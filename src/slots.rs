@@ -22,9 +22,56 @@ pub const MIN_USEFUL_PREFIX: usize = 256;
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SlotState {
     pub busy: bool,
-    /// The prompt key of the last request sent to this slot.
-    pub holds: Arc<str>,
+    /// What the last request sent to this slot put there.
+    pub holds: SlotContents,
     pub last_used: Option<Instant>,
+}
+
+/// A slot's KV contents as the daemon tracks them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SlotContents {
+    /// The prompt key (see `gateway::proxy::prompt_key`) of the last request.
+    pub key: Arc<str>,
+    /// For a request with documents: the documents in prompt order.
+    pub blocks: Option<Arc<BlockSeq>>,
+}
+
+/// The context blocks (documents) of a prompt, in order, after a header
+/// (everything before the first block).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockSeq {
+    pub header: u64,
+    pub blocks: Vec<Block>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Block {
+    /// Hash of the block's text: its identity.
+    pub hash: u64,
+    /// Estimated tokens.
+    pub tokens: u32,
+}
+
+/// Chooses a free slot for a request and says what the slot will hold.
+/// `slots` includes busy ones, which must be skipped; at least one is free.
+pub trait SlotPolicy {
+    fn choose(&mut self, slots: &[SlotState]) -> (usize, SlotContents);
+}
+
+/// The policy for prompts without documents: longest useful common prefix.
+pub struct PrefixPolicy {
+    pub prompt: Arc<str>,
+}
+
+impl SlotPolicy for PrefixPolicy {
+    fn choose(&mut self, slots: &[SlotState]) -> (usize, SlotContents) {
+        let slot = choose_slot(slots, &self.prompt).unwrap_or(0);
+        let contents = SlotContents {
+            key: self.prompt.clone(),
+            blocks: None,
+        };
+        (slot, contents)
+    }
 }
 
 /// The slot-choice policy: the free slot with the longest useful common
@@ -36,7 +83,7 @@ pub fn choose_slot(slots: &[SlotState], prompt: &str) -> Option<usize> {
         .enumerate()
         .filter(|(_, s)| !s.busy)
         .map(|(i, s)| {
-            let n = common_prefix_len(&s.holds, prompt);
+            let n = common_prefix_len(&s.holds.key, prompt);
             let useful = if n >= MIN_USEFUL_PREFIX { n } else { 0 };
             // Longer prefix wins; on a tie the older `last_used` (None is
             // oldest) wins, hence Reverse.
@@ -99,7 +146,7 @@ impl Scheduler {
     /// with the prompt as its new contents.
     pub async fn acquire(
         self: &Arc<Self>,
-        prompt: &Arc<str>,
+        policy: &mut impl SlotPolicy,
         child_pid: u32,
         timeout: Duration,
     ) -> Result<SlotLease, AdmitError> {
@@ -122,23 +169,51 @@ impl Scheduler {
             // A new child: whatever the old one cached is gone.
             table.child_pid = Some(child_pid);
             for slot in &mut table.slots {
-                slot.holds = Arc::from("");
+                slot.holds = SlotContents::default();
             }
         }
-        let slot = choose_slot(&table.slots, prompt)
-            .expect("a permit guarantees a free slot: permits == slots");
+        // A permit guarantees a free slot (permits == slots); a policy that
+        // names a busy one anyway gets the first free one.
+        let (mut slot, contents) = policy.choose(&table.slots);
+        if table.slots.get(slot).is_none_or(|s| s.busy) {
+            slot = table.slots.iter().position(|s| !s.busy).unwrap_or(0);
+        }
         let state = &mut table.slots[slot];
-        let reusable = common_prefix_len(&state.holds, prompt);
         state.busy = true;
-        state.holds = prompt.clone();
+        state.holds = contents;
         state.last_used = Some(Instant::now());
         drop(table);
         Ok(SlotLease {
             scheduler: self.clone(),
             slot,
-            expected_prefix_bytes: reusable,
             _permit: permit,
         })
+    }
+
+    /// The daemon's picture of `slot` turned out wrong (llama.cpp reused far
+    /// less than predicted): forget it, unless another request has already
+    /// replaced it.
+    pub fn forget(&self, slot: usize, blocks: &Arc<BlockSeq>) {
+        let mut table = self.lock();
+        if let Some(state) = table.slots.get_mut(slot) {
+            if state
+                .holds
+                .blocks
+                .as_ref()
+                .is_some_and(|b| Arc::ptr_eq(b, blocks))
+            {
+                state.holds = SlotContents::default();
+            }
+        }
+    }
+
+    /// What the daemon believes `slot` holds.
+    pub fn holds(&self, slot: usize) -> SlotContents {
+        self.lock()
+            .slots
+            .get(slot)
+            .map(|s| s.holds.clone())
+            .unwrap_or_default()
     }
 
     /// Requests in flight.
@@ -172,8 +247,6 @@ impl Drop for QueuedGuard<'_> {
 pub struct SlotLease {
     scheduler: Arc<Scheduler>,
     slot: usize,
-    /// Bytes of the prompt the slot already held when it was chosen.
-    pub expected_prefix_bytes: usize,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -197,10 +270,19 @@ impl Drop for SlotLease {
 mod tests {
     use super::*;
 
+    fn policy(prompt: &str) -> PrefixPolicy {
+        PrefixPolicy {
+            prompt: Arc::from(prompt),
+        }
+    }
+
     fn slot(holds: &str, busy: bool, age_s: u64) -> SlotState {
         SlotState {
             busy,
-            holds: Arc::from(holds),
+            holds: SlotContents {
+                key: Arc::from(holds),
+                blocks: None,
+            },
             last_used: Instant::now().checked_sub(Duration::from_secs(age_s)),
         }
     }
@@ -257,7 +339,7 @@ mod tests {
     async fn admission_is_bounded_and_frees_on_drop() {
         let scheduler = Scheduler::new(1, 1);
         let first = scheduler
-            .acquire(&Arc::from("a"), 1, Duration::from_secs(5))
+            .acquire(&mut policy("a"), 1, Duration::from_secs(5))
             .await
             .unwrap();
         assert_eq!(scheduler.busy(), 1);
@@ -265,7 +347,7 @@ mod tests {
         let waiter = {
             let s = scheduler.clone();
             tokio::spawn(async move {
-                s.acquire(&Arc::from("b"), 1, Duration::from_secs(30))
+                s.acquire(&mut policy("b"), 1, Duration::from_secs(30))
                     .await
                     .map(|l| l.id())
             })
@@ -279,7 +361,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             scheduler
-                .acquire(&Arc::from("c"), 1, Duration::from_secs(5))
+                .acquire(&mut policy("c"), 1, Duration::from_secs(5))
                 .await
                 .err(),
             Some(AdmitError::QueueFull)
@@ -294,11 +376,11 @@ mod tests {
     async fn waiting_times_out() {
         let scheduler = Scheduler::new(1, 4);
         let _held = scheduler
-            .acquire(&Arc::from("a"), 1, Duration::from_secs(5))
+            .acquire(&mut policy("a"), 1, Duration::from_secs(5))
             .await
             .unwrap();
         let err = scheduler
-            .acquire(&Arc::from("b"), 1, Duration::from_secs(5))
+            .acquire(&mut policy("b"), 1, Duration::from_secs(5))
             .await
             .err();
         assert_eq!(err, Some(AdmitError::Timeout));
@@ -308,24 +390,29 @@ mod tests {
     #[tokio::test]
     async fn a_new_child_starts_with_empty_slots() {
         let scheduler = Scheduler::new(2, 4);
-        let docs: Arc<str> = Arc::from("d".repeat(1000));
+        let docs = "d".repeat(1000);
         let lease = scheduler
-            .acquire(&docs, 7, Duration::from_secs(1))
+            .acquire(&mut policy(&docs), 7, Duration::from_secs(1))
             .await
             .unwrap();
         let first = lease.id();
         drop(lease);
         let again = scheduler
-            .acquire(&docs, 7, Duration::from_secs(1))
+            .acquire(&mut policy(&docs), 7, Duration::from_secs(1))
             .await
             .unwrap();
-        assert_eq!(again.id(), first);
-        assert_eq!(again.expected_prefix_bytes, docs.len());
+        assert_eq!(again.id(), first, "the slot holding the prefix is chosen");
         drop(again);
+        assert_eq!(&*scheduler.holds(first).key, docs.as_str());
         let after_restart = scheduler
-            .acquire(&docs, 8, Duration::from_secs(1))
+            .acquire(&mut policy("x"), 8, Duration::from_secs(1))
             .await
             .unwrap();
-        assert_eq!(after_restart.expected_prefix_bytes, 0);
+        let untouched = 1 - after_restart.id();
+        assert_eq!(
+            &*scheduler.holds(untouched).key,
+            "",
+            "a new child starts empty"
+        );
     }
 }

@@ -57,6 +57,8 @@ pub struct Gateway {
     pub query_log: Option<std::path::PathBuf>,
     /// Query ids are this prefix (unique per daemon start) and a counter.
     pub query_prefix: String,
+    /// Documents seen so far: canonical order and id → text identity.
+    pub registry: crate::reorder::Registry,
     pub next_query: AtomicU64,
 }
 

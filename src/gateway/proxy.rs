@@ -20,7 +20,8 @@ use serde_json::Value;
 use super::sse::StreamObserver;
 use super::{error, error_body, full, json, Body, ChannelBody, Gateway};
 use crate::meter::{round2, CacheReuse, QueryRecord};
-use crate::slots::{AdmitError, SlotLease};
+use crate::reorder::{self, Documents, DocumentsPolicy, ReorderInfo};
+use crate::slots::{AdmitError, BlockSeq, PrefixPolicy, SlotLease};
 use crate::supervisor::{rfc3339_utc, State};
 
 /// The daemon's HTTP client to the child: keep-alive connections, no
@@ -125,6 +126,9 @@ struct Ctx {
     retried: bool,
     slot: Option<usize>,
     prompt: Option<Value>,
+    /// What reordering did, and the blocks the slot now holds (to forget
+    /// them when llama.cpp reused far less than predicted).
+    reorder: Option<(ReorderInfo, Option<Arc<BlockSeq>>)>,
     /// Set once the record is sent; a context dropped without it (the
     /// client went away mid-request) records itself as such.
     recorded: bool,
@@ -173,6 +177,17 @@ impl Ctx {
             let gen_ms = cache_reuse.as_ref()?.gen_ms;
             (outcome.status == 200).then(|| round2((latency_ms - gen_ms).max(0.0)))
         });
+        let reorder = self.reorder.take().map(|(info, blocks)| {
+            // Resync: if llama.cpp reused less than half of what the daemon
+            // expected, its picture of this slot is wrong; forget it.
+            let actual = cache_reuse.as_ref().map(|c| c.reused_tokens);
+            if let (Some(actual), Some(blocks), Some(slot)) = (actual, &blocks, self.slot) {
+                if actual * 2 < u64::from(info.predicted_reused_tokens) {
+                    self.gateway.scheduler.forget(slot, blocks);
+                }
+            }
+            info
+        });
         let gpu = self
             .gateway
             .gpu
@@ -195,6 +210,7 @@ impl Ctx {
             error: outcome.error,
             retried: self.retried,
             gpu,
+            reorder,
             prompt: self.prompt.take(),
             completion: outcome.completion,
         });
@@ -311,6 +327,7 @@ pub(super) async fn model_request(
         retried: false,
         slot: None,
         prompt: None,
+        reorder: None,
         recorded: false,
     };
     let raw = match read_body(request, gateway.max_body_bytes).await {
@@ -355,6 +372,12 @@ pub(super) async fn model_request(
         ctx.prompt = body.get("messages").or_else(|| body.get("prompt")).cloned();
     }
     drop(raw);
+    let documents = match DocumentRequest::take(gateway, &path, &mut body) {
+        Ok(documents) => documents,
+        Err(message) => {
+            return ctx.fail(StatusCode::BAD_REQUEST, &message, "invalid_request_error")
+        }
+    };
     let key: Arc<str> = Arc::from(prompt_key(&path, &body));
     body["cache_prompt"] = Value::Bool(true);
 
@@ -380,7 +403,35 @@ pub(super) async fn model_request(
             }
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let lease = match gateway.scheduler.acquire(&key, target.pid, remaining).await {
+        // Slot choice: by documents when the request has them, else by the
+        // longest common prefix of the prompt.
+        let acquired = match &documents {
+            Some(request) => {
+                let mut policy = request.policy();
+                let lease = gateway
+                    .scheduler
+                    .acquire(&mut policy, target.pid, remaining)
+                    .await;
+                if lease.is_ok() {
+                    request.render_into(&mut body, &policy);
+                    ctx.reorder = policy.info.map(|mut info| {
+                        info.deduped = request.documents.deduped;
+                        (info, policy.blocks.clone())
+                    });
+                }
+                lease
+            }
+            None => {
+                let mut policy = PrefixPolicy {
+                    prompt: key.clone(),
+                };
+                gateway
+                    .scheduler
+                    .acquire(&mut policy, target.pid, remaining)
+                    .await
+            }
+        };
+        let lease = match acquired {
             Ok(lease) => lease,
             Err(AdmitError::QueueFull) => {
                 let mut response = ctx.fail(
@@ -558,6 +609,7 @@ fn start_stream(
         retried: outer.retried,
         slot: outer.slot,
         prompt: outer.prompt.take(),
+        reorder: outer.reorder.take(),
         recorded: false,
     };
     // The stream task records from here on; the caller's context must not.
@@ -725,6 +777,79 @@ pub(super) async fn passthrough(
         out.headers_mut().insert(CONTENT_TYPE, content_type.clone());
     }
     out
+}
+
+/// A chat request that carries `documents`: parsed once, rendered per
+/// attempt (the order depends on the slot).
+struct DocumentRequest {
+    documents: Documents,
+    ranks: Vec<u64>,
+    caller_system: Option<String>,
+    /// The caller's messages without its system message.
+    messages: Vec<Value>,
+    header: u64,
+    header_tokens: u32,
+}
+
+impl DocumentRequest {
+    /// Takes `documents` (and `conversation_id`) out of the body; `None`
+    /// when there are none.
+    fn take(
+        gateway: &Gateway,
+        path: &str,
+        body: &mut Value,
+    ) -> Result<Option<DocumentRequest>, String> {
+        let Some(object) = body.as_object_mut() else {
+            return Ok(None);
+        };
+        object.remove("conversation_id");
+        let Some(value) = object.remove("documents") else {
+            return Ok(None);
+        };
+        if path != "/v1/chat/completions" {
+            return Err("`documents` is supported on /v1/chat/completions only".into());
+        }
+        let documents = reorder::parse_documents(&value)?;
+        let ranks = gateway.registry.observe(&documents.docs)?;
+        let mut messages = object
+            .get("messages")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let caller_system = reorder::take_caller_system(&mut messages)?;
+        let (header, header_tokens) = reorder::header_of(caller_system.as_deref());
+        Ok(Some(DocumentRequest {
+            documents,
+            ranks,
+            caller_system,
+            messages,
+            header,
+            header_tokens,
+        }))
+    }
+
+    fn policy(&self) -> DocumentsPolicy<'_> {
+        DocumentsPolicy::new(
+            self.header,
+            self.header_tokens,
+            &self.documents.docs,
+            &self.ranks,
+        )
+    }
+
+    /// Puts the rendered system message and the caller's other messages
+    /// into the body.
+    fn render_into(&self, body: &mut Value, policy: &DocumentsPolicy<'_>) {
+        let system = reorder::render_system(
+            self.caller_system.as_deref(),
+            &self.documents.docs,
+            &policy.order,
+        );
+        let mut messages = Vec::with_capacity(self.messages.len() + 1);
+        messages.push(serde_json::json!({"role": "system", "content": system}));
+        messages.extend(self.messages.iter().cloned());
+        body["messages"] = Value::Array(messages);
+    }
 }
 
 #[cfg(test)]

@@ -45,6 +45,9 @@ pub struct QueryRecord {
     pub retried: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu: Option<serde_json::Value>,
+    /// Requests with `documents`: what the reordering did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reorder: Option<crate::reorder::ReorderInfo>,
     /// Only with `[meter] log_prompts = true`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt: Option<serde_json::Value>,

@@ -60,6 +60,22 @@ pub struct SlotTotals {
     pub reuse_pct: f64,
 }
 
+/// Requests with `documents`: what reordering did and how well the daemon
+/// predicted llama.cpp's reuse.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ReorderTotals {
+    pub requests: u64,
+    pub documents: u64,
+    pub moved: u64,
+    pub deduped: u64,
+    pub predicted_reused_tokens: u64,
+    /// llama.cpp's `cache_n` over the same requests.
+    pub actual_reused_tokens: u64,
+    /// Requests where llama.cpp reused less than half the prediction (the
+    /// slot's state was resynced).
+    pub mispredicted: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StatsSnapshot {
     pub total_queries: u64,
@@ -69,6 +85,7 @@ pub struct StatsSnapshot {
     pub ttft_ms: Option<Distribution>,
     pub cache_reuse: CacheTotals,
     pub per_slot: BTreeMap<String, SlotTotals>,
+    pub reorder: ReorderTotals,
     /// RFC 3339 time the totals count from (the daemon's start).
     pub since: String,
     /// Percentiles cover at most this many recent requests.
@@ -89,6 +106,7 @@ pub struct Stats {
     reused: u64,
     prompt: u64,
     per_slot: BTreeMap<usize, (u64, u64, u64)>,
+    reorder: ReorderTotals,
 }
 
 impl Stats {
@@ -104,6 +122,7 @@ impl Stats {
             reused: 0,
             prompt: 0,
             per_slot: BTreeMap::new(),
+            reorder: ReorderTotals::default(),
         }
     }
 
@@ -120,6 +139,19 @@ impl Stats {
             self.ratio_sum += reuse.reuse_ratio_pct;
             self.reused += reuse.reused_tokens;
             self.prompt += reuse.total_prompt_tokens;
+        }
+        if let Some(info) = &record.reorder {
+            let r = &mut self.reorder;
+            r.requests += 1;
+            r.documents += info.documents as u64;
+            r.moved += info.moved as u64;
+            r.deduped += info.deduped as u64;
+            if let Some(reuse) = &record.cache_reuse {
+                let predicted = u64::from(info.predicted_reused_tokens);
+                r.predicted_reused_tokens += predicted;
+                r.actual_reused_tokens += reuse.reused_tokens;
+                r.mispredicted += u64::from(reuse.reused_tokens * 2 < predicted);
+            }
         }
         if let Some(slot) = record.slot_id {
             let entry = self.per_slot.entry(slot).or_default();
@@ -171,6 +203,7 @@ impl Stats {
                     )
                 })
                 .collect(),
+            reorder: self.reorder.clone(),
             since: self.since.clone(),
             window: WINDOW,
             log_write_failures,

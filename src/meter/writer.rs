@@ -145,6 +145,7 @@ mod tests {
             error: None,
             retried: false,
             gpu: None,
+            reorder: None,
             prompt: None,
             completion: None,
         }

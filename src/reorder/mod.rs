@@ -1,0 +1,516 @@
+//! Context reordering for requests that carry `documents`.
+//!
+//! The caller sends an OpenAI chat request with a top-level `documents`
+//! list in relevance order. The daemon renders the system message itself:
+//! the caller's system text, then the documents numbered `[1]..[n]` in an
+//! order chosen for the KV cache, then an importance ranking that lists those
+//! positions in the original relevance order, so the model still knows what
+//! matters most and the ranking (after the documents) never breaks a shared
+//! prefix.
+//!
+//! The order is chosen together with the slot ([`DocumentsPolicy`]): for
+//! every free slot, the longest run of documents at the start of what that
+//! slot holds that this request also has is reusable as-is; the slot with
+//! the most reusable tokens wins, its run goes first in the slot's order, and
+//! the other documents follow in one canonical order (first seen first), so
+//! later requests over the same documents converge on the same prefix.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::slots::{Block, BlockSeq, SlotContents, SlotPolicy, SlotState};
+
+/// The fixed instruction line before the documents.
+const INSTRUCTION: &str = "Answer the question based on the provided documents.";
+/// Bound on the canonical-order table; past it the table starts over (the
+/// order is a convergence aid, not state anyone depends on).
+const MAX_KNOWN_DOCUMENTS: usize = 200_000;
+
+/// One document of a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Document {
+    pub id: Option<String>,
+    pub text: String,
+    pub hash: u64,
+    pub tokens: u32,
+}
+
+/// FNV-1a, 64 bit: a stable identity for document text within a daemon run.
+pub fn text_hash(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// A rough token count (about four bytes per token for English text); used
+/// only to weigh reusable runs and to predict reuse, which the meter checks
+/// against llama.cpp's own count.
+pub fn estimate_tokens(text: &str) -> u32 {
+    (text.len() as u32).div_ceil(4).max(1)
+}
+
+/// The documents of a request, in relevance order, with exact duplicates
+/// dropped (counted in `deduped`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Documents {
+    pub docs: Vec<Document>,
+    pub deduped: usize,
+}
+
+/// Parses `documents`: strings or `{"id", "text"}` objects.
+pub fn parse_documents(value: &Value) -> Result<Documents, String> {
+    let Value::Array(items) = value else {
+        return Err("`documents` must be an array of strings or {\"id\", \"text\"} objects".into());
+    };
+    let mut docs = Vec::with_capacity(items.len());
+    let mut seen = HashSet::new();
+    let mut ids: HashMap<&str, u64> = HashMap::new();
+    let mut deduped = 0;
+    for (i, item) in items.iter().enumerate() {
+        let (id, text) = match item {
+            Value::String(text) => (None, text.as_str()),
+            Value::Object(fields) => {
+                let Some(Value::String(text)) = fields.get("text") else {
+                    return Err(format!("documents[{i}] needs a string `text`"));
+                };
+                let id = match fields.get("id") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(id)) => Some(id.as_str()),
+                    Some(_) => return Err(format!("documents[{i}].id must be a string")),
+                };
+                (id, text.as_str())
+            }
+            _ => {
+                return Err(format!(
+                    "documents[{i}] must be a string or an {{\"id\", \"text\"}} object"
+                ))
+            }
+        };
+        let hash = text_hash(text);
+        if let Some(id) = id {
+            if let Some(previous) = ids.insert(id, hash) {
+                if previous != hash {
+                    return Err(format!(
+                        "document id {id:?} is given twice with different text"
+                    ));
+                }
+            }
+        }
+        if !seen.insert(hash) {
+            deduped += 1;
+            continue;
+        }
+        docs.push(Document {
+            id: id.map(str::to_string),
+            text: text.to_string(),
+            hash,
+            tokens: estimate_tokens(text),
+        });
+    }
+    if docs.is_empty() {
+        return Err("`documents` must not be empty".into());
+    }
+    Ok(Documents { docs, deduped })
+}
+
+/// The daemon-wide memory of documents: the canonical order (first seen
+/// first) and which id named which text.
+#[derive(Default)]
+pub struct Registry {
+    inner: Mutex<RegistryInner>,
+}
+
+#[derive(Default)]
+struct RegistryInner {
+    first_seen: HashMap<u64, u64>,
+    ids: HashMap<String, u64>,
+    next: u64,
+}
+
+impl Registry {
+    /// Notes the documents and returns each one's canonical rank. An id seen
+    /// before with different text is an error.
+    pub fn observe(&self, docs: &[Document]) -> Result<Vec<u64>, String> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.first_seen.len() > MAX_KNOWN_DOCUMENTS || inner.ids.len() > MAX_KNOWN_DOCUMENTS {
+            *inner = RegistryInner::default();
+        }
+        for doc in docs {
+            if let Some(id) = &doc.id {
+                match inner.ids.get(id) {
+                    Some(hash) if *hash != doc.hash => {
+                        return Err(format!(
+                            "document id {id:?} was sent before with different text; ids must name one text"
+                        ));
+                    }
+                    Some(_) => {}
+                    None => {
+                        inner.ids.insert(id.clone(), doc.hash);
+                    }
+                }
+            }
+        }
+        Ok(docs
+            .iter()
+            .map(|doc| {
+                let next = inner.next;
+                let rank = *inner.first_seen.entry(doc.hash).or_insert(next);
+                if rank == next {
+                    inner.next += 1;
+                }
+                rank
+            })
+            .collect())
+    }
+}
+
+/// What the reordering did to one request; part of its query-log record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReorderInfo {
+    pub documents: usize,
+    /// Documents not at their relevance position.
+    pub moved: usize,
+    /// Exact duplicates dropped from the request.
+    pub deduped: usize,
+    /// Tokens the daemon expects llama.cpp to reuse (an estimate).
+    pub predicted_reused_tokens: u32,
+    /// "cached-prefix": the slot held some of these documents at the start;
+    /// "header": only the text before the documents matched; "lru": neither.
+    pub slot_choice: &'static str,
+}
+
+/// Chooses the slot and the document order together (see the module doc).
+pub struct DocumentsPolicy<'a> {
+    pub header: u64,
+    pub header_tokens: u32,
+    pub docs: &'a [Document],
+    /// Canonical rank of each document (same indexing as `docs`).
+    pub ranks: &'a [u64],
+    /// Filled by `choose`: indices into `docs` in prompt order.
+    pub order: Vec<usize>,
+    pub info: Option<ReorderInfo>,
+    pub blocks: Option<Arc<BlockSeq>>,
+}
+
+impl<'a> DocumentsPolicy<'a> {
+    pub fn new(header: u64, header_tokens: u32, docs: &'a [Document], ranks: &'a [u64]) -> Self {
+        DocumentsPolicy {
+            header,
+            header_tokens,
+            docs,
+            ranks,
+            order: Vec::new(),
+            info: None,
+            blocks: None,
+        }
+    }
+
+    /// The reusable run of `slot` for this request: (tokens, documents).
+    fn reusable(&self, slot: &SlotState, index: &HashMap<u64, usize>) -> (u32, Vec<usize>) {
+        let Some(seq) = slot
+            .holds
+            .blocks
+            .as_ref()
+            .filter(|b| b.header == self.header)
+        else {
+            return (0, Vec::new());
+        };
+        let run: Vec<usize> = seq
+            .blocks
+            .iter()
+            .map_while(|b| index.get(&b.hash).copied())
+            .collect();
+        let tokens = self.header_tokens + run.iter().map(|&i| self.docs[i].tokens).sum::<u32>();
+        (tokens, run)
+    }
+}
+
+impl SlotPolicy for DocumentsPolicy<'_> {
+    fn choose(&mut self, slots: &[SlotState]) -> (usize, SlotContents) {
+        let index: HashMap<u64, usize> = self
+            .docs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.hash, i))
+            .collect();
+        let (slot, (tokens, run)) = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.busy)
+            .map(|(i, s)| (i, self.reusable(s, &index)))
+            .max_by(|(ia, (ta, _)), (ib, (tb, _))| {
+                ta.cmp(tb)
+                    .then_with(|| slots[*ib].last_used.cmp(&slots[*ia].last_used))
+            })
+            .unwrap_or((0, (0, Vec::new())));
+        let mut order = run.clone();
+        let mut rest: Vec<usize> = (0..self.docs.len()).filter(|i| !run.contains(i)).collect();
+        rest.sort_by_key(|&i| self.ranks[i]);
+        order.extend(rest);
+        let moved = order
+            .iter()
+            .enumerate()
+            .filter(|(pos, &i)| *pos != i)
+            .count();
+        let blocks = Arc::new(BlockSeq {
+            header: self.header,
+            blocks: order
+                .iter()
+                .map(|&i| Block {
+                    hash: self.docs[i].hash,
+                    tokens: self.docs[i].tokens,
+                })
+                .collect(),
+        });
+        self.info = Some(ReorderInfo {
+            documents: self.docs.len(),
+            moved,
+            deduped: 0,
+            predicted_reused_tokens: tokens,
+            slot_choice: match (run.is_empty(), tokens > 0) {
+                (false, _) => "cached-prefix",
+                (true, true) => "header",
+                (true, false) => "lru",
+            },
+        });
+        self.order = order;
+        self.blocks = Some(blocks.clone());
+        (
+            slot,
+            SlotContents {
+                key: Arc::from(""),
+                blocks: Some(blocks),
+            },
+        )
+    }
+}
+
+/// The system message for `docs` in `order`, after the caller's own system
+/// text.
+pub fn render_system(caller_system: Option<&str>, docs: &[Document], order: &[usize]) -> String {
+    let mut out = String::new();
+    if let Some(system) = caller_system.filter(|s| !s.is_empty()) {
+        out.push_str(system);
+        out.push_str("\n\n");
+    }
+    out.push_str(INSTRUCTION);
+    out.push_str("\n\n<documents>\n");
+    for (pos, &i) in order.iter().enumerate() {
+        out.push_str(&format!("[{}] {}\n", pos + 1, docs[i].text));
+    }
+    out.push_str("</documents>\n\nRead the documents in this importance ranking: ");
+    let mut position = vec![0; docs.len()];
+    for (pos, &i) in order.iter().enumerate() {
+        position[i] = pos + 1;
+    }
+    let ranking: Vec<String> = position.iter().map(|p| p.to_string()).collect();
+    out.push_str(&ranking.join(" > "));
+    out.push_str("\nPrioritize information from higher-ranked documents.");
+    out
+}
+
+/// What precedes the documents in the prompt: its identity and size.
+pub fn header_of(caller_system: Option<&str>) -> (u64, u32) {
+    let text = format!("{}\n{INSTRUCTION}", caller_system.unwrap_or(""));
+    // A few tokens for the chat template's own start.
+    (text_hash(&text), estimate_tokens(&text) + 8)
+}
+
+/// Takes the caller's system text out of `messages` (the first system
+/// message, which must be a string), for the rendered one to replace.
+pub fn take_caller_system(messages: &mut Vec<Value>) -> Result<Option<String>, String> {
+    let Some(pos) = messages
+        .iter()
+        .position(|m| m.get("role").and_then(Value::as_str) == Some("system"))
+    else {
+        return Ok(None);
+    };
+    match messages[pos].get("content") {
+        Some(Value::String(text)) => {
+            let text = text.clone();
+            messages.remove(pos);
+            Ok(Some(text))
+        }
+        None | Some(Value::Null) => {
+            messages.remove(pos);
+            Ok(None)
+        }
+        Some(_) => Err("with `documents`, the system message's content must be a string".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::slots::SlotContents;
+
+    fn docs(texts: &[&str]) -> Vec<Document> {
+        parse_documents(&serde_json::json!(texts)).unwrap().docs
+    }
+
+    #[test]
+    fn parsing_strings_objects_duplicates_and_errors() {
+        let parsed = parse_documents(
+            &serde_json::json!(["a", {"id": "x", "text": "b"}, "a", {"text": "c"}]),
+        )
+        .unwrap();
+        assert_eq!(parsed.docs.len(), 3);
+        assert_eq!(parsed.deduped, 1);
+        assert_eq!(parsed.docs[1].id.as_deref(), Some("x"));
+        for bad in [
+            serde_json::json!("a"),
+            serde_json::json!([]),
+            serde_json::json!([1]),
+            serde_json::json!([{"id": "x"}]),
+            serde_json::json!([{"id": "x", "text": "a"}, {"id": "x", "text": "b"}]),
+        ] {
+            assert!(parse_documents(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn registry_ranks_by_first_sight_and_pins_ids() {
+        let registry = Registry::default();
+        let first = parse_documents(&serde_json::json!([{"id": "a", "text": "A"}, "B"])).unwrap();
+        assert_eq!(registry.observe(&first.docs).unwrap(), vec![0, 1]);
+        let second = docs(&["C", "B"]);
+        assert_eq!(registry.observe(&second).unwrap(), vec![2, 1]);
+        let clash = parse_documents(&serde_json::json!([{"id": "a", "text": "not A"}])).unwrap();
+        assert!(registry.observe(&clash.docs).is_err());
+    }
+
+    /// The example of the reference system's first-call/second-call pair:
+    /// A, B, C then D, B, A reordered to A, B, D with ranking 3 > 2 > 1.
+    #[test]
+    fn render_matches_the_reference_layout() {
+        let d = docs(&["Doc D text", "Doc B text", "Doc A text"]);
+        let text = render_system(None, &d, &[2, 1, 0]);
+        assert_eq!(
+            text,
+            "Answer the question based on the provided documents.\n\n<documents>\n[1] Doc A text\n[2] Doc B text\n\
+             [3] Doc D text\n</documents>\n\nRead the documents in this importance ranking: 3 > 2 > 1\n\
+             Prioritize information from higher-ranked documents."
+        );
+        let with_system = render_system(Some("You are terse."), &d, &[0, 1, 2]);
+        assert!(with_system.starts_with("You are terse.\n\nAnswer the question"));
+        assert!(with_system
+            .ends_with("ranking: 1 > 2 > 3\nPrioritize information from higher-ranked documents."));
+    }
+
+    fn slot_holding(header: u64, held: &[Document], age: u64) -> SlotState {
+        SlotState {
+            busy: false,
+            holds: SlotContents {
+                key: Arc::from(""),
+                blocks: Some(Arc::new(BlockSeq {
+                    header,
+                    blocks: held
+                        .iter()
+                        .map(|d| Block {
+                            hash: d.hash,
+                            tokens: d.tokens,
+                        })
+                        .collect(),
+                })),
+            },
+            last_used: std::time::Instant::now().checked_sub(std::time::Duration::from_secs(age)),
+        }
+    }
+
+    #[test]
+    fn the_slot_holding_the_longest_run_wins_and_its_run_goes_first() {
+        let all = docs(&[
+            "alpha text",
+            "beta text",
+            "gamma text",
+            "delta text",
+            "epsilon text",
+        ]);
+        let (header, header_tokens) = header_of(None);
+        // Slot 0 holds alpha, beta, gamma; slot 1 holds delta only.
+        let slots = vec![
+            slot_holding(header, &all[0..3], 5),
+            slot_holding(header, &all[3..4], 50),
+            SlotState::default(),
+        ];
+        // The request: epsilon, beta, alpha, delta (relevance order).
+        let request = vec![
+            all[4].clone(),
+            all[1].clone(),
+            all[0].clone(),
+            all[3].clone(),
+        ];
+        let ranks = vec![4, 1, 0, 3];
+        let mut policy = DocumentsPolicy::new(header, header_tokens, &request, &ranks);
+        let (slot, contents) = policy.choose(&slots);
+        assert_eq!(slot, 0);
+        // alpha, beta (slot 0's run), then delta, epsilon by canonical rank.
+        assert_eq!(policy.order, vec![2, 1, 3, 0]);
+        let info = policy.info.unwrap();
+        assert_eq!(info.slot_choice, "cached-prefix");
+        assert_eq!(
+            info.predicted_reused_tokens,
+            header_tokens + all[0].tokens + all[1].tokens
+        );
+        assert_eq!(info.moved, 3, "beta stays second");
+        assert_eq!(contents.blocks.unwrap().blocks.len(), 4);
+    }
+
+    #[test]
+    fn a_different_header_reuses_nothing_and_lru_decides() {
+        let all = docs(&["alpha text", "beta text"]);
+        let (header, header_tokens) = header_of(Some("other system"));
+        let slots = vec![
+            slot_holding(header ^ 1, &all, 1),
+            slot_holding(header ^ 1, &all, 100),
+        ];
+        let ranks = vec![0, 1];
+        let mut policy = DocumentsPolicy::new(header, header_tokens, &all, &ranks);
+        let (slot, _) = policy.choose(&slots);
+        assert_eq!(slot, 1, "least recently used");
+        assert_eq!(
+            policy.order,
+            vec![0, 1],
+            "canonical order = relevance order here"
+        );
+        let info = policy.info.unwrap();
+        assert_eq!(
+            (info.slot_choice, info.predicted_reused_tokens, info.moved),
+            ("lru", 0, 0)
+        );
+    }
+
+    #[test]
+    fn a_matching_header_alone_counts() {
+        let all = docs(&["alpha text", "beta text"]);
+        let (header, header_tokens) = header_of(None);
+        let slots = vec![
+            SlotState::default(),
+            slot_holding(header, &docs(&["zeta"]), 1),
+        ];
+        let ranks = vec![0, 1];
+        let mut policy = DocumentsPolicy::new(header, header_tokens, &all, &ranks);
+        let (slot, _) = policy.choose(&slots);
+        assert_eq!(slot, 1);
+        assert_eq!(policy.info.unwrap().slot_choice, "header");
+    }
+
+    #[test]
+    fn caller_system_text_is_taken_out() {
+        let mut messages = vec![
+            serde_json::json!({"role": "system", "content": "Be brief."}),
+            serde_json::json!({"role": "user", "content": "q"}),
+        ];
+        assert_eq!(
+            take_caller_system(&mut messages).unwrap().as_deref(),
+            Some("Be brief.")
+        );
+        assert_eq!(messages.len(), 1);
+        let mut parts =
+            vec![serde_json::json!({"role": "system", "content": [{"type": "text", "text": "x"}]})];
+        assert!(take_caller_system(&mut parts).is_err());
+    }
+}
