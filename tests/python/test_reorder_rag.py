@@ -1,0 +1,146 @@
+"""A generated RAG workload, run twice on identical llama-servers: once
+straight to llama-server with the documents in retrieval order (what a client
+does without contextpilotd), once through contextpilotd with `documents`.
+The share of prompt tokens llama.cpp served from its KV cache must be at least
+3x higher through contextpilotd. Both shares come from llama-server's own
+counters (`timings.cache_n`, `timings.prompt_n`), never from time.
+"""
+
+from __future__ import annotations
+
+import random
+
+import httpx
+
+from e2e import Daemon
+
+SEED = 20261122
+QUERIES = 30
+
+TOPICS = {
+    "volcanoes": ["basalt", "magma chamber", "ash plume", "caldera", "lava tube", "fumarole"],
+    "rivers": ["delta", "floodplain", "oxbow lake", "tributary", "estuary", "rapids"],
+    "bridges": ["suspension cable", "pier", "truss", "arch", "deck", "abutment"],
+}
+# Some topics are asked about far more often than others.
+TOPIC_WEIGHTS = {"volcanoes": 6, "rivers": 3, "bridges": 1}
+PLACES = ["Lima", "Oslo", "Kyoto", "Quito", "Perth", "Accra", "Tartu", "Cusco"]
+
+
+def corpus(rng: random.Random) -> dict[str, list[str]]:
+    """Twelve short documents per topic, deterministic for the seed."""
+    out = {}
+    for topic, nouns in TOPICS.items():
+        docs = []
+        for i in range(12):
+            noun = nouns[i % len(nouns)]
+            place = PLACES[(i * 3 + len(topic)) % len(PLACES)]
+            year = 1850 + rng.randrange(170)
+            docs.append(f"{topic} note {i}: the {noun} near {place}, surveyed {year}.")
+        out[topic] = docs
+    return out
+
+
+def workload(rng: random.Random) -> list[tuple[str, list[str]]]:
+    """(question, documents in retrieval order): 8-10 documents from the
+    query's topic, popular documents (Zipf) retrieved more often, sometimes
+    one from another topic, in a per-query relevance order."""
+    docs = corpus(rng)
+    topics = list(TOPICS)
+    queries = []
+    for q in range(QUERIES):
+        topic = rng.choices(topics, weights=[TOPIC_WEIGHTS[t] for t in topics])[0]
+        pool = docs[topic]
+        weights = [1.0 / (rank + 1) for rank in range(len(pool))]
+        chosen: list[str] = []
+        want = rng.randint(8, 10)
+        while len(chosen) < want:
+            doc = rng.choices(pool, weights=weights)[0]
+            if doc not in chosen:
+                chosen.append(doc)
+        if rng.random() < 0.3:
+            other = rng.choice([t for t in topics if t != topic])
+            chosen[-1] = rng.choice(docs[other][:4])
+        rng.shuffle(chosen)  # retrieval order: relevance differs per query
+        queries.append((f"Question {q}: what was surveyed about {topic}?", chosen))
+    return queries
+
+
+def plain_system(docs: list[str]) -> str:
+    """The same prompt layout contextpilotd renders, in retrieval order."""
+    lines = "".join(f"[{i + 1}] {d}\n" for i, d in enumerate(docs))
+    ranking = " > ".join(str(i + 1) for i in range(len(docs)))
+    return (
+        "Answer the question based on the provided documents.\n\n<documents>\n"
+        f"{lines}</documents>\n\nRead the documents in this importance ranking: {ranking}\n"
+        "Prioritize information from higher-ranked documents."
+    )
+
+
+def cache_share(timings: list[dict]) -> float:
+    cached = sum(t["cache_n"] for t in timings)
+    total = sum(t["cache_n"] + t["prompt_n"] for t in timings)
+    return cached / total
+
+
+def test_reordering_serves_at_least_three_times_more_prompt_from_cache(make_daemon):
+    queries = workload(random.Random(SEED))
+    assert all(8 <= len(docs) <= 10 for _, docs in queries)
+
+    # A: llama-server alone (the child of a first daemon, called directly,
+    # without id_slot: llama-server routes by prompt similarity itself).
+    plain: Daemon = make_daemon()
+    child = f"http://127.0.0.1:{plain.status()['child']['port']}"
+    direct = []
+    with httpx.Client(timeout=120) as http:
+        for question, docs in queries:
+            r = http.post(
+                f"{child}/v1/chat/completions",
+                json={
+                    "messages": [
+                        {"role": "system", "content": plain_system(docs)},
+                        {"role": "user", "content": question},
+                    ],
+                    "max_tokens": 1,
+                    "temperature": 0,
+                },
+            )
+            assert r.status_code == 200, r.text
+            direct.append(r.json()["timings"])
+    plain.stop()
+
+    # B: the same workload through a second, identical daemon.
+    d: Daemon = make_daemon()
+    through = []
+    with httpx.Client(timeout=120) as http:
+        for question, docs in queries:
+            r = http.post(
+                f"{d.base_url}/chat/completions",
+                json={
+                    "messages": [{"role": "user", "content": question}],
+                    "documents": docs,
+                    "max_tokens": 1,
+                    "temperature": 0,
+                },
+            )
+            assert r.status_code == 200, r.text
+            body = r.json()
+            through.append(body["timings"])
+            assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == body["timings"]["cache_n"]
+
+    share_direct, share_through = cache_share(direct), cache_share(through)
+    print(f"\nprompt tokens from cache: llama-server alone {share_direct:.1%}, "
+          f"through contextpilotd {share_through:.1%} ({share_through / share_direct:.1f}x)")
+    assert share_through >= 3 * share_direct, (share_direct, share_through)
+
+    # Every request was reordered and recorded with its prediction.
+    lines = d.wait_query_log(QUERIES)
+    assert len(lines) == QUERIES
+    for line in lines:
+        r = line["reorder"]
+        assert 8 <= r["documents"] <= 10
+        assert r["slot_choice"] in ("cached-prefix", "header", "lru")
+        assert isinstance(r["predicted_reused_tokens"], int)
+    stats = httpx.get(f"{d.root}/stats").json()["reorder"]
+    assert stats["requests"] == QUERIES
+    assert stats["actual_reused_tokens"] == sum(t["cache_n"] for t in through)
