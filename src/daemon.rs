@@ -385,6 +385,7 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
         gpu,
         query_prefix: format!("{started_ms:x}"),
         registry: Default::default(),
+        conversations: Default::default(),
         next_query: AtomicU64::new(0),
     });
     let header_timeout = Duration::from_secs(config.server.header_timeout_s);

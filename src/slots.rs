@@ -190,6 +190,23 @@ impl Scheduler {
         })
     }
 
+    /// Adds the rendered prompt's key to what `slot` holds (a documents
+    /// policy chooses before the prompt is rendered), unless another request
+    /// has already replaced the contents.
+    pub fn set_key(&self, slot: usize, blocks: &Arc<BlockSeq>, key: Arc<str>) {
+        let mut table = self.lock();
+        if let Some(state) = table.slots.get_mut(slot) {
+            if state
+                .holds
+                .blocks
+                .as_ref()
+                .is_some_and(|b| Arc::ptr_eq(b, blocks))
+            {
+                state.holds.key = key;
+            }
+        }
+    }
+
     /// The daemon's picture of `slot` turned out wrong (llama.cpp reused far
     /// less than predicted): forget it, unless another request has already
     /// replaced it.

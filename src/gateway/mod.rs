@@ -59,6 +59,7 @@ pub struct Gateway {
     pub query_prefix: String,
     /// Documents seen so far: canonical order and id → text identity.
     pub registry: crate::reorder::Registry,
+    pub conversations: crate::reorder::conversation::Conversations,
     pub next_query: AtomicU64,
 }
 

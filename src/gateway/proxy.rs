@@ -316,6 +316,11 @@ pub(super) async fn model_request(
 ) -> Response<Body> {
     let arrived = Instant::now();
     let path = request.uri().path().to_string();
+    let conversation_header = request
+        .headers()
+        .get("x-conversation-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let number = gateway.next_query.fetch_add(1, Ordering::Relaxed);
     let mut ctx = Ctx {
         gateway: gateway.clone(),
@@ -372,7 +377,7 @@ pub(super) async fn model_request(
         ctx.prompt = body.get("messages").or_else(|| body.get("prompt")).cloned();
     }
     drop(raw);
-    let documents = match DocumentRequest::take(gateway, &path, &mut body) {
+    let documents = match DocumentRequest::take(gateway, &path, &mut body, conversation_header) {
         Ok(documents) => documents,
         Err(message) => {
             return ctx.fail(StatusCode::BAD_REQUEST, &message, "invalid_request_error")
@@ -406,14 +411,39 @@ pub(super) async fn model_request(
         // Slot choice: by documents when the request has them, else by the
         // longest common prefix of the prompt.
         let acquired = match &documents {
+            Some(request) if request.turn.is_some() => {
+                // A later turn: its history is the slot's prefix; follow it.
+                let turn = request.turn.as_ref().expect("checked by the guard");
+                ctx.reorder = Some((
+                    ReorderInfo {
+                        documents: request.documents.docs.len(),
+                        moved: 0,
+                        deduped: request.documents.deduped + turn.referenced,
+                        predicted_reused_tokens: 0,
+                        slot_choice: "conversation",
+                    },
+                    None,
+                ));
+                let mut policy = PrefixPolicy {
+                    prompt: key.clone(),
+                };
+                gateway
+                    .scheduler
+                    .acquire(&mut policy, target.pid, remaining)
+                    .await
+            }
             Some(request) => {
                 let mut policy = request.policy();
                 let lease = gateway
                     .scheduler
                     .acquire(&mut policy, target.pid, remaining)
                     .await;
-                if lease.is_ok() {
-                    request.render_into(&mut body, &policy);
+                if let Ok(lease) = &lease {
+                    request.render_into(gateway, &mut body, &policy);
+                    if let Some(blocks) = &policy.blocks {
+                        let key = Arc::from(prompt_key(&path, &body));
+                        gateway.scheduler.set_key(lease.id(), blocks, key);
+                    }
                     ctx.reorder = policy.info.map(|mut info| {
                         info.deduped = request.documents.deduped;
                         (info, policy.blocks.clone())
@@ -789,20 +819,29 @@ struct DocumentRequest {
     messages: Vec<Value>,
     header: u64,
     header_tokens: u32,
+    conversation: Option<String>,
+    /// Set for a later turn of a known conversation: already rewritten.
+    turn: Option<reorder::conversation::Turn>,
 }
 
 impl DocumentRequest {
     /// Takes `documents` (and `conversation_id`) out of the body; `None`
-    /// when there are none.
+    /// when there are none. A later turn of a known conversation is
+    /// rewritten here, history byte-identical to what was sent before.
     fn take(
         gateway: &Gateway,
         path: &str,
         body: &mut Value,
+        conversation_header: Option<String>,
     ) -> Result<Option<DocumentRequest>, String> {
         let Some(object) = body.as_object_mut() else {
             return Ok(None);
         };
-        object.remove("conversation_id");
+        let conversation = match object.remove("conversation_id") {
+            Some(Value::String(id)) if !id.is_empty() => Some(id),
+            Some(Value::Null) | None => conversation_header.filter(|id| !id.is_empty()),
+            Some(_) => return Err("`conversation_id` must be a non-empty string".into()),
+        };
         let Some(value) = object.remove("documents") else {
             return Ok(None);
         };
@@ -818,6 +857,17 @@ impl DocumentRequest {
             .unwrap_or_default();
         let caller_system = reorder::take_caller_system(&mut messages)?;
         let (header, header_tokens) = reorder::header_of(caller_system.as_deref());
+        let turn = conversation.as_deref().and_then(|id| {
+            gateway.conversations.continue_turn(
+                id,
+                caller_system.as_deref(),
+                &messages,
+                &documents.docs,
+            )
+        });
+        if let Some(turn) = &turn {
+            object.insert("messages".into(), Value::Array(turn.messages.clone()));
+        }
         Ok(Some(DocumentRequest {
             documents,
             ranks,
@@ -825,6 +875,8 @@ impl DocumentRequest {
             messages,
             header,
             header_tokens,
+            conversation,
+            turn,
         }))
     }
 
@@ -838,15 +890,26 @@ impl DocumentRequest {
     }
 
     /// Puts the rendered system message and the caller's other messages
-    /// into the body.
-    fn render_into(&self, body: &mut Value, policy: &DocumentsPolicy<'_>) {
+    /// into the body, and opens the conversation when the request has one.
+    fn render_into(&self, gateway: &Gateway, body: &mut Value, policy: &DocumentsPolicy<'_>) {
         let system = reorder::render_system(
             self.caller_system.as_deref(),
             &self.documents.docs,
             &policy.order,
         );
+        let system = serde_json::json!({"role": "system", "content": system});
+        if let Some(id) = &self.conversation {
+            gateway.conversations.start(
+                id,
+                self.caller_system.as_deref(),
+                system.clone(),
+                &self.messages,
+                &self.documents.docs,
+                &policy.order,
+            );
+        }
         let mut messages = Vec::with_capacity(self.messages.len() + 1);
-        messages.push(serde_json::json!({"role": "system", "content": system}));
+        messages.push(system);
         messages.extend(self.messages.iter().cloned());
         body["messages"] = Value::Array(messages);
     }

@@ -15,6 +15,8 @@
 //! the other documents follow in one canonical order (first seen first), so
 //! later requests over the same documents converge on the same prefix.
 
+pub mod conversation;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 

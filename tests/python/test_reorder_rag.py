@@ -144,3 +144,31 @@ def test_reordering_serves_at_least_three_times_more_prompt_from_cache(make_daem
     stats = httpx.get(f"{d.root}/stats").json()["reorder"]
     assert stats["requests"] == QUERIES
     assert stats["actual_reused_tokens"] == sum(t["cache_n"] for t in through)
+
+
+def test_a_conversation_keeps_its_history_cached_and_references_sent_documents(make_daemon):
+    d: Daemon = make_daemon()
+    docs_1 = ["AUTH: tokens expire after one hour.", "DB: the primary runs in Oslo.", "OAUTH: scopes are read and write."]
+    q1 = {"role": "user", "content": "How long do tokens live?"}
+    with httpx.Client(timeout=120) as http:
+        first = http.post(
+            f"{d.base_url}/chat/completions",
+            json={"messages": [q1], "documents": docs_1, "conversation_id": "conv-1",
+                  "max_tokens": 8, "temperature": 0},
+        ).json()
+        a1 = {"role": "assistant", "content": first["choices"][0]["message"]["content"]}
+        q2 = {"role": "user", "content": "And where is the database?"}
+        docs_2 = ["DB: the primary runs in Oslo.", "CACHE: entries live ten minutes."]
+        second = http.post(
+            f"{d.base_url}/chat/completions",
+            headers={"X-Conversation-Id": "conv-1"},
+            json={"messages": [q1, a1, q2], "documents": docs_2, "max_tokens": 4, "temperature": 0},
+        ).json()
+    # The whole first turn is a cached prefix of the second.
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["prompt_tokens"] - 1, (
+        first["usage"], second["usage"])
+    lines = d.wait_query_log(2)
+    assert lines[0]["reorder"]["slot_choice"] in ("lru", "header", "cached-prefix")
+    assert lines[1]["reorder"]["slot_choice"] == "conversation"
+    assert lines[1]["reorder"]["deduped"] == 1  # DB was sent in turn 1: named, not repeated
+    assert lines[0]["slot_id"] == lines[1]["slot_id"]
