@@ -129,6 +129,8 @@ struct Ctx {
     /// What reordering did, and the blocks the slot now holds (to forget
     /// them when llama.cpp reused far less than predicted).
     reorder: Option<(ReorderInfo, Option<Arc<BlockSeq>>)>,
+    /// Repeated blocks replaced by pointers, when any were.
+    block_dedup: Option<reorder::dedup::DedupStats>,
     /// Set once the record is sent; a context dropped without it (the
     /// client went away mid-request) records itself as such.
     recorded: bool,
@@ -211,6 +213,7 @@ impl Ctx {
             retried: self.retried,
             gpu,
             reorder,
+            block_dedup: self.block_dedup.take(),
             prompt: self.prompt.take(),
             completion: outcome.completion,
         });
@@ -321,6 +324,12 @@ pub(super) async fn model_request(
         .get("x-conversation-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    // `X-ContextPilot-Enabled: false` (or 0, no) leaves the payload alone.
+    let rewrites_enabled = !request
+        .headers()
+        .get("x-contextpilot-enabled")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "false" | "0" | "no"));
     let number = gateway.next_query.fetch_add(1, Ordering::Relaxed);
     let mut ctx = Ctx {
         gateway: gateway.clone(),
@@ -333,6 +342,7 @@ pub(super) async fn model_request(
         slot: None,
         prompt: None,
         reorder: None,
+        block_dedup: None,
         recorded: false,
     };
     let raw = match read_body(request, gateway.max_body_bytes).await {
@@ -377,6 +387,14 @@ pub(super) async fn model_request(
         ctx.prompt = body.get("messages").or_else(|| body.get("prompt")).cloned();
     }
     drop(raw);
+    if rewrites_enabled && path == "/v1/chat/completions" {
+        if let Some(messages) = body.get_mut("messages").and_then(Value::as_array_mut) {
+            let stats = reorder::dedup::dedup_messages(messages);
+            if stats.blocks_deduped > 0 {
+                ctx.block_dedup = Some(stats);
+            }
+        }
+    }
     let documents = match DocumentRequest::take(gateway, &path, &mut body, conversation_header) {
         Ok(documents) => documents,
         Err(message) => {
@@ -640,6 +658,7 @@ fn start_stream(
         slot: outer.slot,
         prompt: outer.prompt.take(),
         reorder: outer.reorder.take(),
+        block_dedup: outer.block_dedup.take(),
         recorded: false,
     };
     // The stream task records from here on; the caller's context must not.

@@ -48,6 +48,9 @@ pub struct QueryRecord {
     /// Requests with `documents`: what the reordering did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reorder: Option<crate::reorder::ReorderInfo>,
+    /// Repeated blocks of tool output replaced by pointers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block_dedup: Option<crate::reorder::dedup::DedupStats>,
     /// Only with `[meter] log_prompts = true`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt: Option<serde_json::Value>,

@@ -16,6 +16,7 @@
 //! later requests over the same documents converge on the same prefix.
 
 pub mod conversation;
+pub mod dedup;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

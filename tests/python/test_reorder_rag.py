@@ -172,3 +172,27 @@ def test_a_conversation_keeps_its_history_cached_and_references_sent_documents(m
     assert lines[1]["reorder"]["slot_choice"] == "conversation"
     assert lines[1]["reorder"]["deduped"] == 1  # DB was sent in turn 1: named, not repeated
     assert lines[0]["slot_id"] == lines[1]["slot_id"]
+
+
+def test_repeated_tool_output_is_sent_once(daemon):
+    lines = "\n".join(f"line {i:03d}: some repeated configuration text here" for i in range(30))
+    messages = [
+        {"role": "user", "content": "Read the config twice."},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "read_file", "arguments": "{}"}},
+            {"id": "c2", "type": "function", "function": {"name": "read_file", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": lines},
+        {"role": "tool", "tool_call_id": "c2", "content": f"header of b\n{lines}\nfooter of b"},
+    ]
+    before = len(daemon.query_log_lines())
+    with httpx.Client(timeout=120) as http:
+        plain = http.post(f"{daemon.base_url}/chat/completions",
+                          headers={"X-ContextPilot-Enabled": "false"},
+                          json={"messages": messages, "max_tokens": 1}).json()
+        deduped = http.post(f"{daemon.base_url}/chat/completions",
+                            json={"messages": messages, "max_tokens": 1}).json()
+    assert deduped["usage"]["prompt_tokens"] < plain["usage"]["prompt_tokens"], (plain["usage"], deduped["usage"])
+    log = daemon.wait_query_log(before + 2)[before:]
+    assert "block_dedup" not in log[0]
+    assert log[1]["block_dedup"]["blocks_deduped"] == 1
+    assert log[1]["block_dedup"]["chars_saved"] == 513
