@@ -117,13 +117,7 @@ fn a_full_queue_answers_429_with_retry_after() {
 fn a_child_that_never_gets_ready_means_503_with_retry_after() {
     let parts = real_parts();
     let dir = tempfile::tempdir().unwrap();
-    let corrupt = dir.path().join("corrupt.gguf");
-    let bytes = std::fs::read(&parts.model).unwrap();
-    std::fs::write(&corrupt, &bytes[..8 << 20]).unwrap();
-    let broken = RealParts {
-        llama_server: parts.llama_server.clone(),
-        model: corrupt,
-    };
+    let broken = corrupt_model(&parts, dir.path());
     let mut daemon = Daemon::start_with(
         |listen| config_with(&broken, listen, "queue_timeout_s = 1"),
         &[],

@@ -276,13 +276,7 @@ fn corrupt_model_is_a_crash_loop_with_the_childs_words() {
     // The header survives, the tensor data does not: llama-server reads the
     // metadata, then fails to load and exits.
     let dir = tempfile::tempdir().unwrap();
-    let corrupt = dir.path().join("corrupt.gguf");
-    let bytes = std::fs::read(&parts.model).unwrap();
-    std::fs::write(&corrupt, &bytes[..8 << 20]).unwrap();
-    let broken = RealParts {
-        llama_server: parts.llama_server.clone(),
-        model: corrupt,
-    };
+    let broken = corrupt_model(&parts, dir.path());
     let mut daemon = Daemon::start_with(
         |listen| {
             test_config(&broken, listen, "").replace(

@@ -135,15 +135,14 @@ impl Gateway {
         if state == State::Ready {
             json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
         } else {
-            let mut response = error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("llama-server is not ready ({})", state.as_str()),
-                "unavailable_error",
-            );
-            response
-                .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-            response
+            with_retry_after(
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("llama-server is not ready ({})", state.as_str()),
+                    "unavailable_error",
+                ),
+                "1",
+            )
         }
     }
 
@@ -261,6 +260,14 @@ pub fn error_body(status: StatusCode, message: &str, kind: &str) -> serde_json::
 /// An OpenAI-shaped error response.
 pub fn error(status: StatusCode, message: &str, kind: &str) -> Response<Body> {
     json(status, &error_body(status, message, kind))
+}
+
+/// Adds `Retry-After: seconds` (for 429 and 503).
+pub fn with_retry_after(mut response: Response<Body>, seconds: &'static str) -> Response<Body> {
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static(seconds));
+    response
 }
 
 /// A response body fed chunk by chunk from a channel; the sender sees an

@@ -11,14 +11,14 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
 use super::sse::StreamObserver;
-use super::{error, error_body, full, json, Body, ChannelBody, Gateway};
+use super::{error, error_body, full, json, with_retry_after, Body, ChannelBody, Gateway};
 use crate::meter::{round2, CacheReuse, QueryRecord};
 use crate::reorder::{self, Documents, DocumentsPolicy, ReorderInfo};
 use crate::slots::{AdmitError, BlockSeq, PrefixPolicy, SlotLease};
@@ -410,19 +410,18 @@ pub(super) async fn model_request(
         let target = match gateway.wait_ready(avoid_pid, deadline).await {
             Ok(target) => target,
             Err(state) => {
-                let mut response = ctx.fail(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!(
-                        "llama-server is not ready ({}) after {}s; try again",
-                        state.as_str(),
-                        gateway.queue_timeout.as_secs()
+                return with_retry_after(
+                    ctx.fail(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!(
+                            "llama-server is not ready ({}) after {}s; try again",
+                            state.as_str(),
+                            gateway.queue_timeout.as_secs()
+                        ),
+                        "unavailable_error",
                     ),
-                    "unavailable_error",
+                    "5",
                 );
-                response
-                    .headers_mut()
-                    .insert(RETRY_AFTER, HeaderValue::from_static("5"));
-                return response;
             }
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -482,26 +481,24 @@ pub(super) async fn model_request(
         let lease = match acquired {
             Ok(lease) => lease,
             Err(AdmitError::QueueFull) => {
-                let mut response = ctx.fail(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too many requests are waiting for a slot (max_queue); try again",
-                    "rate_limit_error",
+                return with_retry_after(
+                    ctx.fail(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too many requests are waiting for a slot (max_queue); try again",
+                        "rate_limit_error",
+                    ),
+                    "1",
                 );
-                response
-                    .headers_mut()
-                    .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-                return response;
             }
             Err(AdmitError::Timeout) => {
-                let mut response = ctx.fail(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no slot came free in time (queue_timeout_s); try again",
-                    "unavailable_error",
+                return with_retry_after(
+                    ctx.fail(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no slot came free in time (queue_timeout_s); try again",
+                        "unavailable_error",
+                    ),
+                    "5",
                 );
-                response
-                    .headers_mut()
-                    .insert(RETRY_AFTER, HeaderValue::from_static("5"));
-                return response;
             }
         };
         ctx.slot = Some(lease.id());
@@ -525,17 +522,16 @@ pub(super) async fn model_request(
                     .then_some(target.pid);
             }
             Forwarded::ChildDied(why) => {
-                let mut response = ctx.fail(
-                    StatusCode::BAD_GATEWAY,
-                    &format!(
+                return with_retry_after(
+                    ctx.fail(
+                        StatusCode::BAD_GATEWAY,
+                        &format!(
                         "llama-server failed the request twice ({why}); see contextpilotd status"
                     ),
-                    "server_error",
+                        "server_error",
+                    ),
+                    "5",
                 );
-                response
-                    .headers_mut()
-                    .insert(RETRY_AFTER, HeaderValue::from_static("5"));
-                return response;
             }
         }
     }
@@ -784,15 +780,14 @@ pub(super) async fn passthrough(
     let target = match gateway.wait_ready(None, deadline).await {
         Ok(target) => target,
         Err(state) => {
-            let mut response = error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("llama-server is not ready ({})", state.as_str()),
-                "unavailable_error",
+            return with_retry_after(
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("llama-server is not ready ({})", state.as_str()),
+                    "unavailable_error",
+                ),
+                "5",
             );
-            response
-                .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from_static("5"));
-            return response;
         }
     };
     let response = match gateway

@@ -55,6 +55,18 @@ pub fn real_parts() -> RealParts {
     }
 }
 
+/// The real model cut after its header: llama-server reads the metadata,
+/// then fails to load the tensors and exits. Lives in `dir`.
+pub fn corrupt_model(parts: &RealParts, dir: &Path) -> RealParts {
+    let corrupt = dir.join("corrupt.gguf");
+    let bytes = std::fs::read(&parts.model).unwrap();
+    std::fs::write(&corrupt, &bytes[..8 << 20]).unwrap();
+    RealParts {
+        llama_server: parts.llama_server.clone(),
+        model: corrupt,
+    }
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
