@@ -5,6 +5,7 @@
 //! metering) is in [`proxy`]. Every error is an OpenAI-shaped JSON body
 //! `{"error": {"message", "type", "code"}}`.
 
+mod compat;
 mod proxy;
 pub use proxy::Upstream;
 pub mod sse;
@@ -102,12 +103,13 @@ impl Gateway {
             "/metrics" if get => self.metrics().await,
             "/v1/models" | "/models" if get => self.models(),
             "/slots" if get => proxy::passthrough(self, request).await,
+            "/reorder" if post => compat::reorder(self, request).await,
             p if post && MODEL_ROUTES.contains(&p) => proxy::model_request(self, request).await,
             p if post && POST_PASSTHROUGH.contains(&p) => proxy::passthrough(self, request).await,
             "/health" | "/status" | "/stats" | "/metrics" | "/v1/models" | "/models" | "/slots" => {
                 method_not_allowed(&method, &path, "GET")
             }
-            p if MODEL_ROUTES.contains(&p) || POST_PASSTHROUGH.contains(&p) => {
+            p if MODEL_ROUTES.contains(&p) || POST_PASSTHROUGH.contains(&p) || p == "/reorder" => {
                 method_not_allowed(&method, &path, "POST")
             }
             _ => error(

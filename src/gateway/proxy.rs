@@ -243,7 +243,10 @@ impl Drop for Ctx {
 }
 
 /// Reads a request body up to `limit` bytes.
-async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Response<Body>> {
+pub(super) async fn read_body(
+    request: Request<Incoming>,
+    limit: usize,
+) -> Result<Bytes, Response<Body>> {
     let too_large = || {
         error(
             StatusCode::PAYLOAD_TOO_LARGE,

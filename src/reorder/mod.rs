@@ -15,6 +15,7 @@
 //! the other documents follow in one canonical order (first seen first), so
 //! later requests over the same documents converge on the same prefix.
 
+pub mod cluster;
 pub mod conversation;
 pub mod dedup;
 
