@@ -19,6 +19,9 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 REQUIREMENTS="$ROOT/tests/python/requirements.txt"
+# Installed without their dependencies: the suite uses one small module of
+# each (e.g. contextpilot's HTTP client, which needs only requests).
+NODEPS="$ROOT/tests/python/requirements-nodeps.txt"
 CACHE="${CONTEXTPILOTD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/contextpilotd}"
 # What the suite imports; an environment where these fail is rebuilt.
 IMPORT_CHECK='import openai, pytest, prometheus_client, httpx'
@@ -36,7 +39,8 @@ sha256_of() {
   fi
 }
 
-KEY=$(sha256_of "$REQUIREMENTS" | cut -c1-12)
+KEY=$( { sha256_of "$REQUIREMENTS"; [[ -f "$NODEPS" ]] && sha256_of "$NODEPS"; } | sha256sum 2>/dev/null | cut -c1-12 || true)
+[[ -n "$KEY" ]] || KEY=$(sha256_of "$REQUIREMENTS" | cut -c1-12)
 ENV_DIR="$CACHE/pyenv-$KEY"
 STAMP="$ENV_DIR/.contextpilotd-complete"
 
@@ -73,6 +77,10 @@ PIP_FLAGS=(--quiet --disable-pip-version-check --no-input -r "$REQUIREMENTS")
 if "$PYTHON" -m venv --prompt "pyenv-$KEY" "$WORK" >/dev/null 2>&1 && [[ -x "$WORK/bin/python" ]]; then
   "$WORK/bin/python" -m pip install "${PIP_FLAGS[@]}" >&2 \
     || die "pip could not install $REQUIREMENTS into the venv $WORK (see pip's output above)"
+  if [[ -f "$NODEPS" ]]; then
+    "$WORK/bin/python" -m pip install --quiet --disable-pip-version-check --no-input --no-deps -r "$NODEPS" >&2 \
+      || die "pip could not install $NODEPS into the venv $WORK"
+  fi
 else
   log "python venv unavailable; installing with pip --target"
   rm -rf "$WORK"
@@ -81,6 +89,10 @@ else
     || die "$PYTHON has neither venv nor pip; install python3-venv or python3-pip"
   "$PYTHON" -m pip install "${PIP_FLAGS[@]}" --target "$WORK/site-packages" >&2 \
     || die "pip could not install $REQUIREMENTS into $WORK/site-packages (see pip's output above)"
+  if [[ -f "$NODEPS" ]]; then
+    "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-input --no-deps -r "$NODEPS" \
+      --target "$WORK/site-packages" >&2 || die "pip could not install $NODEPS into $WORK/site-packages"
+  fi
   # The wrapper finds site-packages relative to itself, so the rename below
   # does not break it.
   cat >"$WORK/bin/python" <<EOF

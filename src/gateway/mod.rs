@@ -103,13 +103,17 @@ impl Gateway {
             "/metrics" if get => self.metrics().await,
             "/v1/models" | "/models" if get => self.models(),
             "/slots" if get => proxy::passthrough(self, request).await,
-            "/reorder" if post => compat::reorder(self, request).await,
+            // `/build` and `/schedule` are the reference server's older names.
+            "/reorder" | "/build" | "/schedule" if post => compat::reorder(self, request).await,
             p if post && MODEL_ROUTES.contains(&p) => proxy::model_request(self, request).await,
             p if post && POST_PASSTHROUGH.contains(&p) => proxy::passthrough(self, request).await,
             "/health" | "/status" | "/stats" | "/metrics" | "/v1/models" | "/models" | "/slots" => {
                 method_not_allowed(&method, &path, "GET")
             }
-            p if MODEL_ROUTES.contains(&p) || POST_PASSTHROUGH.contains(&p) || p == "/reorder" => {
+            p if MODEL_ROUTES.contains(&p)
+                || POST_PASSTHROUGH.contains(&p)
+                || matches!(p, "/reorder" | "/build" | "/schedule") =>
+            {
                 method_not_allowed(&method, &path, "POST")
             }
             _ => error(
