@@ -5,6 +5,7 @@
 //! metering) is in [`proxy`]. Every error is an OpenAI-shaped JSON body
 //! `{"error": {"message", "type", "code"}}`.
 
+mod batch;
 mod compat;
 mod proxy;
 pub use proxy::Upstream;
@@ -105,6 +106,7 @@ impl Gateway {
             "/slots" if get => proxy::passthrough(self, request).await,
             // `/build` and `/schedule` are the reference server's older names.
             "/reorder" | "/build" | "/schedule" if post => compat::reorder(self, request).await,
+            "/v1/batch/chat/completions" if post => batch::batch(self, request).await,
             p if post && MODEL_ROUTES.contains(&p) => proxy::model_request(self, request).await,
             p if post && POST_PASSTHROUGH.contains(&p) => proxy::passthrough(self, request).await,
             "/health" | "/status" | "/stats" | "/metrics" | "/v1/models" | "/models" | "/slots" => {

@@ -116,7 +116,7 @@ impl Gateway {
 }
 
 /// What is known about one request while it runs; becomes its record.
-struct Ctx {
+pub(super) struct Ctx {
     gateway: Arc<Gateway>,
     query_id: String,
     timestamp: String,
@@ -316,38 +316,56 @@ fn validate(path: &str, body: &Value) -> Result<(), String> {
 }
 
 /// `POST /v1/chat/completions`, `/v1/completions` and native `/completion`.
+/// Per-request options from the HTTP headers.
+#[derive(Debug, Clone, Default)]
+pub(super) struct RequestOptions {
+    /// `X-Conversation-Id`.
+    pub conversation: Option<String>,
+    /// False with `X-ContextPilot-Enabled: false` (or 0, no): the payload
+    /// is left alone.
+    pub rewrites_enabled: bool,
+}
+
+impl RequestOptions {
+    pub(super) fn from_headers(headers: &hyper::HeaderMap) -> RequestOptions {
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        RequestOptions {
+            conversation: header("x-conversation-id").map(str::to_string),
+            rewrites_enabled: !header("x-contextpilot-enabled").is_some_and(|v| {
+                matches!(v.trim().to_ascii_lowercase().as_str(), "false" | "0" | "no")
+            }),
+        }
+    }
+}
+
+impl Ctx {
+    pub(super) fn new(gateway: &Arc<Gateway>, path: &str) -> Ctx {
+        let number = gateway.next_query.fetch_add(1, Ordering::Relaxed);
+        Ctx {
+            gateway: gateway.clone(),
+            query_id: format!("{}-{number}", gateway.query_prefix),
+            timestamp: rfc3339_utc(SystemTime::now()),
+            arrived: Instant::now(),
+            path: path.to_string(),
+            stream: false,
+            retried: false,
+            slot: None,
+            prompt: None,
+            reorder: None,
+            block_dedup: None,
+            recorded: false,
+        }
+    }
+}
+
+/// `POST /v1/chat/completions`, `/v1/completions` and native `/completion`.
 pub(super) async fn model_request(
     gateway: &Arc<Gateway>,
     request: Request<Incoming>,
 ) -> Response<Body> {
-    let arrived = Instant::now();
     let path = request.uri().path().to_string();
-    let conversation_header = request
-        .headers()
-        .get("x-conversation-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    // `X-ContextPilot-Enabled: false` (or 0, no) leaves the payload alone.
-    let rewrites_enabled = !request
-        .headers()
-        .get("x-contextpilot-enabled")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "false" | "0" | "no"));
-    let number = gateway.next_query.fetch_add(1, Ordering::Relaxed);
-    let mut ctx = Ctx {
-        gateway: gateway.clone(),
-        query_id: format!("{}-{number}", gateway.query_prefix),
-        timestamp: rfc3339_utc(SystemTime::now()),
-        arrived,
-        path: path.clone(),
-        stream: false,
-        retried: false,
-        slot: None,
-        prompt: None,
-        reorder: None,
-        block_dedup: None,
-        recorded: false,
-    };
+    let options = RequestOptions::from_headers(request.headers());
+    let mut ctx = Ctx::new(gateway, &path);
     let raw = match read_body(request, gateway.max_body_bytes).await {
         Ok(raw) => raw,
         Err(response) => {
@@ -365,6 +383,19 @@ pub(super) async fn model_request(
             return response;
         }
     };
+    serve_model(gateway, &path, options, ctx, raw).await
+}
+
+/// A model request whose body has been read: everything after that.
+pub(super) async fn serve_model(
+    gateway: &Arc<Gateway>,
+    path: &str,
+    options: RequestOptions,
+    mut ctx: Ctx,
+    raw: Bytes,
+) -> Response<Body> {
+    let path = path.to_string();
+    let arrived = ctx.arrived;
     let mut body: Value = match serde_json::from_slice(&raw) {
         Ok(v @ Value::Object(_)) => v,
         Ok(_) => {
@@ -390,7 +421,7 @@ pub(super) async fn model_request(
         ctx.prompt = body.get("messages").or_else(|| body.get("prompt")).cloned();
     }
     drop(raw);
-    if rewrites_enabled && path == "/v1/chat/completions" {
+    if options.rewrites_enabled && path == "/v1/chat/completions" {
         if let Some(messages) = body.get_mut("messages").and_then(Value::as_array_mut) {
             let stats = reorder::dedup::dedup_messages(messages);
             if stats.blocks_deduped > 0 {
@@ -398,7 +429,7 @@ pub(super) async fn model_request(
             }
         }
     }
-    let documents = match DocumentRequest::take(gateway, &path, &mut body, conversation_header) {
+    let documents = match DocumentRequest::take(gateway, &path, &mut body, options.conversation) {
         Ok(documents) => documents,
         Err(message) => {
             return ctx.fail(StatusCode::BAD_REQUEST, &message, "invalid_request_error")

@@ -196,3 +196,31 @@ def test_repeated_tool_output_is_sent_once(daemon):
     assert "block_dedup" not in log[0]
     assert log[1]["block_dedup"]["blocks_deduped"] == 1
     assert log[1]["block_dedup"]["chars_saved"] == 513
+
+
+def test_a_batch_runs_requests_sharing_documents_together(daemon):
+    volcano = [f"volcanoes note {i}: the caldera near Lima, surveyed {1900 + i}." for i in range(6)]
+    river = [f"rivers note {i}: the delta near Oslo, surveyed {1950 + i}." for i in range(6)]
+    requests = []
+    for i in range(6):
+        pool = volcano if i % 2 == 0 else river
+        requests.append({
+            "messages": [{"role": "user", "content": f"Question {i}?"}],
+            "documents": pool[i // 2: i // 2 + 4],
+            "max_tokens": 1,
+            "temperature": 0,
+        })
+    before = len(daemon.query_log_lines())
+    r = httpx.post(f"{daemon.base_url}/batch/chat/completions", json={"requests": requests}, timeout=300)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [a["index"] for a in body["data"]] == list(range(6))
+    assert all(a["status_code"] == 200 and a["response"]["choices"] for a in body["data"]), body
+    # Requests over the same documents run back to back.
+    order = body["schedule"]
+    assert sorted(order) == list(range(6))
+    assert {i % 2 for i in order[:3]} in ({0}, {1}), order
+    assert len(daemon.wait_query_log(before + 6)) == before + 6
+
+    bad = httpx.post(f"{daemon.base_url}/batch/chat/completions", json={"requests": [{"messages": [], "stream": True}]})
+    assert bad.status_code == 400 and "streaming" in bad.json()["error"]["message"]

@@ -1,0 +1,173 @@
+//! `POST /v1/batch/chat/completions`: a list of chat requests run as one
+//! batch. Requests that share documents are scheduled one after another
+//! (ContextPilot's clustering and schedule over their document sets), at
+//! most `slots` run at once, each goes through the normal request path
+//! (slot choice, reordering, metering), and the answers come back in input
+//! order.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+
+use super::proxy::{read_body, serve_model, Ctx, RequestOptions};
+use super::{error, json, Body, Gateway};
+use crate::reorder::cluster;
+
+const PATH: &str = "/v1/chat/completions";
+
+/// The document texts of one request (empty without `documents`).
+fn document_texts(request: &Value) -> Vec<String> {
+    request
+        .get("documents")
+        .and_then(Value::as_array)
+        .map(|docs| {
+            docs.iter()
+                .filter_map(|d| d.as_str().or_else(|| d.get("text").and_then(Value::as_str)))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn parse(body: &Value) -> Result<Vec<Value>, String> {
+    let requests = match body {
+        Value::Array(items) => items,
+        Value::Object(o) => match o.get("requests") {
+            Some(Value::Array(items)) => items,
+            _ => {
+                return Err(
+                    "send {\"requests\": [chat request, ...]} or a list of chat requests".into(),
+                )
+            }
+        },
+        _ => {
+            return Err(
+                "send {\"requests\": [chat request, ...]} or a list of chat requests".into(),
+            )
+        }
+    };
+    if requests.is_empty() {
+        return Err("the batch is empty".into());
+    }
+    for (i, request) in requests.iter().enumerate() {
+        if !request.is_object() {
+            return Err(format!("requests[{i}] must be a chat request object"));
+        }
+        if request.get("stream").and_then(Value::as_bool) == Some(true) {
+            return Err(format!(
+                "requests[{i}]: streaming is not available in a batch"
+            ));
+        }
+    }
+    Ok(requests.clone())
+}
+
+pub(super) async fn batch(gateway: &Arc<Gateway>, request: Request<Incoming>) -> Response<Body> {
+    let options = RequestOptions::from_headers(request.headers());
+    let raw = match read_body(request, gateway.max_body_bytes).await {
+        Ok(raw) => raw,
+        Err(response) => return response,
+    };
+    let requests = match serde_json::from_slice::<Value>(&raw)
+        .map_err(|e| format!("not valid JSON: {e}"))
+        .and_then(|b| parse(&b))
+    {
+        Ok(requests) => requests,
+        Err(message) => return error(StatusCode::BAD_REQUEST, &message, "invalid_request_error"),
+    };
+
+    // Schedule: contexts sharing documents run back to back.
+    let contexts: Vec<Vec<String>> = requests.iter().map(document_texts).collect();
+    let order = match tokio::task::spawn_blocking(move || {
+        let (ids, _) = cluster::intern(&contexts);
+        cluster::schedule(&cluster::build_index(&ids, 0.001)).order
+    })
+    .await
+    {
+        Ok(order) => order,
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("scheduling failed: {e}"),
+                "server_error",
+            )
+        }
+    };
+
+    // At most `slots` in flight; permits are handed out in schedule order.
+    let running = Arc::new(Semaphore::new(gateway.scheduler.slot_count()));
+    let mut tasks = Vec::with_capacity(order.len());
+    for &index in &order {
+        let permit = running
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let gateway = gateway.clone();
+        let options = options.clone();
+        let payload = Bytes::from(serde_json::to_vec(&requests[index]).unwrap_or_default());
+        tasks.push((
+            index,
+            tokio::spawn(async move {
+                let _permit = permit;
+                let ctx = Ctx::new(&gateway, PATH);
+                let response = serve_model(&gateway, PATH, options, ctx, payload).await;
+                let status = response.status().as_u16();
+                let bytes = response
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let body = serde_json::from_slice::<Value>(&bytes).unwrap_or_else(|_| {
+                    Value::String(String::from_utf8_lossy(&bytes).into_owned())
+                });
+                (status, body)
+            }),
+        ));
+    }
+    let mut answers = vec![Value::Null; requests.len()];
+    for (index, task) in tasks {
+        let (status, body) = task.await.unwrap_or_else(|e| {
+            (500, json!({"error": {"message": format!("the request failed: {e}"), "type": "server_error", "code": 500}}))
+        });
+        answers[index] = json!({"index": index, "status_code": status, "response": body});
+    }
+    json(
+        StatusCode::OK,
+        &json!({"object": "list", "data": answers, "schedule": order}),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parsing_shapes_and_errors() {
+        let one = json!({"messages": [{"role": "user", "content": "hi"}]});
+        assert_eq!(parse(&json!({"requests": [one.clone()]})).unwrap().len(), 1);
+        assert_eq!(parse(&json!([one.clone(), one.clone()])).unwrap().len(), 2);
+        assert!(parse(&json!({"requests": []})).is_err());
+        assert!(parse(&json!([1])).unwrap_err().contains("requests[0]"));
+        let streaming = json!({"messages": [], "stream": true});
+        assert!(parse(&json!([one, streaming]))
+            .unwrap_err()
+            .contains("requests[1]"));
+    }
+
+    #[test]
+    fn documents_of_both_shapes() {
+        let request = json!({"documents": ["a", {"id": "x", "text": "b"}, 3]});
+        assert_eq!(
+            document_texts(&request),
+            vec!["a".to_string(), "b".to_string()]
+        );
+        assert!(document_texts(&json!({})).is_empty());
+    }
+}
