@@ -180,12 +180,13 @@ impl Scheduler {
         }
         let state = &mut table.slots[slot];
         state.busy = true;
-        state.holds = contents;
+        state.holds = contents.clone();
         state.last_used = Some(Instant::now());
         drop(table);
         Ok(SlotLease {
             scheduler: self.clone(),
             slot,
+            contents,
             _permit: permit,
         })
     }
@@ -203,6 +204,23 @@ impl Scheduler {
                 .is_some_and(|b| Arc::ptr_eq(b, blocks))
             {
                 state.holds.key = key;
+            }
+        }
+    }
+
+    /// A request failed (no answer, or no timings): its prompt may never
+    /// have reached the slot, so the slot's recorded contents are dropped,
+    /// unless another request has replaced them since.
+    pub fn forget_failed(&self, slot: usize, contents: &SlotContents) {
+        let mut table = self.lock();
+        if let Some(state) = table.slots.get_mut(slot) {
+            let same = match (&state.holds.blocks, &contents.blocks) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => Arc::ptr_eq(&state.holds.key, &contents.key),
+                _ => false,
+            };
+            if same {
+                state.holds = SlotContents::default();
             }
         }
     }
@@ -264,6 +282,8 @@ impl Drop for QueuedGuard<'_> {
 pub struct SlotLease {
     scheduler: Arc<Scheduler>,
     slot: usize,
+    /// What the slot was recorded to hold for this request.
+    pub contents: SlotContents,
     _permit: OwnedSemaphorePermit,
 }
 

@@ -19,6 +19,8 @@ use super::{error, json, Body, Gateway};
 use crate::reorder::cluster;
 
 const PATH: &str = "/v1/chat/completions";
+/// Most requests in one batch.
+pub const MAX_BATCH: usize = 1024;
 
 /// The document texts of one request (empty without `documents`).
 fn document_texts(request: &Value) -> Vec<String> {
@@ -34,10 +36,10 @@ fn document_texts(request: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn parse(body: &Value) -> Result<Vec<Value>, String> {
+fn parse(body: Value) -> Result<Vec<Value>, String> {
     let requests = match body {
         Value::Array(items) => items,
-        Value::Object(o) => match o.get("requests") {
+        Value::Object(mut o) => match o.remove("requests") {
             Some(Value::Array(items)) => items,
             _ => {
                 return Err(
@@ -54,6 +56,9 @@ fn parse(body: &Value) -> Result<Vec<Value>, String> {
     if requests.is_empty() {
         return Err("the batch is empty".into());
     }
+    if requests.len() > MAX_BATCH {
+        return Err(format!("a batch holds at most {MAX_BATCH} requests"));
+    }
     for (i, request) in requests.iter().enumerate() {
         if !request.is_object() {
             return Err(format!("requests[{i}] must be a chat request object"));
@@ -64,18 +69,20 @@ fn parse(body: &Value) -> Result<Vec<Value>, String> {
             ));
         }
     }
-    Ok(requests.clone())
+    Ok(requests)
 }
 
 pub(super) async fn batch(gateway: &Arc<Gateway>, request: Request<Incoming>) -> Response<Body> {
-    let options = RequestOptions::from_headers(request.headers());
+    let mut options = RequestOptions::from_headers(request.headers());
+    // One conversation id cannot name many concurrent requests.
+    options.conversation = None;
     let raw = match read_body(request, gateway.max_body_bytes).await {
         Ok(raw) => raw,
         Err(response) => return response,
     };
     let requests = match serde_json::from_slice::<Value>(&raw)
         .map_err(|e| format!("not valid JSON: {e}"))
-        .and_then(|b| parse(&b))
+        .and_then(parse)
     {
         Ok(requests) => requests,
         Err(message) => return error(StatusCode::BAD_REQUEST, &message, "invalid_request_error"),
@@ -100,8 +107,9 @@ pub(super) async fn batch(gateway: &Arc<Gateway>, request: Request<Incoming>) ->
     };
 
     // At most `slots` in flight; permits are handed out in schedule order.
+    // The JoinSet aborts whatever still runs if the client goes away.
     let running = Arc::new(Semaphore::new(gateway.scheduler.slot_count()));
-    let mut tasks = Vec::with_capacity(order.len());
+    let mut tasks = tokio::task::JoinSet::new();
     for &index in &order {
         let permit = running
             .clone()
@@ -111,32 +119,33 @@ pub(super) async fn batch(gateway: &Arc<Gateway>, request: Request<Incoming>) ->
         let gateway = gateway.clone();
         let options = options.clone();
         let payload = Bytes::from(serde_json::to_vec(&requests[index]).unwrap_or_default());
-        tasks.push((
-            index,
-            tokio::spawn(async move {
-                let _permit = permit;
-                let ctx = Ctx::new(&gateway, PATH);
-                let response = serve_model(&gateway, PATH, options, ctx, payload).await;
-                let status = response.status().as_u16();
-                let bytes = response
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default();
-                let body = serde_json::from_slice::<Value>(&bytes).unwrap_or_else(|_| {
-                    Value::String(String::from_utf8_lossy(&bytes).into_owned())
-                });
-                (status, body)
-            }),
-        ));
+        tasks.spawn(async move {
+            let _permit = permit;
+            let ctx = Ctx::new(&gateway, PATH);
+            let response = serve_model(&gateway, PATH, options, ctx, payload).await;
+            let status = response.status().as_u16();
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let body = serde_json::from_slice::<Value>(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+            (index, status, body)
+        });
     }
     let mut answers = vec![Value::Null; requests.len()];
-    for (index, task) in tasks {
-        let (status, body) = task.await.unwrap_or_else(|e| {
-            (500, json!({"error": {"message": format!("the request failed: {e}"), "type": "server_error", "code": 500}}))
-        });
-        answers[index] = json!({"index": index, "status_code": status, "response": body});
+    while let Some(done) = tasks.join_next().await {
+        if let Ok((index, status, body)) = done {
+            answers[index] = json!({"index": index, "status_code": status, "response": body});
+        }
+    }
+    for (index, answer) in answers.iter_mut().enumerate() {
+        if answer.is_null() {
+            *answer = json!({"index": index, "status_code": 500,
+                "response": {"error": {"message": "the request failed inside the daemon", "type": "server_error", "code": 500}}});
+        }
     }
     json(
         StatusCode::OK,
@@ -151,14 +160,16 @@ mod tests {
     #[test]
     fn parsing_shapes_and_errors() {
         let one = json!({"messages": [{"role": "user", "content": "hi"}]});
-        assert_eq!(parse(&json!({"requests": [one.clone()]})).unwrap().len(), 1);
-        assert_eq!(parse(&json!([one.clone(), one.clone()])).unwrap().len(), 2);
-        assert!(parse(&json!({"requests": []})).is_err());
-        assert!(parse(&json!([1])).unwrap_err().contains("requests[0]"));
+        assert_eq!(parse(json!({"requests": [one.clone()]})).unwrap().len(), 1);
+        assert_eq!(parse(json!([one.clone(), one.clone()])).unwrap().len(), 2);
+        assert!(parse(json!({"requests": []})).is_err());
+        assert!(parse(json!([1])).unwrap_err().contains("requests[0]"));
         let streaming = json!({"messages": [], "stream": true});
-        assert!(parse(&json!([one, streaming]))
+        assert!(parse(json!([one.clone(), streaming]))
             .unwrap_err()
             .contains("requests[1]"));
+        let too_many = Value::Array(vec![one; MAX_BATCH + 1]);
+        assert!(parse(too_many).unwrap_err().contains("at most"));
     }
 
     #[test]

@@ -131,6 +131,8 @@ pub(super) struct Ctx {
     reorder: Option<(ReorderInfo, Option<Arc<BlockSeq>>)>,
     /// Repeated blocks replaced by pointers, when any were.
     block_dedup: Option<reorder::dedup::DedupStats>,
+    /// What the slot was recorded to hold, to drop if the request fails.
+    slot_contents: Option<crate::slots::SlotContents>,
     /// Set once the record is sent; a context dropped without it (the
     /// client went away mid-request) records itself as such.
     recorded: bool,
@@ -179,6 +181,11 @@ impl Ctx {
             let gen_ms = cache_reuse.as_ref()?.gen_ms;
             (outcome.status == 200).then(|| round2((latency_ms - gen_ms).max(0.0)))
         });
+        if let (Some(slot), Some(contents)) = (self.slot, self.slot_contents.take()) {
+            if outcome.status != 200 || timings.is_none() {
+                self.gateway.scheduler.forget_failed(slot, &contents);
+            }
+        }
         let reorder = self.reorder.take().map(|(info, blocks)| {
             // Resync: if llama.cpp reused less than half of what the daemon
             // expected, its picture of this slot is wrong; forget it.
@@ -353,6 +360,7 @@ impl Ctx {
             prompt: None,
             reorder: None,
             block_dedup: None,
+            slot_contents: None,
             recorded: false,
         }
     }
@@ -536,6 +544,7 @@ pub(super) async fn serve_model(
             }
         };
         ctx.slot = Some(lease.id());
+        ctx.slot_contents = Some(lease.contents.clone());
         body["id_slot"] = Value::from(lease.id());
         let payload = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
 
@@ -689,6 +698,7 @@ fn start_stream(
         prompt: outer.prompt.take(),
         reorder: outer.reorder.take(),
         block_dedup: outer.block_dedup.take(),
+        slot_contents: outer.slot_contents.take(),
         recorded: false,
     };
     // The stream task records from here on; the caller's context must not.
@@ -890,9 +900,48 @@ impl DocumentRequest {
             Some(Value::Null) | None => conversation_header.filter(|id| !id.is_empty()),
             Some(_) => return Err("`conversation_id` must be a non-empty string".into()),
         };
-        let Some(value) = object.remove("documents") else {
-            return Ok(None);
+        let value = object.remove("documents");
+        let no_documents = match &value {
+            None | Some(Value::Null) => true,
+            Some(Value::Array(items)) => items.is_empty() && conversation.is_some(),
+            Some(_) => false,
         };
+        if no_documents {
+            // A follow-up turn without new documents still belongs to its
+            // conversation; without one, the request is left as it is.
+            let Some(id) = conversation.as_deref() else {
+                return Ok(None);
+            };
+            let mut messages = object
+                .get("messages")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let caller_system = reorder::take_caller_system(&mut messages)?;
+            let Some(turn) =
+                gateway
+                    .conversations
+                    .continue_turn(id, caller_system.as_deref(), &messages, &[])
+            else {
+                return Ok(None);
+            };
+            object.insert("messages".into(), Value::Array(turn.messages.clone()));
+            let (header, header_tokens) = reorder::header_of(caller_system.as_deref());
+            return Ok(Some(DocumentRequest {
+                documents: Documents {
+                    docs: Vec::new(),
+                    deduped: 0,
+                },
+                ranks: Vec::new(),
+                caller_system,
+                messages,
+                header,
+                header_tokens,
+                conversation,
+                turn: Some(turn),
+            }));
+        }
+        let value = value.unwrap_or(Value::Null);
         if path != "/v1/chat/completions" {
             return Err("`documents` is supported on /v1/chat/completions only".into());
         }

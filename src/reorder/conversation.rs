@@ -79,6 +79,21 @@ impl Conversations {
         // sent[0] is the rendered system message; the client's history must
         // repeat the rest, then add at least one message.
         let history = &conversation.sent[1..];
+        let matches = |n: usize| {
+            history[..n]
+                .iter()
+                .zip(messages)
+                .all(|((hash, _), original)| *hash == message_hash(original))
+        };
+        if messages.len() == history.len() && docs.is_empty() && matches(history.len()) {
+            // The same turn again (a retry, or "regenerate"): replay it.
+            conversation.last_used = clock;
+            return Some(Turn {
+                messages: conversation.sent.iter().map(|(_, m)| m.clone()).collect(),
+                new_documents: 0,
+                referenced: 0,
+            });
+        }
         if messages.len() <= history.len()
             || history
                 .iter()
@@ -265,6 +280,30 @@ mod tests {
             .unwrap();
         assert_eq!(turn3.messages[..4], turn.messages[..]);
         assert_eq!(turn3.messages[5]["content"], "q3");
+    }
+
+    #[test]
+    fn the_same_turn_sent_again_is_replayed() {
+        let conversations = Conversations::default();
+        let d = docs(&["A text"]);
+        let q1 = json!({"role": "user", "content": "q1"});
+        conversations.start(
+            "c",
+            None,
+            json!({"role": "system"}),
+            std::slice::from_ref(&q1),
+            &d,
+            &[0],
+        );
+        let a1 = json!({"role": "assistant", "content": "a1"});
+        let q2 = json!({"role": "user", "content": "q2"});
+        let turn = conversations
+            .continue_turn("c", None, &[q1.clone(), a1.clone(), q2.clone()], &[])
+            .unwrap();
+        let again = conversations
+            .continue_turn("c", None, &[q1, a1, q2], &[])
+            .unwrap();
+        assert_eq!(again.messages, turn.messages);
     }
 
     #[test]

@@ -29,6 +29,8 @@ use crate::slots::{Block, BlockSeq, SlotContents, SlotPolicy, SlotState};
 
 /// The fixed instruction line before the documents.
 const INSTRUCTION: &str = "Answer the question based on the provided documents.";
+/// Longest document id accepted (ids are kept in the registry).
+const MAX_ID_BYTES: usize = 256;
 /// Bound on the canonical-order table; past it the table starts over (the
 /// order is a convergence aid, not state anyone depends on).
 const MAX_KNOWN_DOCUMENTS: usize = 200_000;
@@ -82,6 +84,11 @@ pub fn parse_documents(value: &Value) -> Result<Documents, String> {
                 };
                 let id = match fields.get("id") {
                     None | Some(Value::Null) => None,
+                    Some(Value::String(id)) if id.len() > MAX_ID_BYTES => {
+                        return Err(format!(
+                            "documents[{i}].id is longer than {MAX_ID_BYTES} bytes"
+                        ))
+                    }
                     Some(Value::String(id)) => Some(id.as_str()),
                     Some(_) => return Err(format!("documents[{i}].id must be a string")),
                 };
@@ -139,22 +146,25 @@ impl Registry {
     /// before with different text is an error.
     pub fn observe(&self, docs: &[Document]) -> Result<Vec<u64>, String> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if inner.first_seen.len() > MAX_KNOWN_DOCUMENTS || inner.ids.len() > MAX_KNOWN_DOCUMENTS {
+        // Check every id before storing any, so a refused request leaves
+        // nothing behind.
+        for doc in docs {
+            if let Some(id) = &doc.id {
+                if inner.ids.get(id).is_some_and(|hash| *hash != doc.hash) {
+                    return Err(format!(
+                        "document id {id:?} was sent before with different text; ids must name one text"
+                    ));
+                }
+            }
+        }
+        if inner.first_seen.len() + docs.len() > MAX_KNOWN_DOCUMENTS
+            || inner.ids.len() + docs.len() > MAX_KNOWN_DOCUMENTS
+        {
             *inner = RegistryInner::default();
         }
         for doc in docs {
             if let Some(id) = &doc.id {
-                match inner.ids.get(id) {
-                    Some(hash) if *hash != doc.hash => {
-                        return Err(format!(
-                            "document id {id:?} was sent before with different text; ids must name one text"
-                        ));
-                    }
-                    Some(_) => {}
-                    None => {
-                        inner.ids.insert(id.clone(), doc.hash);
-                    }
-                }
+                inner.ids.entry(id.clone()).or_insert(doc.hash);
             }
         }
         Ok(docs
@@ -250,8 +260,12 @@ impl SlotPolicy for DocumentsPolicy<'_> {
                     .then_with(|| slots[*ib].last_used.cmp(&slots[*ia].last_used))
             })
             .unwrap_or((0, (0, Vec::new())));
+        let mut in_run = vec![false; self.docs.len()];
+        for &i in &run {
+            in_run[i] = true;
+        }
         let mut order = run.clone();
-        let mut rest: Vec<usize> = (0..self.docs.len()).filter(|i| !run.contains(i)).collect();
+        let mut rest: Vec<usize> = (0..self.docs.len()).filter(|&i| !in_run[i]).collect();
         rest.sort_by_key(|&i| self.ranks[i]);
         order.extend(rest);
         let moved = order
