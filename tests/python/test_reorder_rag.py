@@ -167,7 +167,19 @@ def test_a_conversation_keeps_its_history_cached_and_references_sent_documents(m
     # The whole first turn is a cached prefix of the second.
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["prompt_tokens"] - 1, (
         first["usage"], second["usage"])
-    lines = d.wait_query_log(2)
+    # A follow-up without documents stays in the conversation: the documents
+    # of both turns are still in its prompt, which extends turn 2's.
+    a2 = {"role": "assistant", "content": second["choices"][0]["message"]["content"]}
+    q3 = {"role": "user", "content": "Thanks. Anything else?"}
+    with httpx.Client(timeout=120) as http:
+        third = http.post(
+            f"{d.base_url}/chat/completions",
+            json={"messages": [q1, a1, q2, a2, q3], "conversation_id": "conv-1", "max_tokens": 1},
+        ).json()
+    assert third["usage"]["prompt_tokens_details"]["cached_tokens"] >= second["usage"]["prompt_tokens"] - 1, (
+        second["usage"], third["usage"])
+    lines = d.wait_query_log(3)
+    assert lines[2]["reorder"]["slot_choice"] == "conversation"
     assert lines[0]["reorder"]["slot_choice"] in ("lru", "header", "cached-prefix")
     assert lines[1]["reorder"]["slot_choice"] == "conversation"
     assert lines[1]["reorder"]["deduped"] == 1  # DB was sent in turn 1: named, not repeated
