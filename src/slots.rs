@@ -191,55 +191,39 @@ impl Scheduler {
         })
     }
 
-    /// Adds the rendered prompt's key to what `slot` holds (a documents
-    /// policy chooses before the prompt is rendered), unless another request
-    /// has already replaced the contents.
-    pub fn set_key(&self, slot: usize, blocks: &Arc<BlockSeq>, key: Arc<str>) {
+    /// Changes what `slot` is recorded to hold, but only while it still
+    /// holds what this request put there (`mine`): another request may have
+    /// replaced it since.
+    fn update_if_mine(
+        &self,
+        slot: usize,
+        mine: &SlotContents,
+        update: impl FnOnce(&mut SlotContents),
+    ) {
         let mut table = self.lock();
         if let Some(state) = table.slots.get_mut(slot) {
-            if state
-                .holds
-                .blocks
-                .as_ref()
-                .is_some_and(|b| Arc::ptr_eq(b, blocks))
-            {
-                state.holds.key = key;
-            }
-        }
-    }
-
-    /// A request failed (no answer, or no timings): its prompt may never
-    /// have reached the slot, so the slot's recorded contents are dropped,
-    /// unless another request has replaced them since.
-    pub fn forget_failed(&self, slot: usize, contents: &SlotContents) {
-        let mut table = self.lock();
-        if let Some(state) = table.slots.get_mut(slot) {
-            let same = match (&state.holds.blocks, &contents.blocks) {
+            let same = match (&state.holds.blocks, &mine.blocks) {
                 (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => Arc::ptr_eq(&state.holds.key, &contents.key),
+                (None, None) => Arc::ptr_eq(&state.holds.key, &mine.key),
                 _ => false,
             };
             if same {
-                state.holds = SlotContents::default();
+                update(&mut state.holds);
             }
         }
     }
 
-    /// The daemon's picture of `slot` turned out wrong (llama.cpp reused far
-    /// less than predicted): forget it, unless another request has already
-    /// replaced it.
-    pub fn forget(&self, slot: usize, blocks: &Arc<BlockSeq>) {
-        let mut table = self.lock();
-        if let Some(state) = table.slots.get_mut(slot) {
-            if state
-                .holds
-                .blocks
-                .as_ref()
-                .is_some_and(|b| Arc::ptr_eq(b, blocks))
-            {
-                state.holds = SlotContents::default();
-            }
-        }
+    /// Adds the rendered prompt's key to what `slot` holds (a documents
+    /// policy chooses before the prompt is rendered).
+    pub fn set_key(&self, slot: usize, mine: &SlotContents, key: Arc<str>) {
+        self.update_if_mine(slot, mine, |holds| holds.key = key);
+    }
+
+    /// The daemon's picture of `slot` is wrong: a request failed (its prompt
+    /// may never have reached the slot), or llama.cpp reused far less than
+    /// predicted. Forget it.
+    pub fn forget(&self, slot: usize, mine: &SlotContents) {
+        self.update_if_mine(slot, mine, |holds| *holds = SlotContents::default());
     }
 
     /// What the daemon believes `slot` holds.

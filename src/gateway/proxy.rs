@@ -21,7 +21,7 @@ use super::sse::StreamObserver;
 use super::{error, error_body, full, json, with_retry_after, Body, ChannelBody, Gateway};
 use crate::meter::{round2, CacheReuse, QueryRecord};
 use crate::reorder::{self, Documents, DocumentsPolicy, ReorderInfo};
-use crate::slots::{AdmitError, BlockSeq, PrefixPolicy, SlotLease};
+use crate::slots::{AdmitError, PrefixPolicy, SlotLease};
 use crate::supervisor::{rfc3339_utc, State};
 
 /// The daemon's HTTP client to the child: keep-alive connections, no
@@ -126,9 +126,8 @@ pub(super) struct Ctx {
     retried: bool,
     slot: Option<usize>,
     prompt: Option<Value>,
-    /// What reordering did, and the blocks the slot now holds (to forget
-    /// them when llama.cpp reused far less than predicted).
-    reorder: Option<(ReorderInfo, Option<Arc<BlockSeq>>)>,
+    /// What reordering did.
+    reorder: Option<ReorderInfo>,
     /// Repeated blocks replaced by pointers, when any were.
     block_dedup: Option<reorder::dedup::DedupStats>,
     /// What the slot was recorded to hold, to drop if the request fails.
@@ -181,22 +180,21 @@ impl Ctx {
             let gen_ms = cache_reuse.as_ref()?.gen_ms;
             (outcome.status == 200).then(|| round2((latency_ms - gen_ms).max(0.0)))
         });
-        if let (Some(slot), Some(contents)) = (self.slot, self.slot_contents.take()) {
+        if let (Some(slot), Some(contents)) = (self.slot, &self.slot_contents) {
             if outcome.status != 200 || timings.is_none() {
-                self.gateway.scheduler.forget_failed(slot, &contents);
+                self.gateway.scheduler.forget(slot, contents);
             }
         }
-        let reorder = self.reorder.take().map(|(info, blocks)| {
-            // Resync: if llama.cpp reused less than half of what the daemon
-            // expected, its picture of this slot is wrong; forget it.
-            let actual = cache_reuse.as_ref().map(|c| c.reused_tokens);
-            if let (Some(actual), Some(blocks), Some(slot)) = (actual, &blocks, self.slot) {
-                if actual * 2 < u64::from(info.predicted_reused_tokens) {
-                    self.gateway.scheduler.forget(slot, blocks);
-                }
+        let reorder = self.reorder.take();
+        if let (Some(info), Some(slot), Some(contents), Some(reuse)) =
+            (&reorder, self.slot, &self.slot_contents, &cache_reuse)
+        {
+            // Resync: llama.cpp reused less than half of what the daemon
+            // expected, so its picture of this slot is wrong.
+            if reuse.reused_tokens * 2 < u64::from(info.predicted_reused_tokens) {
+                self.gateway.scheduler.forget(slot, contents);
             }
-            info
-        });
+        }
         let gpu = self
             .gateway
             .gpu
@@ -469,28 +467,10 @@ pub(super) async fn serve_model(
         let remaining = deadline.saturating_duration_since(Instant::now());
         // Slot choice: by documents when the request has them, else by the
         // longest common prefix of the prompt.
-        let acquired = match &documents {
-            Some(request) if request.turn.is_some() => {
-                // A later turn: its history is the slot's prefix; follow it.
-                let turn = request.turn.as_ref().expect("checked by the guard");
-                ctx.reorder = Some((
-                    ReorderInfo {
-                        documents: request.documents.docs.len(),
-                        moved: 0,
-                        deduped: request.documents.deduped + turn.referenced,
-                        predicted_reused_tokens: 0,
-                        slot_choice: "conversation",
-                    },
-                    None,
-                ));
-                let mut policy = PrefixPolicy {
-                    prompt: key.clone(),
-                };
-                gateway
-                    .scheduler
-                    .acquire(&mut policy, target.pid, remaining)
-                    .await
-            }
+        // Slot choice: by documents for a request that brings them, else by
+        // the longest common prefix of the prompt (which also keeps a
+        // conversation's later turns on its slot).
+        let acquired = match documents.as_ref().filter(|r| r.turn.is_none()) {
             Some(request) => {
                 let mut policy = request.policy();
                 let lease = gateway
@@ -499,18 +479,27 @@ pub(super) async fn serve_model(
                     .await;
                 if let Ok(lease) = &lease {
                     request.render_into(gateway, &mut body, &policy);
-                    if let Some(blocks) = &policy.blocks {
-                        let key = Arc::from(prompt_key(&path, &body));
-                        gateway.scheduler.set_key(lease.id(), blocks, key);
-                    }
+                    let key = Arc::from(prompt_key(&path, &body));
+                    gateway.scheduler.set_key(lease.id(), &lease.contents, key);
                     ctx.reorder = policy.info.map(|mut info| {
                         info.deduped = request.documents.deduped;
-                        (info, policy.blocks.clone())
+                        info
                     });
                 }
                 lease
             }
             None => {
+                if let Some((request, turn)) =
+                    documents.as_ref().and_then(|r| Some((r, r.turn.as_ref()?)))
+                {
+                    ctx.reorder = Some(ReorderInfo {
+                        documents: request.documents.docs.len(),
+                        moved: 0,
+                        deduped: request.documents.deduped + turn.referenced,
+                        predicted_reused_tokens: 0,
+                        slot_choice: "conversation",
+                    });
+                }
                 let mut policy = PrefixPolicy {
                     prompt: key.clone(),
                 };
