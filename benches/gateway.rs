@@ -162,14 +162,16 @@ fn main() {
         ),
     )
     .unwrap();
-    let mut daemon: Child = Command::new(&binary)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("XDG_RUNTIME_DIR", dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let daemon = Stopped(
+        Command::new(&binary)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("XDG_RUNTIME_DIR", dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(120);
     let child_port = loop {
         assert!(Instant::now() < deadline, "the daemon did not become ready");
@@ -259,10 +261,24 @@ fn main() {
         "\ncontextpilotd resident memory: idle {} KiB, peak under load {} KiB",
         idle_rss, peak_rss
     );
+}
 
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = daemon.wait();
+/// The daemon under test, stopped with SIGTERM when the bench ends, also
+/// when it panics.
+struct Stopped(Child);
+
+impl Stopped {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.0.wait();
+    }
 }
