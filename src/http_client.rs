@@ -31,15 +31,29 @@ impl Default for HttpClient {
     }
 }
 
+/// A pooled HTTP/1 client for loopback peers. llama-server's HTTP library
+/// closes idle connections after 5 s, so an idle connection is dropped
+/// before that rather than reused while the server closes it.
+pub fn loopback_client<B>() -> Client<HttpConnector, B>
+where
+    B: hyper::body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(4))
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .build(connector)
+}
+
 impl HttpClient {
     pub fn new() -> HttpClient {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let inner = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
-        HttpClient { inner }
+        HttpClient {
+            inner: loopback_client(),
+        }
     }
 
     /// GETs `url` and reads the whole body, all within `timeout`.

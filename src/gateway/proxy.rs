@@ -14,7 +14,6 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
 use super::sse::StreamObserver;
@@ -40,16 +39,8 @@ impl Default for Upstream {
 
 impl Upstream {
     pub fn new() -> Upstream {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
         Upstream {
-            client: Client::builder(TokioExecutor::new())
-                // llama-server's HTTP library closes idle connections after
-                // 5 s; never reuse one it may be closing.
-                .pool_idle_timeout(Duration::from_secs(4))
-                .pool_timer(hyper_util::rt::TokioTimer::new())
-                .build(connector),
+            client: crate::http_client::loopback_client(),
         }
     }
 
@@ -441,7 +432,12 @@ pub(super) async fn serve_model(
             return ctx.fail(StatusCode::BAD_REQUEST, &message, "invalid_request_error")
         }
     };
-    let key: Arc<str> = Arc::from(prompt_key(&path, &body));
+    // The prompt key for prefix-based slot choice; a first turn with
+    // documents chooses by its documents instead and never needs it.
+    let key: Arc<str> = match &documents {
+        Some(request) if request.turn.is_none() => Arc::from(""),
+        _ => Arc::from(prompt_key(&path, &body)),
+    };
     body["cache_prompt"] = Value::Bool(true);
 
     let mut deadline = arrived + gateway.queue_timeout;

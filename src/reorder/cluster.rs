@@ -519,6 +519,24 @@ impl SparseLinkage {
         self.lists[i].push(e);
     }
 
+    /// Records distance `v` between cluster `i` and the merged cluster `y`
+    /// on both sides: in `y`'s new list and in `i`'s.
+    fn link(&mut self, new_y: &mut Vec<Edge>, i: usize, y: u32, gy: u32, v: f64) {
+        new_y.push(Edge {
+            to: i as u32,
+            gen: self.gen[i],
+            d: v,
+        });
+        self.push_edge(
+            i,
+            Edge {
+                to: y,
+                gen: gy,
+                d: v,
+            },
+        );
+    }
+
     /// Joins `x` into `y` (x < y), updating distances with the average rule.
     fn merge(&mut self, x: u32, y: u32) {
         let (xu, yu) = (x as usize, y as usize);
@@ -546,19 +564,7 @@ impl SparseLinkage {
             self.stamp2[i] = tx;
             let d_xi = if self.stamp[i] == tx { self.dx[i] } else { 1.0 };
             let v = average_update(d_xi, e.d, nx, ny);
-            new_y.push(Edge {
-                to: e.to,
-                gen: self.gen[i],
-                d: v,
-            });
-            self.push_edge(
-                i,
-                Edge {
-                    to: y,
-                    gen: gy,
-                    d: v,
-                },
-            );
+            self.link(&mut new_y, i, y, gy, v);
         }
         for e in &lx {
             let i = e.to as usize;
@@ -568,19 +574,7 @@ impl SparseLinkage {
             // Only the first live entry for `i` counts; it carries `dx[i]`.
             self.stamp2[i] = tx;
             let v = average_update(self.dx[i], 1.0, nx, ny);
-            new_y.push(Edge {
-                to: e.to,
-                gen: self.gen[i],
-                d: v,
-            });
-            self.push_edge(
-                i,
-                Edge {
-                    to: y,
-                    gen: gy,
-                    d: v,
-                },
-            );
+            self.link(&mut new_y, i, y, gy, v);
         }
         self.compact_at[yu] = 2 * new_y.len() + 32;
         self.lists[yu] = new_y;
