@@ -20,7 +20,46 @@ pub struct Config {
     pub llama: LlamaConfig,
     pub supervisor: SupervisorConfig,
     pub meter: MeterConfig,
+    pub reorder: ReorderConfig,
     pub log: LogConfig,
+}
+
+/// What `/reorder` keeps between calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IndexMode {
+    /// One live index: later calls are placed against earlier ones and
+    /// carry request ids that `/evict` removes (ContextPilot's default).
+    Live,
+    /// Every call is clustered on its own (ContextPilot's `--stateless`).
+    Stateless,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReorderConfig {
+    /// Find document lists inside system messages and tool results of
+    /// requests without `documents` and reorder them (a request turns it off
+    /// with `X-ContextPilot-Enabled: false`).
+    pub infer_documents: bool,
+    /// The ContextPilot-compatible `/reorder`: `live` or `stateless`.
+    pub index: IndexMode,
+    /// Bound on the live index's leaves; the least recently used go first.
+    pub live_max_leaves: usize,
+    /// A live leaf unused for this long is dropped; 0 keeps leaves until
+    /// evicted or pushed out.
+    pub live_ttl_s: u64,
+}
+
+impl Default for ReorderConfig {
+    fn default() -> Self {
+        ReorderConfig {
+            infer_documents: true,
+            index: IndexMode::Live,
+            live_max_leaves: 100_000,
+            live_ttl_s: 3600,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -437,6 +476,10 @@ impl Config {
             ("server.max_body_bytes", self.server.max_body_bytes as u64),
             ("server.header_timeout_s", self.server.header_timeout_s),
             ("meter.max_log_bytes", self.meter.max_log_bytes),
+            (
+                "reorder.live_max_leaves",
+                self.reorder.live_max_leaves as u64,
+            ),
         ] {
             if value == 0 {
                 return err(key, "must be greater than 0".to_string());

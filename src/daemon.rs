@@ -386,6 +386,7 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
         query_prefix: format!("{started_ms:x}"),
         registry: Default::default(),
         conversations: Default::default(),
+        compat: crate::gateway::CompatState::new(&config.reorder),
         next_query: AtomicU64::new(0),
     });
     let header_timeout = Duration::from_secs(config.server.header_timeout_s);

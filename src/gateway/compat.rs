@@ -1,47 +1,172 @@
-//! The ContextPilot-compatible `POST /reorder`, for existing users of its
-//! HTTP client: a batch of contexts (lists of block ids or strings) comes
-//! back reordered for prefix sharing and scheduled so that contexts sharing
-//! blocks run one after another.
+//! The ContextPilot-compatible index API, for existing users of its HTTP
+//! client: `POST /reorder` (and its older names `/build`, `/schedule`),
+//! `/evict`, `/search`, `/insert`, `/update`, `/deduplicate`, `/reset`, and
+//! `GET /requests`.
 //!
-//! Every call is answered in the reference server's stateless shape; the
-//! clustering runs on the blocking pool, never on a request worker.
+//! `[reorder] index = "live"` (the default, like the reference server) keeps
+//! one [`LiveIndex`] across calls: the first `/reorder` builds it, later ones
+//! place their contexts against it and return request ids that `/evict`
+//! removes. `"stateless"` clusters every call on its own; `/schedule` is
+//! always stateless. Reordered contexts always come in scheduled order
+//! (`reordered_contexts[i]` is input `original_indices[i]`), in both modes
+//! and on every call. All index work runs on the blocking pool.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use super::proxy::read_body;
 use super::{error, json, Body, Gateway};
+use crate::config::{IndexMode, ReorderConfig};
 use crate::reorder::cluster::{self, IndexResult};
+use crate::reorder::live::{self, DedupResult, Key, LiveIndex, SlotOccupancy};
 
-enum Contexts {
-    Ints(Vec<Vec<u32>>),
-    Strings(Vec<Vec<String>>),
+/// The compatibility API's state: the live index and which request each
+/// slot answered last.
+pub struct CompatState {
+    mode: IndexMode,
+    index: Arc<Mutex<LiveIndex>>,
+    /// The child the occupancy is about, and what its slots answered last.
+    occupancy: Mutex<(Option<u32>, SlotOccupancy)>,
 }
 
-fn parse(body: &Value) -> Result<(Contexts, f64), String> {
-    let Some(Value::Array(contexts)) = body.get("contexts") else {
-        return Err("`contexts` must be a list of lists of block ids or strings".into());
-    };
-    let alpha = match body.get("alpha") {
-        None | Some(Value::Null) => 0.001,
-        Some(v) => v
-            .as_f64()
-            .filter(|a| a.is_finite() && *a >= 0.0)
-            .ok_or("`alpha` must be a number >= 0")?,
-    };
-    match body.get("linkage_method").and_then(Value::as_str) {
-        None | Some("average") => {}
-        Some(other) => {
-            return Err(format!(
-                "linkage_method {other:?} is not supported; use \"average\""
-            ))
+impl CompatState {
+    pub fn new(config: &ReorderConfig) -> Self {
+        let limits = live::Limits {
+            max_leaves: config.live_max_leaves,
+            ttl: (config.live_ttl_s > 0).then(|| Duration::from_secs(config.live_ttl_s)),
+        };
+        CompatState {
+            mode: config.index,
+            index: Arc::new(Mutex::new(LiveIndex::new(cluster::DEFAULT_ALPHA, limits))),
+            occupancy: Mutex::new((None, SlotOccupancy::default())),
         }
     }
+
+    /// A model request ran on `slot` of child `pid`, tagged with a request
+    /// id (`rid` or `request_id`) when it succeeded and carried one: whatever
+    /// the slot held before is gone from its KV cache, so that request's id
+    /// leaves the live index. A new child holds nothing, so every id goes.
+    pub fn slot_answered(&self, pid: u32, slot: usize, rid: Option<&str>) {
+        let displaced = {
+            let mut occupancy = lock(&self.occupancy);
+            let mut displaced = Vec::new();
+            if occupancy.0 != Some(pid) {
+                occupancy.0 = Some(pid);
+                displaced = occupancy.1.clear();
+            }
+            displaced.extend(occupancy.1.answered(slot, rid));
+            displaced
+        };
+        if !displaced.is_empty() {
+            lock(&self.index).remove_requests(&displaced);
+        }
+    }
+
+    /// The live index's counters, for `/stats`.
+    pub fn index_stats(&self) -> Value {
+        let mut index = lock(&self.index);
+        index.expire_now();
+        stats_json(&index)
+    }
+}
+
+/// The index stays usable after a panic elsewhere: its operations leave it
+/// consistent between calls.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn stats_json(index: &LiveIndex) -> Value {
+    let s = index.stats();
+    json!({
+        "num_nodes": s.num_nodes,
+        "active_nodes": s.leaf_nodes,
+        "leaf_nodes": s.leaf_nodes,
+        "total_tokens": s.total_tokens,
+        "num_requests": s.num_requests,
+        "total_searches": s.total_searches,
+        "total_insertions": s.total_insertions,
+        "total_removals": s.total_removals,
+        "expired_leaves": s.expired,
+        "lru_evicted_leaves": s.lru_evicted,
+        "string_blocks": s.strings,
+        "avg_search_time_us": (s.avg_search_time_us * 100.0).round() / 100.0,
+    })
+}
+
+fn bad(message: impl AsRef<str>) -> Response<Body> {
+    error(
+        StatusCode::BAD_REQUEST,
+        message.as_ref(),
+        "invalid_request_error",
+    )
+}
+
+fn not_live() -> Response<Body> {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the index is not built yet: call POST /reorder first",
+        "unavailable_error",
+    )
+}
+
+async fn read_json(
+    gateway: &Arc<Gateway>,
+    request: Request<Incoming>,
+) -> Result<Value, Response<Body>> {
+    let raw = read_body(request, gateway.max_body_bytes).await?;
+    if raw.is_empty() {
+        return Ok(Value::Object(Map::new()));
+    }
+    serde_json::from_slice(&raw)
+        .map_err(|e| bad(format!("the request body is not valid JSON: {e}")))
+}
+
+/// Runs index work on the blocking pool.
+async fn blocking<F>(work: F) -> Response<Body>
+where
+    F: FnOnce() -> Response<Body> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(work).await {
+        Ok(response) => response,
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("reordering failed: {e}"),
+            "server_error",
+        ),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Parsing.
+
+struct Contexts {
+    keys: Vec<Vec<Key>>,
+    strings: bool,
+}
+
+impl Contexts {
+    fn input_type(&self) -> &'static str {
+        if self.strings {
+            "string"
+        } else {
+            "integer"
+        }
+    }
+}
+
+fn parse_contexts(value: Option<&Value>, field: &str) -> Result<Contexts, String> {
+    let Some(Value::Array(contexts)) = value else {
+        return Err(format!(
+            "`{field}` must be a list of lists of block ids or strings"
+        ));
+    };
     // A flat list is one context, as in the reference client.
-    let contexts: Vec<Value> = if contexts.iter().all(|c| !c.is_array()) && !contexts.is_empty() {
+    let contexts: Vec<Value> = if !contexts.is_empty() && contexts.iter().all(|c| !c.is_array()) {
         vec![Value::Array(contexts.clone())]
     } else {
         contexts.clone()
@@ -50,39 +175,178 @@ fn parse(body: &Value) -> Result<(Contexts, f64), String> {
         .iter()
         .find_map(|c| c.as_array().and_then(|c| c.first()))
         .is_some_and(Value::is_string);
-    let mut ints = Vec::new();
-    let mut strs = Vec::new();
+    let mut keys = Vec::with_capacity(contexts.len());
     for (i, context) in contexts.iter().enumerate() {
         let Value::Array(items) = context else {
-            return Err(format!("contexts[{i}] must be a list"));
+            return Err(format!("{field}[{i}] must be a list"));
         };
-        if strings {
-            let items: Option<Vec<String>> = items
+        let parsed: Option<Vec<Key>> = if strings {
+            items
                 .iter()
-                .map(|v| v.as_str().map(str::to_string))
-                .collect();
-            strs.push(items.ok_or(format!("contexts[{i}] mixes strings and other values"))?);
+                .map(|v| v.as_str().map(|s| Key::Str(s.to_string())))
+                .collect()
         } else {
-            let items: Option<Vec<u32>> = items
+            items
                 .iter()
-                .map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok()))
-                .collect();
-            ints.push(items.ok_or(format!(
-                "contexts[{i}] must hold non-negative integers (or only strings)"
-            ))?);
-        }
+                .map(|v| {
+                    v.as_u64()
+                        .filter(|&n| n <= u64::from(u32::MAX))
+                        .map(Key::Int)
+                })
+                .collect()
+        };
+        keys.push(parsed.ok_or_else(|| {
+            if strings {
+                format!("{field}[{i}] mixes strings and other values")
+            } else {
+                format!("{field}[{i}] must hold non-negative integers (or only strings)")
+            }
+        })?);
     }
-    Ok((
-        if strings {
-            Contexts::Strings(strs)
-        } else {
-            Contexts::Ints(ints)
-        },
-        alpha,
-    ))
+    Ok(Contexts { keys, strings })
 }
 
-fn respond(result: &IndexResult, names: Option<&[String]>, input_type: &str) -> Value {
+fn parse_alpha(body: &Value) -> Result<f64, String> {
+    match body.get("alpha") {
+        None | Some(Value::Null) => Ok(cluster::DEFAULT_ALPHA),
+        Some(v) => v
+            .as_f64()
+            .filter(|a| a.is_finite() && *a >= 0.0)
+            .ok_or_else(|| "`alpha` must be a number >= 0".to_string()),
+    }
+}
+
+fn check_linkage(body: &Value) -> Result<(), String> {
+    match body.get("linkage_method").and_then(Value::as_str) {
+        None | Some("average") => Ok(()),
+        Some(other) => Err(format!(
+            "linkage_method {other:?} is not supported; use \"average\""
+        )),
+    }
+}
+
+fn opt_str<'a>(body: &'a Value, field: &str) -> Result<Option<&'a str>, String> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(format!("`{field}` must be a string")),
+    }
+}
+
+fn parse_parents(body: &Value, n: usize) -> Result<Vec<Option<String>>, String> {
+    match body.get("parent_request_ids") {
+        None | Some(Value::Null) => Ok(vec![None; n]),
+        Some(Value::Array(ids)) => {
+            if ids.len() != n {
+                return Err(format!(
+                    "`parent_request_ids` has {} entries for {n} contexts",
+                    ids.len()
+                ));
+            }
+            ids.iter()
+                .map(|v| match v {
+                    Value::Null => Ok(None),
+                    Value::String(s) => Ok(Some(s.clone())),
+                    _ => Err("`parent_request_ids` entries must be strings or null".to_string()),
+                })
+                .collect()
+        }
+        Some(_) => Err("`parent_request_ids` must be a list".to_string()),
+    }
+}
+
+fn parse_path(body: &Value) -> Result<Vec<usize>, String> {
+    match body.get("search_path") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(steps)) => steps
+            .iter()
+            .map(|v| v.as_u64().map(|n| n as usize))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| "`search_path` must be a list of non-negative integers".to_string()),
+        Some(_) => Err("`search_path` must be a list".to_string()),
+    }
+}
+
+fn key_json(key: &Key) -> Value {
+    match key {
+        Key::Int(n) => json!(n),
+        Key::Str(s) => json!(s),
+    }
+}
+
+fn keys_json(keys: &[Key]) -> Value {
+    Value::Array(keys.iter().map(key_json).collect())
+}
+
+// ---------------------------------------------------------------------------
+// `/reorder`.
+
+/// `POST /reorder` and `/build` (live or stateless per config), `/schedule`
+/// (always stateless).
+pub(super) async fn reorder(
+    gateway: &Arc<Gateway>,
+    request: Request<Incoming>,
+    always_stateless: bool,
+) -> Response<Body> {
+    let body = match read_json(gateway, request).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let parsed = parse_contexts(body.get("contexts"), "contexts").and_then(|contexts| {
+        check_linkage(&body)?;
+        Ok((contexts, parse_alpha(&body)?))
+    });
+    let (contexts, alpha) = match parsed {
+        Ok(parsed) => parsed,
+        Err(message) => return bad(message),
+    };
+    if always_stateless || gateway.compat.mode == IndexMode::Stateless {
+        return blocking(move || json(StatusCode::OK, &stateless(&contexts, alpha))).await;
+    }
+    let index = gateway.compat.index.clone();
+    blocking(
+        move || match reorder_live(&index, &contexts, alpha, &body) {
+            Ok(answer) => json(StatusCode::OK, &answer),
+            Err(message) => bad(message),
+        },
+    )
+    .await
+}
+
+fn stateless(contexts: &Contexts, alpha: f64) -> Value {
+    if contexts.strings {
+        let strings: Vec<Vec<&str>> = contexts
+            .keys
+            .iter()
+            .map(|c| {
+                c.iter()
+                    .map(|k| match k {
+                        Key::Str(s) => s.as_str(),
+                        Key::Int(_) => "",
+                    })
+                    .collect()
+            })
+            .collect();
+        let (ids, names) = cluster::intern(&strings);
+        stateless_answer(&cluster::build_index(&ids, alpha), Some(&names), "string")
+    } else {
+        let ids: Vec<Vec<u32>> = contexts
+            .keys
+            .iter()
+            .map(|c| {
+                c.iter()
+                    .map(|k| match k {
+                        Key::Int(n) => *n as u32,
+                        Key::Str(_) => 0,
+                    })
+                    .collect()
+            })
+            .collect();
+        stateless_answer(&cluster::build_index(&ids, alpha), None, "integer")
+    }
+}
+
+fn stateless_answer(result: &IndexResult, names: Option<&[String]>, input_type: &str) -> Value {
     let schedule = cluster::schedule(result);
     let render = |ids: &Vec<u32>| -> Value {
         match names {
@@ -118,63 +382,368 @@ fn respond(result: &IndexResult, names: Option<&[String]>, input_type: &str) -> 
     })
 }
 
-/// `POST /reorder`.
-pub(super) async fn reorder(gateway: &Arc<Gateway>, request: Request<Incoming>) -> Response<Body> {
-    let raw = match read_body(request, gateway.max_body_bytes).await {
-        Ok(raw) => raw,
+fn reorder_live(
+    index: &Mutex<LiveIndex>,
+    contexts: &Contexts,
+    alpha: f64,
+    body: &Value,
+) -> Result<Value, String> {
+    let conversation_id = opt_str(body, "conversation_id")?;
+    let template = opt_str(body, "hint_template")?;
+    let dedup = body
+        .get("deduplicate")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let parents = parse_parents(body, contexts.keys.len())?;
+    let mut index = lock(index);
+    index.set_alpha_if_idle(alpha);
+    let out = index.reorder(&contexts.keys, conversation_id);
+    let scheduled: Vec<Value> = out
+        .order
+        .iter()
+        .map(|&i| keys_json(&out.reordered[i]))
+        .collect();
+    let mapping: Map<String, Value> = out
+        .request_ids
+        .iter()
+        .zip(&out.leaves)
+        .map(|(rid, &leaf)| (rid.clone(), json!(leaf)))
+        .collect();
+    let mut answer = json!({
+        "status": "success",
+        "message": if out.mode == "initial" {
+            "Index built successfully"
+        } else {
+            "Incremental reorder completed"
+        },
+        "mode": out.mode,
+        "input_type": contexts.input_type(),
+        "num_contexts": contexts.keys.len(),
+        "matched_count": out.matched,
+        "merged_count": out.merged,
+        "inserted_count": contexts.keys.len(),
+        "request_ids": out.request_ids,
+        "request_id_mapping": mapping,
+        "reordered_contexts": scheduled,
+        "scheduled_contexts": scheduled,
+        "original_indices": out.order,
+        "num_groups": out.groups.len(),
+        "groups": out.groups.iter().map(|g| json!([0, g])).collect::<Vec<_>>(),
+        "stats": stats_json(&index),
+    });
+    if !out.warnings.is_empty() {
+        answer["warnings"] = json!(out.warnings);
+    }
+    if dedup {
+        // Pairing is by input index throughout: documents, request ids and
+        // parents all line up (the reference mixed scheduled and input order).
+        let results = index.deduplicate_chain(&contexts.keys, &out.request_ids, &parents, template);
+        answer["deduplication"] = dedup_json(&results, &out.request_ids);
+    }
+    Ok(answer)
+}
+
+fn dedup_json(results: &[DedupResult], request_ids: &[String]) -> Value {
+    let total: usize = results.iter().map(|r| r.overlapping.len()).sum();
+    let items: Vec<Value> = results
+        .iter()
+        .zip(request_ids)
+        .map(|(r, rid)| {
+            json!({
+                "request_id": rid,
+                "original_docs": keys_json(&r.original),
+                "deduplicated_docs": keys_json(&r.new),
+                "overlapping_docs": keys_json(&r.overlapping),
+                "new_docs": keys_json(&r.new),
+                "reference_hints": r.hints,
+                "doc_source_turns": r.source_turns.iter()
+                    .map(|(k, t)| (k.to_string(), json!(t)))
+                    .collect::<Map<String, Value>>(),
+                "is_new_conversation": r.new_conversation,
+                "blocks_deduped": 0,
+                "blocks_total": 0,
+                "block_chars_saved": 0,
+            })
+        })
+        .collect();
+    json!({
+        "enabled": true,
+        "results": items,
+        "total_docs_deduplicated": total,
+        "total_blocks_deduped": 0,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// The other index endpoints.
+
+/// `POST /evict {request_ids}`.
+pub(super) async fn evict(gateway: &Arc<Gateway>, request: Request<Incoming>) -> Response<Body> {
+    let body = match read_json(gateway, request).await {
+        Ok(body) => body,
         Err(response) => return response,
     };
-    let body: Value = match serde_json::from_slice(&raw) {
+    let ids: Option<Vec<String>> = body
+        .get("request_ids")
+        .and_then(Value::as_array)
+        .and_then(|ids| ids.iter().map(|v| v.as_str().map(str::to_string)).collect());
+    let Some(ids) = ids else {
+        return bad("`request_ids` must be a list of strings");
+    };
+    let index = gateway.compat.index.clone();
+    blocking(move || {
+        let mut index = lock(&index);
+        if !index.is_live() {
+            return not_live();
+        }
+        let normalized = live::normalize_request_ids(&ids);
+        let cleared: usize = normalized
+            .iter()
+            .map(|id| index.clear_conversation(id))
+            .sum();
+        let e = index.remove_requests(&normalized);
+        let s = index.stats();
+        json(
+            StatusCode::OK,
+            &json!({
+                "status": "success",
+                "conversations_cleared": cleared,
+                "normalized_request_ids": normalized,
+                "removed_count": e.removed,
+                "evicted_node_ids": e.evicted_nodes,
+                "evicted_request_ids": e.evicted_requests,
+                "not_found": e.not_found,
+                "nodes_remaining": s.num_nodes,
+                "requests_remaining": s.num_requests,
+            }),
+        )
+    })
+    .await
+}
+
+/// `POST /search {context, update_access}`.
+pub(super) async fn search(gateway: &Arc<Gateway>, request: Request<Incoming>) -> Response<Body> {
+    let body = match read_json(gateway, request).await {
         Ok(body) => body,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                &format!("the request body is not valid JSON: {e}"),
-                "invalid_request_error",
-            )
-        }
+        Err(response) => return response,
     };
-    let (contexts, alpha) = match parse(&body) {
-        Ok(parsed) => parsed,
-        Err(message) => return error(StatusCode::BAD_REQUEST, &message, "invalid_request_error"),
+    let context = match parse_contexts(body.get("context"), "context") {
+        Ok(c) if c.keys.len() == 1 => c.keys.into_iter().next().unwrap_or_default(),
+        Ok(_) => return bad("`context` must be one list of block ids or strings"),
+        Err(message) => return bad(message),
     };
-    let work = tokio::task::spawn_blocking(move || match contexts {
-        Contexts::Ints(ids) => respond(&cluster::build_index(&ids, alpha), None, "integer"),
-        Contexts::Strings(strings) => {
-            let (ids, names) = cluster::intern(&strings);
-            respond(&cluster::build_index(&ids, alpha), Some(&names), "string")
+    let update = body
+        .get("update_access")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    let index = gateway.compat.index.clone();
+    blocking(move || {
+        let mut index = lock(&index);
+        if !index.is_live() {
+            return not_live();
         }
+        let found = index.search(&context, update);
+        json(
+            StatusCode::OK,
+            &json!({
+                "status": "success",
+                "search_path": found.path,
+                "node_id": found.node.map_or(-1, |n| n as i64),
+                // The reference's name for the overlap count.
+                "prefix_length": found.overlap,
+                "has_prefix": found.has_prefix,
+            }),
+        )
+    })
+    .await
+}
+
+/// `POST /insert {context, search_path, total_tokens}`.
+pub(super) async fn insert(gateway: &Arc<Gateway>, request: Request<Incoming>) -> Response<Body> {
+    let body = match read_json(gateway, request).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let parsed = parse_contexts(body.get("context"), "context").and_then(|c| {
+        let path = parse_path(&body)?;
+        let tokens = match body.get("total_tokens") {
+            None | Some(Value::Null) => 0,
+            Some(v) => v.as_i64().ok_or("`total_tokens` must be an integer")?,
+        };
+        Ok((c, path, tokens))
     });
-    match work.await {
-        Ok(answer) => json(StatusCode::OK, &answer),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("reordering failed: {e}"),
-            "server_error",
-        ),
-    }
+    let (context, path, tokens) = match parsed {
+        Ok((c, path, tokens)) if c.keys.len() == 1 => {
+            (c.keys.into_iter().next().unwrap_or_default(), path, tokens)
+        }
+        Ok(_) => return bad("`context` must be one list of block ids or strings"),
+        Err(message) => return bad(message),
+    };
+    let index = gateway.compat.index.clone();
+    blocking(move || {
+        let mut index = lock(&index);
+        if !index.is_live() {
+            return not_live();
+        }
+        let (node, rid) = index.insert(&context, &path, tokens);
+        json(
+            StatusCode::OK,
+            &json!({
+                "status": "success",
+                "node_id": node,
+                "search_path": index.path_of(node),
+                "request_id": rid,
+            }),
+        )
+    })
+    .await
+}
+
+/// `POST /update {search_path, token_delta}` (the reference client calls
+/// it; its server never had it).
+pub(super) async fn update(gateway: &Arc<Gateway>, request: Request<Incoming>) -> Response<Body> {
+    let body = match read_json(gateway, request).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let path = match parse_path(&body) {
+        Ok(path) => path,
+        Err(message) => return bad(message),
+    };
+    let Some(delta) = body.get("token_delta").and_then(Value::as_i64) else {
+        return bad("`token_delta` must be an integer");
+    };
+    let index = gateway.compat.index.clone();
+    blocking(move || {
+        let mut index = lock(&index);
+        if !index.is_live() {
+            return not_live();
+        }
+        match index.update_tokens(&path, delta) {
+            Some((node, total)) => json(
+                StatusCode::OK,
+                &json!({"status": "success", "node_id": node, "total_tokens": total}),
+            ),
+            None => error(
+                StatusCode::NOT_FOUND,
+                &format!("no node at search_path {path:?}"),
+                "not_found_error",
+            ),
+        }
+    })
+    .await
+}
+
+/// `POST /deduplicate {contexts, parent_request_ids | conversation_id,
+/// hint_template}`: multi-turn dedup without touching the tree (documented
+/// by the reference and called by its client, though its server dropped it).
+pub(super) async fn deduplicate(
+    gateway: &Arc<Gateway>,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    let body = match read_json(gateway, request).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let contexts = match parse_contexts(body.get("contexts"), "contexts") {
+        Ok(c) => c,
+        Err(message) => return bad(message),
+    };
+    let index = gateway.compat.index.clone();
+    blocking(move || {
+        let run = || -> Result<Value, String> {
+            let template = opt_str(&body, "hint_template")?;
+            let mut index = lock(&index);
+            if let Some(cid) = opt_str(&body, "conversation_id")? {
+                let results = index.deduplicate_conversation(&contexts.keys, cid, template)?;
+                let ids = vec![String::new(); results.len()];
+                let mut answer = dedup_json(&results, &ids);
+                answer["status"] = json!("success");
+                return Ok(answer);
+            }
+            let parents = parse_parents(&body, contexts.keys.len())?;
+            let ids: Vec<String> = (0..contexts.keys.len())
+                .map(|_| index.new_tracked_id())
+                .collect();
+            let results = index.deduplicate_chain(&contexts.keys, &ids, &parents, template);
+            let mut answer = dedup_json(&results, &ids);
+            answer["status"] = json!("success");
+            answer["request_ids"] = json!(ids);
+            Ok(answer)
+        };
+        match run() {
+            Ok(answer) => json(StatusCode::OK, &answer),
+            Err(message) => bad(message),
+        }
+    })
+    .await
+}
+
+/// `POST /reset`.
+pub(super) async fn reset(gateway: &Arc<Gateway>) -> Response<Body> {
+    let index = gateway.compat.index.clone();
+    blocking(move || {
+        let was_live = lock(&index).reset();
+        json(
+            StatusCode::OK,
+            &json!({
+                "status": "success",
+                "message": if was_live {
+                    "Index reset to initial state"
+                } else {
+                    "No index to reset (was not initialized)"
+                },
+                "conversation_tracker": "reset",
+            }),
+        )
+    })
+    .await
+}
+
+/// `GET /requests`.
+pub(super) async fn requests(gateway: &Arc<Gateway>) -> Response<Body> {
+    let index = gateway.compat.index.clone();
+    blocking(move || {
+        let mut index = lock(&index);
+        if !index.is_live() {
+            return not_live();
+        }
+        index.expire_now();
+        let ids = index.request_ids();
+        json(
+            StatusCode::OK,
+            &json!({"status": "success", "num_requests": ids.len(), "request_ids": ids}),
+        )
+    })
+    .await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn run(body: Value) -> Value {
-        let (contexts, alpha) = parse(&body).unwrap();
-        match contexts {
-            Contexts::Ints(ids) => respond(&cluster::build_index(&ids, alpha), None, "integer"),
-            Contexts::Strings(strings) => {
-                let (ids, names) = cluster::intern(&strings);
-                respond(&cluster::build_index(&ids, alpha), Some(&names), "string")
-            }
-        }
+    fn run_stateless(body: Value) -> Value {
+        let contexts = parse_contexts(body.get("contexts"), "contexts").unwrap();
+        stateless(&contexts, parse_alpha(&body).unwrap())
+    }
+
+    fn run_live(index: &Mutex<LiveIndex>, body: Value) -> Value {
+        let contexts = parse_contexts(body.get("contexts"), "contexts").unwrap();
+        reorder_live(index, &contexts, cluster::DEFAULT_ALPHA, &body).unwrap()
+    }
+
+    fn fresh() -> Mutex<LiveIndex> {
+        Mutex::new(LiveIndex::new(
+            cluster::DEFAULT_ALPHA,
+            live::Limits::default(),
+        ))
     }
 
     /// The reference system's batch example (its §8 case 5), in the HTTP
     /// shape: reordered contexts come in scheduled order.
     #[test]
     fn string_batch_in_the_stateless_shape() {
-        let answer = run(
+        let answer = run_stateless(
             json!({"contexts": [["G","A","F","B","E","C"], ["X","Y","Z","W","V","U"], ["C","D","A","H","B","I"]]}),
         );
         assert_eq!(answer["input_type"], "string");
@@ -193,14 +762,65 @@ mod tests {
 
     #[test]
     fn integer_batch_and_a_flat_list() {
-        let answer = run(json!({"contexts": [[5,1,9,2],[2,7,1,5],[8,3,4]]}));
+        let answer = run_stateless(json!({"contexts": [[5,1,9,2],[2,7,1,5],[8,3,4]]}));
         assert_eq!(answer["input_type"], "integer");
         assert_eq!(
             answer["reordered_contexts"],
             json!([[1, 2, 5, 9], [1, 2, 5, 7], [8, 3, 4]])
         );
-        let single = run(json!({"contexts": [1, 2, 3]}));
+        let single = run_stateless(json!({"contexts": [1, 2, 3]}));
         assert_eq!(single["reordered_contexts"], json!([[1, 2, 3]]));
+    }
+
+    /// The live shape: the first call builds (same answer as stateless for
+    /// the batch), later calls are incremental, and both come in scheduled
+    /// order with request ids in input order.
+    #[test]
+    fn live_shape_initial_then_incremental() {
+        let index = fresh();
+        let first = run_live(
+            &index,
+            json!({"contexts": [["G","A","F","B","E","C"], ["X","Y","Z","W","V","U"], ["C","D","A","H","B","I"]]}),
+        );
+        assert_eq!(first["mode"], "initial");
+        assert_eq!(first["original_indices"], json!([0, 2, 1]));
+        assert_eq!(
+            first["reordered_contexts"][1],
+            json!(["A", "B", "C", "D", "H", "I"])
+        );
+        assert_eq!(first["request_ids"].as_array().unwrap().len(), 3);
+        let second = run_live(&index, json!({"contexts": [["Q","R"], ["B","A","K"]]}));
+        assert_eq!(second["mode"], "incremental");
+        assert_eq!(second["matched_count"], 1);
+        assert_eq!(second["merged_count"], 1);
+        let order: Vec<usize> = serde_json::from_value(second["original_indices"].clone()).unwrap();
+        let pos = order.iter().position(|&i| i == 1).unwrap();
+        assert_eq!(second["reordered_contexts"][pos], json!(["A", "B", "K"]));
+    }
+
+    #[test]
+    fn live_dedup_pairs_by_input_index() {
+        let index = fresh();
+        let first = run_live(
+            &index,
+            json!({"contexts": [[1, 2, 3], [7, 8, 9]], "deduplicate": true}),
+        );
+        let rids = first["request_ids"].clone();
+        let second = run_live(
+            &index,
+            json!({"contexts": [[7, 8, 10], [1, 2, 4]], "deduplicate": true,
+                   "parent_request_ids": [rids[1], rids[0]]}),
+        );
+        let results = &second["deduplication"]["results"];
+        assert_eq!(results[0]["overlapping_docs"], json!([7, 8]));
+        assert_eq!(results[0]["new_docs"], json!([10]));
+        assert_eq!(results[1]["overlapping_docs"], json!([1, 2]));
+        assert_eq!(results[1]["request_id"], second["request_ids"][1]);
+        assert_eq!(
+            results[1]["reference_hints"][0],
+            "Please refer to [Doc 1] from the previous conversation turn."
+        );
+        assert_eq!(second["deduplication"]["total_docs_deduplicated"], 4);
     }
 
     #[test]
@@ -210,11 +830,21 @@ mod tests {
             (json!({"contexts": [[1, "a"]]}), "contexts[0]"),
             (json!({"contexts": [["a", 1]]}), "mixes"),
             (json!({"contexts": [[-1]]}), "non-negative"),
-            (json!({"contexts": [[1]], "alpha": "x"}), "alpha"),
-            (json!({"contexts": [[1]], "linkage_method": "ward"}), "ward"),
         ] {
-            let err = parse(&body).err().unwrap_or_default();
+            let err = parse_contexts(body.get("contexts"), "contexts")
+                .err()
+                .unwrap_or_default();
             assert!(err.contains(needle), "{body}: {err}");
         }
+        assert!(parse_alpha(&json!({"alpha": "x"}))
+            .unwrap_err()
+            .contains("alpha"));
+        assert!(check_linkage(&json!({"linkage_method": "ward"}))
+            .unwrap_err()
+            .contains("ward"));
+        assert!(parse_parents(&json!({"parent_request_ids": [null]}), 2)
+            .unwrap_err()
+            .contains("1 entries for 2"));
+        assert!(parse_path(&json!({"search_path": [-1]})).is_err());
     }
 }

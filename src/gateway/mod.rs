@@ -8,6 +8,7 @@
 mod batch;
 mod compat;
 mod proxy;
+pub use compat::CompatState;
 pub use proxy::Upstream;
 pub mod sse;
 
@@ -62,12 +63,26 @@ pub struct Gateway {
     /// Documents seen so far: canonical order and id → text identity.
     pub registry: crate::reorder::Registry,
     pub conversations: crate::reorder::conversation::Conversations,
+    /// The ContextPilot-compatible index API's state.
+    pub compat: compat::CompatState,
     pub next_query: AtomicU64,
 }
 
 /// Routes that run a model request through admission, slot choice and the
 /// meter.
 const MODEL_ROUTES: [&str; 3] = ["/v1/chat/completions", "/v1/completions", "/completion"];
+/// The ContextPilot-compatible index API's POST routes.
+const COMPAT_POST: [&str; 9] = [
+    "/reorder",
+    "/build",
+    "/schedule",
+    "/evict",
+    "/search",
+    "/insert",
+    "/update",
+    "/deduplicate",
+    "/reset",
+];
 /// llama.cpp routes passed through as they are, for tools that speak them.
 const POST_PASSTHROUGH: [&str; 5] = [
     "/v1/embeddings",
@@ -94,7 +109,13 @@ impl Gateway {
             "/health" if get => self.health(),
             "/status" if get => json(StatusCode::OK, &self.status_with_requests().await),
             "/stats" if get => match self.meter.stats().await {
-                Some(stats) => json(StatusCode::OK, &stats),
+                Some(stats) => {
+                    let mut stats = serde_json::to_value(&stats).unwrap_or_default();
+                    // The reference server's `/stats` field, so its client's
+                    // `get_stats()` finds the index counters.
+                    stats["index_stats"] = self.compat.index_stats();
+                    json(StatusCode::OK, &stats)
+                }
                 None => error(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "the meter is not running",
@@ -105,16 +126,23 @@ impl Gateway {
             "/v1/models" | "/models" if get => self.models(),
             "/slots" if get => proxy::passthrough(self, request).await,
             // `/build` and `/schedule` are the reference server's older names.
-            "/reorder" | "/build" | "/schedule" if post => compat::reorder(self, request).await,
+            "/reorder" | "/build" if post => compat::reorder(self, request, false).await,
+            "/schedule" if post => compat::reorder(self, request, true).await,
+            "/evict" if post => compat::evict(self, request).await,
+            "/search" if post => compat::search(self, request).await,
+            "/insert" if post => compat::insert(self, request).await,
+            "/update" if post => compat::update(self, request).await,
+            "/deduplicate" if post => compat::deduplicate(self, request).await,
+            "/reset" if post => compat::reset(self).await,
+            "/requests" if get => compat::requests(self).await,
             "/v1/batch/chat/completions" if post => batch::batch(self, request).await,
             p if post && MODEL_ROUTES.contains(&p) => proxy::model_request(self, request).await,
             p if post && POST_PASSTHROUGH.contains(&p) => proxy::passthrough(self, request).await,
-            "/health" | "/status" | "/stats" | "/metrics" | "/v1/models" | "/models" | "/slots" => {
-                method_not_allowed(&method, &path, "GET")
-            }
+            "/health" | "/status" | "/stats" | "/metrics" | "/v1/models" | "/models" | "/slots"
+            | "/requests" => method_not_allowed(&method, &path, "GET"),
             p if MODEL_ROUTES.contains(&p)
                 || POST_PASSTHROUGH.contains(&p)
-                || matches!(p, "/reorder" | "/build" | "/schedule") =>
+                || COMPAT_POST.contains(&p) =>
             {
                 method_not_allowed(&method, &path, "POST")
             }

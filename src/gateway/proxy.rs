@@ -116,6 +116,11 @@ pub(super) struct Ctx {
     stream: bool,
     retried: bool,
     slot: Option<usize>,
+    /// The child that answered (slots are per child).
+    child_pid: Option<u32>,
+    /// The caller's request id (`rid` or `request_id`), as ContextPilot's
+    /// clients send it: the live index learns when its slot is overwritten.
+    request_id: Option<String>,
     prompt: Option<Value>,
     /// What reordering did.
     reorder: Option<ReorderInfo>,
@@ -175,6 +180,11 @@ impl Ctx {
             if outcome.status != 200 || timings.is_none() {
                 self.gateway.scheduler.forget(slot, contents);
             }
+        }
+        if let (Some(slot), Some(pid)) = (self.slot, self.child_pid) {
+            // Whatever the slot held before this request is gone from it.
+            let rid = (outcome.status == 200).then_some(self.request_id.as_deref());
+            self.gateway.compat.slot_answered(pid, slot, rid.flatten());
         }
         let reorder = self.reorder.take();
         if let (Some(info), Some(slot), Some(contents), Some(reuse)) =
@@ -346,6 +356,8 @@ impl Ctx {
             stream: false,
             retried: false,
             slot: None,
+            child_pid: None,
+            request_id: None,
             prompt: None,
             reorder: None,
             block_dedup: None,
@@ -414,6 +426,10 @@ pub(super) async fn serve_model(
         return ctx.fail(StatusCode::BAD_REQUEST, &message, "invalid_request_error");
     }
     ctx.stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    ctx.request_id = ["rid", "request_id"]
+        .iter()
+        .find_map(|k| body.get(*k).and_then(Value::as_str))
+        .map(str::to_string);
     if gateway.meter.log_prompts {
         ctx.prompt = body.get("messages").or_else(|| body.get("prompt")).cloned();
     }
@@ -461,8 +477,6 @@ pub(super) async fn serve_model(
             }
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
-        // Slot choice: by documents when the request has them, else by the
-        // longest common prefix of the prompt.
         // Slot choice: by documents for a request that brings them, else by
         // the longest common prefix of the prompt (which also keeps a
         // conversation's later turns on its slot).
@@ -529,6 +543,7 @@ pub(super) async fn serve_model(
             }
         };
         ctx.slot = Some(lease.id());
+        ctx.child_pid = Some(target.pid);
         ctx.slot_contents = Some(lease.contents.clone());
         body["id_slot"] = Value::from(lease.id());
         let payload = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
@@ -680,6 +695,8 @@ fn start_stream(
         stream: true,
         retried: outer.retried,
         slot: outer.slot,
+        child_pid: outer.child_pid,
+        request_id: outer.request_id.take(),
         prompt: outer.prompt.take(),
         reorder: outer.reorder.take(),
         block_dedup: outer.block_dedup.take(),

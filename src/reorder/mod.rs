@@ -18,6 +18,7 @@
 pub mod cluster;
 pub mod conversation;
 pub mod dedup;
+pub mod live;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
