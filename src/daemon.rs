@@ -387,6 +387,8 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
         registry: Default::default(),
         conversations: Default::default(),
         compat: crate::gateway::CompatState::new(&config.reorder),
+        infer_documents: config.reorder.infer_documents,
+        sessions: Default::default(),
         next_query: AtomicU64::new(0),
     });
     let header_timeout = Duration::from_secs(config.server.header_timeout_s);

@@ -65,6 +65,9 @@ pub struct Gateway {
     pub conversations: crate::reorder::conversation::Conversations,
     /// The ContextPilot-compatible index API's state.
     pub compat: compat::CompatState,
+    /// Inferred mode (`[reorder] infer_documents`) and its sessions.
+    pub infer_documents: bool,
+    pub sessions: crate::reorder::infer::Sessions,
     pub next_query: AtomicU64,
 }
 

@@ -128,6 +128,10 @@ pub(super) struct Ctx {
     block_dedup: Option<reorder::dedup::DedupStats>,
     /// What the slot was recorded to hold, to drop if the request fails.
     slot_contents: Option<crate::slots::SlotContents>,
+    /// Inferred mode's session state, stored once llama-server answered.
+    infer_pending: Option<reorder::infer::Pending>,
+    /// The `X-ContextPilot-Result` header, when inferred mode did something.
+    result_header: Option<String>,
     /// Set once the record is sent; a context dropped without it (the
     /// client went away mid-request) records itself as such.
     recorded: bool,
@@ -179,6 +183,11 @@ impl Ctx {
         if let (Some(slot), Some(contents)) = (self.slot, &self.slot_contents) {
             if outcome.status != 200 || timings.is_none() {
                 self.gateway.scheduler.forget(slot, contents);
+            }
+        }
+        if let Some(pending) = self.infer_pending.take() {
+            if outcome.status == 200 {
+                self.gateway.sessions.commit(pending);
             }
         }
         if let (Some(slot), Some(pid)) = (self.slot, self.child_pid) {
@@ -321,25 +330,77 @@ fn validate(path: &str, body: &Value) -> Result<(), String> {
     }
 }
 
-/// `POST /v1/chat/completions`, `/v1/completions` and native `/completion`.
+/// Inferred mode (`reorder::infer`) for a chat request that brings no
+/// `documents` and is not a turn of a conversation with documents.
+fn infer_documents(gateway: &Gateway, options: &RequestOptions, ctx: &mut Ctx, body: &mut Value) {
+    if !gateway.infer_documents || body.get("documents").is_some_and(|d| !d.is_null()) {
+        return;
+    }
+    let conversation = body
+        .get("conversation_id")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .or_else(|| options.conversation.clone());
+    if conversation
+        .as_deref()
+        .is_some_and(|id| gateway.conversations.contains(id))
+    {
+        return;
+    }
+    let (report, pending) = gateway.sessions.rewrite(
+        body,
+        &options.intercept,
+        &gateway.registry,
+        &options.client,
+        conversation.as_deref(),
+    );
+    ctx.infer_pending = pending;
+    if report.is_empty() {
+        return;
+    }
+    if report.total_documents > 0 {
+        ctx.reorder = Some(ReorderInfo {
+            documents: report.total_documents,
+            moved: report.moved,
+            deduped: report.documents_deduplicated,
+            predicted_reused_tokens: 0,
+            slot_choice: "inferred",
+        });
+    }
+    ctx.result_header = serde_json::to_string(&report).ok();
+}
+
 /// Per-request options from the HTTP headers.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(super) struct RequestOptions {
     /// `X-Conversation-Id`.
     pub conversation: Option<String>,
     /// False with `X-ContextPilot-Enabled: false` (or 0, no): the payload
     /// is left alone.
     pub rewrites_enabled: bool,
+    /// The `X-ContextPilot-*` settings of inferred mode.
+    pub intercept: reorder::extract::InterceptConfig,
+    /// Who is calling (a hash of its credentials), so sessions never mix
+    /// callers.
+    pub client: String,
 }
 
 impl RequestOptions {
     pub(super) fn from_headers(headers: &hyper::HeaderMap) -> RequestOptions {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let intercept = reorder::extract::InterceptConfig::from_headers(
+            headers
+                .iter()
+                .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?))),
+        );
+        let client = header("authorization")
+            .map(|auth| format!("{:016x}", reorder::text_hash(auth)))
+            .unwrap_or_default();
         RequestOptions {
             conversation: header("x-conversation-id").map(str::to_string),
-            rewrites_enabled: !header("x-contextpilot-enabled").is_some_and(|v| {
-                matches!(v.trim().to_ascii_lowercase().as_str(), "false" | "0" | "no")
-            }),
+            rewrites_enabled: intercept.enabled,
+            intercept,
+            client,
         }
     }
 }
@@ -362,6 +423,8 @@ impl Ctx {
             reorder: None,
             block_dedup: None,
             slot_contents: None,
+            infer_pending: None,
+            result_header: None,
             recorded: false,
         }
     }
@@ -434,6 +497,9 @@ pub(super) async fn serve_model(
         ctx.prompt = body.get("messages").or_else(|| body.get("prompt")).cloned();
     }
     drop(raw);
+    if options.rewrites_enabled && path == "/v1/chat/completions" {
+        infer_documents(gateway, &options, &mut ctx, &mut body);
+    }
     if options.rewrites_enabled && path == "/v1/chat/completions" {
         if let Some(messages) = body.get_mut("messages").and_then(Value::as_array_mut) {
             let stats = reorder::dedup::dedup_messages(messages);
@@ -615,14 +681,33 @@ async fn forward(
             Some(Err(e)) => return Forwarded::ChildDied(e.to_string()),
             None => return Forwarded::ChildDied("the stream ended before its first event".into()),
         };
-        return Forwarded::Done(start_stream(ctx, first, incoming, lease));
+        let header = ctx.result_header.take();
+        return Forwarded::Done(with_result_header(
+            start_stream(ctx, first, incoming, lease),
+            header,
+        ));
     }
     let bytes = match incoming.collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) => return Forwarded::ChildDied(e.to_string()),
     };
     drop(lease);
-    Forwarded::Done(finish_whole(ctx, parts.status, bytes))
+    let header = ctx.result_header.take();
+    Forwarded::Done(with_result_header(
+        finish_whole(ctx, parts.status, bytes),
+        header,
+    ))
+}
+
+/// Adds `X-ContextPilot-Result` (what inferred mode did; metadata never goes
+/// into bodies).
+fn with_result_header(mut response: Response<Body>, header: Option<String>) -> Response<Body> {
+    if let Some(value) = header.and_then(|h| hyper::header::HeaderValue::from_str(&h).ok()) {
+        response
+            .headers_mut()
+            .insert("x-contextpilot-result", value);
+    }
+    response
 }
 
 /// A whole (non-streamed) answer: fill `usage.prompt_tokens_details.cached_tokens`
@@ -701,6 +786,8 @@ fn start_stream(
         reorder: outer.reorder.take(),
         block_dedup: outer.block_dedup.take(),
         slot_contents: outer.slot_contents.take(),
+        infer_pending: outer.infer_pending.take(),
+        result_header: None,
         recorded: false,
     };
     // The stream task records from here on; the caller's context must not.

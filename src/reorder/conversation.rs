@@ -204,6 +204,15 @@ impl Conversations {
         );
     }
 
+    /// Whether a conversation with this id is remembered.
+    pub fn contains(&self, id: &str) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map
+            .contains_key(id)
+    }
+
     pub fn len(&self) -> usize {
         self.inner
             .lock()

@@ -18,6 +18,8 @@
 pub mod cluster;
 pub mod conversation;
 pub mod dedup;
+pub mod extract;
+pub mod infer;
 pub mod live;
 
 use std::collections::{HashMap, HashSet};
