@@ -35,7 +35,7 @@ bench: provision
 	$(CARGO) build --release --locked
 	eval "$$(bash scripts/provision.sh paths)" && \
 	  CONTEXTPILOTD_TEST_LLAMA_SERVER="$$LLAMA_SERVER" CONTEXTPILOTD_TEST_MODEL="$$MODEL" \
-	  $(CARGO) bench --locked --bench plan --bench reorder --bench cluster --bench gateway
+	  $(CARGO) bench --locked --bench plan --bench reorder --bench cluster --bench live --bench gateway
 
 build:
 	$(CARGO) build --release --locked

@@ -29,7 +29,7 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use super::cluster;
+use super::cluster::{self, FxMap, FxSet};
 
 /// A block as the API carries it: an integer id or a string.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -87,8 +87,8 @@ struct LiveNode {
     requests: Vec<String>,
     last_access: Duration,
     tokens: i64,
-    /// block → children holding it; only for wide nodes.
-    child_index: Option<HashMap<u32, Vec<usize>>>,
+    /// block → (child holding it, its position there); only for wide nodes.
+    child_index: Option<FxMap<u32, Vec<(usize, u32)>>>,
 }
 
 /// Ids for keys. Integers below 2^31 are their own id, so numeric order is
@@ -267,7 +267,7 @@ struct Tracked {
 pub struct LiveIndex {
     alpha: f64,
     limits: Limits,
-    nodes: HashMap<usize, LiveNode>,
+    nodes: FxMap<usize, LiveNode>,
     root: usize,
     next_node: usize,
     live: bool,
@@ -311,7 +311,7 @@ impl LiveIndex {
         let mut index = LiveIndex {
             alpha,
             limits,
-            nodes: HashMap::new(),
+            nodes: FxMap::default(),
             root: 0,
             next_node: 0,
             live: false,
@@ -402,8 +402,8 @@ impl LiveIndex {
             _ => p.children.push(child),
         }
         if let Some(index) = p.child_index.as_mut() {
-            for d in child_docs {
-                index.entry(d).or_default().push(child);
+            for (pos, d) in child_docs.into_iter().enumerate() {
+                index.entry(d).or_default().push((child, pos as u32));
             }
         } else if p.children.len() > WIDE_NODE {
             self.build_child_index(parent);
@@ -418,11 +418,11 @@ impl LiveIndex {
             Some(p) => p.children.clone(),
             None => return,
         };
-        let mut index: HashMap<u32, Vec<usize>> = HashMap::new();
+        let mut index: FxMap<u32, Vec<(usize, u32)>> = FxMap::default();
         for c in children {
             if let Some(n) = self.nodes.get(&c) {
-                for &d in &n.docs {
-                    index.entry(d).or_default().push(c);
+                for (pos, &d) in n.docs.iter().enumerate() {
+                    index.entry(d).or_default().push((c, pos as u32));
                 }
             }
         }
@@ -444,7 +444,9 @@ impl LiveIndex {
         if let Some(index) = p.child_index.as_mut() {
             for d in child_docs {
                 if let Some(list) = index.get_mut(&d) {
-                    list.retain(|&c| c != child);
+                    if let Some(i) = list.iter().position(|&(c, _)| c == child) {
+                        list.swap_remove(i);
+                    }
                     if list.is_empty() {
                         index.remove(&d);
                     }
@@ -579,7 +581,7 @@ impl LiveIndex {
     /// document of the context.
     fn search_ids(&mut self, ctx: &[u32], update_access: bool, now: Duration) -> SearchResult {
         let started = Instant::now();
-        let positions: HashMap<u32, u32> = ctx
+        let positions: FxMap<u32, u32> = ctx
             .iter()
             .enumerate()
             .map(|(p, &d)| (d, p as u32))
@@ -630,80 +632,86 @@ impl LiveIndex {
         result
     }
 
-    fn overlap(&self, node: usize, positions: &HashMap<u32, u32>) -> usize {
+    fn overlap(&self, node: usize, positions: &FxMap<u32, u32>) -> usize {
         self.nodes.get(&node).map_or(0, |n| {
             n.docs.iter().filter(|d| positions.contains_key(d)).count()
         })
     }
 
-    /// (position, child, overlap) of the closest overlapping child.
+    /// (position, child, overlap) of the closest overlapping child; ties go
+    /// to the child listed first.
     fn closest_child(
         &self,
         node: usize,
         ctx: &[u32],
-        positions: &HashMap<u32, u32>,
+        positions: &FxMap<u32, u32>,
     ) -> Option<(usize, usize, usize)> {
         let n = self.nodes.get(&node)?;
-        let candidates: Vec<usize> = match &n.child_index {
+        // (child, shared blocks, summed position shift)
+        let overlaps: Vec<(usize, usize, u64)> = match &n.child_index {
+            // A wide node: count overlaps from the postings of the context's
+            // blocks, so children sharing nothing are never looked at.
             Some(index) => {
-                let mut set: HashSet<usize> = HashSet::new();
-                for d in ctx {
-                    if let Some(list) = index.get(d) {
-                        set.extend(list.iter().copied());
+                let mut acc: FxMap<usize, (usize, u64)> = FxMap::default();
+                for (q, d) in ctx.iter().enumerate() {
+                    for &(child, p) in index.get(d).map_or(&[][..], Vec::as_slice) {
+                        let e = acc.entry(child).or_insert((0, 0));
+                        e.0 += 1;
+                        e.1 += u64::from(p.abs_diff(q as u32));
                     }
                 }
-                // Child order decides ties, as in a plain scan.
-                let mut c: Vec<(usize, usize)> = n
+                acc.into_iter().map(|(c, (s, x))| (c, s, x)).collect()
+            }
+            None => n
+                .children
+                .iter()
+                .filter_map(|&child| {
+                    let c = self.nodes.get(&child)?;
+                    let mut shared = 0usize;
+                    let mut shift = 0u64;
+                    for (p, d) in c.docs.iter().enumerate() {
+                        if let Some(&q) = positions.get(d) {
+                            shared += 1;
+                            shift += u64::from((p as u32).abs_diff(q));
+                        }
+                    }
+                    (shared > 0).then_some((child, shared, shift))
+                })
+                .collect(),
+        };
+        let mut best: Option<f64> = None;
+        let mut tied: Vec<(usize, usize)> = Vec::new();
+        for (child, shared, shift) in overlaps {
+            let len = self.nodes.get(&child).map_or(0, |c| c.docs.len());
+            let longest = ctx.len().max(len) as f64;
+            let d = (1.0 - shared as f64 / longest) + self.alpha * (shift as f64 / shared as f64);
+            match best {
+                Some(b) if d > b => {}
+                Some(b) if d == b => tied.push((child, shared)),
+                _ => {
+                    best = Some(d);
+                    tied.clear();
+                    tied.push((child, shared));
+                }
+            }
+        }
+        let (child, shared) = match tied.len() {
+            0 => return None,
+            1 => tied[0],
+            _ => {
+                let order: FxMap<usize, usize> = n
                     .children
                     .iter()
                     .enumerate()
-                    .filter(|(_, c)| set.contains(c))
-                    .map(|(i, &c)| (i, c))
+                    .map(|(i, &c)| (c, i))
                     .collect();
-                c.sort_unstable();
-                return self.pick(c, ctx.len(), positions);
+                *tied
+                    .iter()
+                    .min_by_key(|(c, _)| order.get(c).copied().unwrap_or(usize::MAX))?
             }
-            None => n.children.clone(),
         };
-        self.pick(
-            candidates.into_iter().enumerate().collect(),
-            ctx.len(),
-            positions,
-        )
-    }
-
-    fn pick(
-        &self,
-        candidates: Vec<(usize, usize)>,
-        ctx_len: usize,
-        positions: &HashMap<u32, u32>,
-    ) -> Option<(usize, usize, usize)> {
-        let mut best: Option<(f64, usize, usize, usize)> = None;
-        for (pos, child) in candidates {
-            let Some(c) = self.nodes.get(&child) else {
-                continue;
-            };
-            if c.docs.is_empty() {
-                continue;
-            }
-            let mut shared = 0usize;
-            let mut shift = 0u64;
-            for (p, d) in c.docs.iter().enumerate() {
-                if let Some(&q) = positions.get(d) {
-                    shared += 1;
-                    shift += u64::from((p as u32).abs_diff(q));
-                }
-            }
-            if shared == 0 {
-                continue;
-            }
-            let longest = ctx_len.max(c.docs.len()) as f64;
-            let d = (1.0 - shared as f64 / longest) + self.alpha * (shift as f64 / shared as f64);
-            if best.is_none_or(|(bd, ..)| d < bd) {
-                best = Some((d, pos, child, shared));
-            }
-        }
-        best.map(|(_, pos, child, shared)| (pos, child, shared))
+        let pos = n.children.iter().position(|&c| c == child)?;
+        Some((pos, child, shared))
     }
 
     /// `/search`: the node a context would attach to.
@@ -734,13 +742,13 @@ impl LiveIndex {
             return None;
         }
         let node_docs = self.nodes[&node].docs.clone();
-        let in_ctx: HashSet<u32> = ctx.iter().copied().collect();
+        let in_ctx: FxSet<u32> = ctx.iter().copied().collect();
         let mut order: Vec<u32> = node_docs
             .iter()
             .copied()
             .filter(|d| in_ctx.contains(d))
             .collect();
-        let head: HashSet<u32> = order.iter().copied().collect();
+        let head: FxSet<u32> = order.iter().copied().collect();
         order.extend(ctx.iter().copied().filter(|d| !head.contains(d)));
 
         let parent = self.nodes[&node].parent.unwrap_or(self.root);
