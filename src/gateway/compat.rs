@@ -11,7 +11,7 @@
 //! (`reordered_contexts[i]` is input `original_indices[i]`), in both modes
 //! and on every call. All index work runs on the blocking pool.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -61,16 +61,41 @@ impl CompatState {
             displaced.extend(occupancy.1.answered(slot, rid));
             displaced
         };
-        if !displaced.is_empty() {
-            lock(&self.index).remove_requests(&displaced);
+        if displaced.is_empty() {
+            return;
+        }
+        // This runs as a request finishes, on a runtime worker: never wait
+        // here for a long `/reorder` holding the index.
+        match self.index.try_lock() {
+            Ok(mut index) => {
+                index.remove_requests(&displaced);
+            }
+            Err(TryLockError::Poisoned(poisoned)) => {
+                poisoned.into_inner().remove_requests(&displaced);
+            }
+            Err(TryLockError::WouldBlock) => {
+                let index = self.index.clone();
+                let remove = move || {
+                    lock(&index).remove_requests(&displaced);
+                };
+                match tokio::runtime::Handle::try_current() {
+                    Ok(runtime) => drop(runtime.spawn_blocking(remove)),
+                    Err(_) => remove(),
+                }
+            }
         }
     }
 
     /// The live index's counters, for `/stats`.
-    pub fn index_stats(&self) -> Value {
-        let mut index = lock(&self.index);
-        index.expire_now();
-        stats_json(&index)
+    pub async fn index_stats(&self) -> Value {
+        let index = self.index.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut index = lock(&index);
+            index.expire_now();
+            stats_json(&index)
+        })
+        .await
+        .unwrap_or_default()
     }
 }
 
@@ -796,6 +821,33 @@ mod tests {
         let order: Vec<usize> = serde_json::from_value(second["original_indices"].clone()).unwrap();
         let pos = order.iter().position(|&i| i == 1).unwrap();
         assert_eq!(second["reordered_contexts"][pos], json!(["A", "B", "K"]));
+    }
+
+    /// Case 16 in the HTTP shape: on a reused index, `reordered_contexts[k]`
+    /// holds the documents of input `original_indices[k]` (the reference
+    /// returned input order after its first call while its callers assumed
+    /// scheduled order, pairing queries with another query's documents).
+    #[test]
+    fn pairing_holds_on_a_reused_index() {
+        let index = fresh();
+        run_live(&index, json!({"contexts": [["X1", "X2"]]}));
+        let input = json!([["A", "B", "C"], ["P", "Q"], ["A", "B", "D"], ["Q", "X1"]]);
+        for _ in 0..2 {
+            let answer = run_live(&index, json!({ "contexts": input }));
+            let order: Vec<usize> =
+                serde_json::from_value(answer["original_indices"].clone()).unwrap();
+            let mut seen = order.clone();
+            seen.sort_unstable();
+            assert_eq!(seen, [0, 1, 2, 3]);
+            for (k, &i) in order.iter().enumerate() {
+                let mut got: Vec<String> =
+                    serde_json::from_value(answer["reordered_contexts"][k].clone()).unwrap();
+                let mut want: Vec<String> = serde_json::from_value(input[i].clone()).unwrap();
+                got.sort();
+                want.sort();
+                assert_eq!(got, want, "position {k} names input {i}");
+            }
+        }
     }
 
     #[test]

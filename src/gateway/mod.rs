@@ -116,7 +116,7 @@ impl Gateway {
                     let mut stats = serde_json::to_value(&stats).unwrap_or_default();
                     // The reference server's `/stats` field, so its client's
                     // `get_stats()` finds the index counters.
-                    stats["index_stats"] = self.compat.index_stats();
+                    stats["index_stats"] = self.compat.index_stats().await;
                     json(StatusCode::OK, &stats)
                 }
                 None => error(

@@ -130,6 +130,8 @@ pub(super) struct Ctx {
     slot_contents: Option<crate::slots::SlotContents>,
     /// Inferred mode's session state, stored once llama-server answered.
     infer_pending: Option<reorder::infer::Pending>,
+    /// A conversation turn (requests with `documents`), stored likewise.
+    conversation_pending: Option<reorder::conversation::Pending>,
     /// The `X-ContextPilot-Result` header, when inferred mode did something.
     result_header: Option<String>,
     /// Set once the record is sent; a context dropped without it (the
@@ -185,9 +187,16 @@ impl Ctx {
                 self.gateway.scheduler.forget(slot, contents);
             }
         }
+        // Conversations and sessions remember a turn only once it was
+        // answered: a failed turn sent again continues from the last good one.
         if let Some(pending) = self.infer_pending.take() {
             if outcome.status == 200 {
                 self.gateway.sessions.commit(pending);
+            }
+        }
+        if let Some(pending) = self.conversation_pending.take() {
+            if outcome.status == 200 {
+                self.gateway.conversations.commit(pending);
             }
         }
         if let (Some(slot), Some(pid)) = (self.slot, self.child_pid) {
@@ -424,6 +433,7 @@ impl Ctx {
             block_dedup: None,
             slot_contents: None,
             infer_pending: None,
+            conversation_pending: None,
             result_header: None,
             recorded: false,
         }
@@ -508,12 +518,17 @@ pub(super) async fn serve_model(
             }
         }
     }
-    let documents = match DocumentRequest::take(gateway, &path, &mut body, options.conversation) {
+    let mut documents = match DocumentRequest::take(gateway, &path, &mut body, options.conversation)
+    {
         Ok(documents) => documents,
         Err(message) => {
             return ctx.fail(StatusCode::BAD_REQUEST, &message, "invalid_request_error")
         }
     };
+    ctx.conversation_pending = documents
+        .as_mut()
+        .and_then(|d| d.turn.as_mut())
+        .and_then(|turn| turn.pending.take());
     // The prompt key for prefix-based slot choice; a first turn with
     // documents chooses by its documents instead and never needs it.
     let key: Arc<str> = match &documents {
@@ -554,7 +569,7 @@ pub(super) async fn serve_model(
                     .acquire(&mut policy, target.pid, remaining)
                     .await;
                 if let Ok(lease) = &lease {
-                    request.render_into(gateway, &mut body, &policy);
+                    ctx.conversation_pending = request.render_into(&mut body, &policy);
                     let key = Arc::from(prompt_key(&path, &body));
                     gateway.scheduler.set_key(lease.id(), &lease.contents, key);
                     ctx.reorder = policy.info.map(|mut info| {
@@ -787,6 +802,7 @@ fn start_stream(
         block_dedup: outer.block_dedup.take(),
         slot_contents: outer.slot_contents.take(),
         infer_pending: outer.infer_pending.take(),
+        conversation_pending: outer.conversation_pending.take(),
         result_header: None,
         recorded: false,
     };
@@ -1076,28 +1092,34 @@ impl DocumentRequest {
     }
 
     /// Puts the rendered system message and the caller's other messages
-    /// into the body, and opens the conversation when the request has one.
-    fn render_into(&self, gateway: &Gateway, body: &mut Value, policy: &DocumentsPolicy<'_>) {
+    /// into the body; for a request with a conversation id, returns the
+    /// conversation to open once the turn is answered.
+    fn render_into(
+        &self,
+        body: &mut Value,
+        policy: &DocumentsPolicy<'_>,
+    ) -> Option<reorder::conversation::Pending> {
         let system = reorder::render_system(
             self.caller_system.as_deref(),
             &self.documents.docs,
             &policy.order,
         );
         let system = serde_json::json!({"role": "system", "content": system});
-        if let Some(id) = &self.conversation {
-            gateway.conversations.start(
+        let pending = self.conversation.as_ref().map(|id| {
+            reorder::conversation::Conversations::start(
                 id,
                 self.caller_system.as_deref(),
                 system.clone(),
                 &self.messages,
                 &self.documents.docs,
                 &policy.order,
-            );
-        }
+            )
+        });
         let mut messages = Vec::with_capacity(self.messages.len() + 1);
         messages.push(system);
         messages.extend(self.messages.iter().cloned());
         body["messages"] = Value::Array(messages);
+        pending
     }
 }
 

@@ -9,6 +9,10 @@
 //! by their label instead of being repeated, new ones are added under new
 //! labels. A client whose history no longer matches (an edited or different
 //! conversation under the same id) starts the conversation over.
+//!
+//! A turn changes what is remembered only once llama-server has answered
+//! it ([`Conversations::commit`]): a turn that failed and is sent again (or
+//! sent again with more history) continues from the last answered turn.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -17,10 +21,12 @@ use serde_json::Value;
 
 use super::{text_hash, Document};
 
-/// Conversations kept; the least recently used goes first.
+/// Conversations kept, and the bytes of forwarded messages they may hold;
+/// the least recently used go first.
 const MAX_CONVERSATIONS: usize = 1024;
+const MAX_BYTES: usize = 256 << 20;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 struct Conversation {
     /// Hash of the caller's system text, which must stay the same.
     system_hash: u64,
@@ -30,6 +36,15 @@ struct Conversation {
     /// Label (1-based) of every document sent in this conversation.
     labels: HashMap<u64, usize>,
     last_used: u64,
+    /// Size of `sent`, for the memory bound.
+    bytes: usize,
+}
+
+/// A conversation's state after a turn, stored once the turn is answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pending {
+    id: String,
+    conversation: Conversation,
 }
 
 /// What a later turn looks like after rewriting.
@@ -41,6 +56,9 @@ pub struct Turn {
     pub new_documents: usize,
     /// Documents named by label instead of repeated.
     pub referenced: usize,
+    /// What to remember once llama-server has answered (`None` for a
+    /// replayed turn, which changes nothing).
+    pub pending: Option<Pending>,
 }
 
 #[derive(Default)]
@@ -52,6 +70,11 @@ pub struct Conversations {
 struct Inner {
     map: HashMap<String, Conversation>,
     clock: u64,
+    bytes: usize,
+}
+
+fn sent_bytes(sent: &[(u64, Value)]) -> usize {
+    sent.iter().map(|(_, m)| m.to_string().len()).sum()
 }
 
 pub fn message_hash(message: &Value) -> u64 {
@@ -72,13 +95,15 @@ impl Conversations {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.clock += 1;
         let clock = inner.clock;
-        let conversation = inner.map.get_mut(id)?;
-        if conversation.system_hash != text_hash(caller_system.unwrap_or("")) {
+        let stored = inner.map.get_mut(id)?;
+        stored.last_used = clock;
+        let stored: &Conversation = stored;
+        if stored.system_hash != text_hash(caller_system.unwrap_or("")) {
             return None;
         }
         // sent[0] is the rendered system message; the client's history must
         // repeat the rest, then add at least one message.
-        let history = &conversation.sent[1..];
+        let history = &stored.sent[1..];
         let matches = |n: usize| {
             history[..n]
                 .iter()
@@ -87,11 +112,11 @@ impl Conversations {
         };
         if messages.len() == history.len() && docs.is_empty() && matches(history.len()) {
             // The same turn again (a retry, or "regenerate"): replay it.
-            conversation.last_used = clock;
             return Some(Turn {
-                messages: conversation.sent.iter().map(|(_, m)| m.clone()).collect(),
+                messages: stored.sent.iter().map(|(_, m)| m.clone()).collect(),
                 new_documents: 0,
                 referenced: 0,
+                pending: None,
             });
         }
         if messages.len() <= history.len()
@@ -106,6 +131,9 @@ impl Conversations {
         let Some(Value::String(question)) = messages[last].get("content") else {
             return None;
         };
+        let history_len = history.len();
+        let mut conversation = stored.clone();
+        drop(inner);
         let mut new = Vec::new();
         let mut referenced = Vec::new();
         for doc in docs {
@@ -143,7 +171,7 @@ impl Conversations {
             ));
         }
         let mut forwarded: Vec<Value> = conversation.sent.iter().map(|(_, m)| m.clone()).collect();
-        for (i, original) in messages.iter().enumerate().skip(history.len()) {
+        for (i, original) in messages.iter().enumerate().skip(history_len) {
             let mut message = original.clone();
             if i == last && !block.is_empty() {
                 message["content"] = Value::String(format!("{block}{question}"));
@@ -153,39 +181,29 @@ impl Conversations {
                 .push((message_hash(original), message.clone()));
             forwarded.push(message);
         }
-        conversation.last_used = clock;
+        conversation.bytes = sent_bytes(&conversation.sent);
         Some(Turn {
             messages: forwarded,
             new_documents: new.len(),
             referenced: referenced.len(),
+            pending: Some(Pending {
+                id: id.to_string(),
+                conversation,
+            }),
         })
     }
 
-    /// Remembers a first turn: the rendered system message, the client's
-    /// other messages as forwarded, and the documents under their labels
-    /// (positions in `order`).
+    /// A first turn: the rendered system message, the client's other
+    /// messages as forwarded, and the documents under their labels
+    /// (positions in `order`), to [`commit`](Self::commit) once answered.
     pub fn start(
-        &self,
         id: &str,
         caller_system: Option<&str>,
         system_message: Value,
         messages: &[Value],
         docs: &[Document],
         order: &[usize],
-    ) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.clock += 1;
-        let clock = inner.clock;
-        if inner.map.len() >= MAX_CONVERSATIONS && !inner.map.contains_key(id) {
-            if let Some(oldest) = inner
-                .map
-                .iter()
-                .min_by_key(|(_, c)| c.last_used)
-                .map(|(k, _)| k.clone())
-            {
-                inner.map.remove(&oldest);
-            }
-        }
+    ) -> Pending {
         let mut sent = vec![(0, system_message)];
         sent.extend(messages.iter().map(|m| (message_hash(m), m.clone())));
         let labels = order
@@ -193,15 +211,52 @@ impl Conversations {
             .enumerate()
             .map(|(pos, &i)| (docs[i].hash, pos + 1))
             .collect();
-        inner.map.insert(
-            id.to_string(),
-            Conversation {
+        let bytes = sent_bytes(&sent);
+        Pending {
+            id: id.to_string(),
+            conversation: Conversation {
                 system_hash: text_hash(caller_system.unwrap_or("")),
                 sent,
                 labels,
-                last_used: clock,
+                last_used: 0,
+                bytes,
             },
-        );
+        }
+    }
+
+    /// Remembers a turn that llama-server answered.
+    pub fn commit(&self, pending: Pending) {
+        let Pending {
+            id,
+            mut conversation,
+        } = pending;
+        if conversation.bytes > MAX_BYTES {
+            return;
+        }
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.clock += 1;
+        conversation.last_used = inner.clock;
+        if let Some(old) = inner.map.remove(&id) {
+            inner.bytes -= old.bytes;
+        }
+        while !inner.map.is_empty()
+            && (inner.map.len() >= MAX_CONVERSATIONS
+                || inner.bytes + conversation.bytes > MAX_BYTES)
+        {
+            let Some(oldest) = inner
+                .map
+                .iter()
+                .min_by_key(|(_, c)| c.last_used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            if let Some(old) = inner.map.remove(&oldest) {
+                inner.bytes -= old.bytes;
+            }
+        }
+        inner.bytes += conversation.bytes;
+        inner.map.insert(id, conversation);
     }
 
     /// Whether a conversation with this id is remembered.
@@ -242,21 +297,22 @@ mod tests {
         let first = docs(&["AUTH text", "DB text", "OAUTH text"]);
         let system = json!({"role": "system", "content": render_system(None, &first, &[0, 1, 2])});
         let q1 = json!({"role": "user", "content": "q1"});
-        conversations.start(
+        conversations.commit(Conversations::start(
             "c1",
             None,
             system.clone(),
             std::slice::from_ref(&q1),
             &first,
             &[0, 1, 2],
-        );
+        ));
 
         let a1 = json!({"role": "assistant", "content": "a1"});
         let q2 = json!({"role": "user", "content": "q2"});
         let second = docs(&["AUTH text", "OAUTH text", "CACHE text", "DEPLOY text"]);
-        let turn = conversations
+        let mut turn = conversations
             .continue_turn("c1", None, &[q1.clone(), a1.clone(), q2.clone()], &second)
             .unwrap();
+        conversations.commit(turn.pending.take().unwrap());
         assert_eq!((turn.new_documents, turn.referenced), (2, 2));
         assert_eq!(
             turn.messages[0], system,
@@ -296,23 +352,25 @@ mod tests {
         let conversations = Conversations::default();
         let d = docs(&["A text"]);
         let q1 = json!({"role": "user", "content": "q1"});
-        conversations.start(
+        conversations.commit(Conversations::start(
             "c",
             None,
             json!({"role": "system"}),
             std::slice::from_ref(&q1),
             &d,
             &[0],
-        );
+        ));
         let a1 = json!({"role": "assistant", "content": "a1"});
         let q2 = json!({"role": "user", "content": "q2"});
-        let turn = conversations
+        let mut turn = conversations
             .continue_turn("c", None, &[q1.clone(), a1.clone(), q2.clone()], &[])
             .unwrap();
+        conversations.commit(turn.pending.take().unwrap());
         let again = conversations
             .continue_turn("c", None, &[q1, a1, q2], &[])
             .unwrap();
         assert_eq!(again.messages, turn.messages);
+        assert!(again.pending.is_none());
     }
 
     #[test]
@@ -320,14 +378,14 @@ mod tests {
         let conversations = Conversations::default();
         let d = docs(&["A text"]);
         let q1 = json!({"role": "user", "content": "q1"});
-        conversations.start(
+        conversations.commit(Conversations::start(
             "c",
             Some("sys"),
             json!({}),
             std::slice::from_ref(&q1),
             &d,
             &[0],
-        );
+        ));
         let edited = json!({"role": "user", "content": "q1 edited"});
         let q2 = json!({"role": "user", "content": "q2"});
         assert!(conversations
@@ -354,8 +412,54 @@ mod tests {
     fn conversations_are_bounded() {
         let conversations = Conversations::default();
         for i in 0..MAX_CONVERSATIONS + 10 {
-            conversations.start(&format!("c{i}"), None, json!({}), &[], &[], &[]);
+            conversations.commit(Conversations::start(
+                &format!("c{i}"),
+                None,
+                json!({}),
+                &[],
+                &[],
+                &[],
+            ));
         }
         assert_eq!(conversations.len(), MAX_CONVERSATIONS);
+    }
+
+    /// A turn that was never answered leaves no trace: the same turn sent
+    /// again (here with the first answer's history) continues from the last
+    /// answered one instead of starting over.
+    #[test]
+    fn an_unanswered_turn_is_not_remembered() {
+        let conversations = Conversations::default();
+        let d = docs(&["A text"]);
+        let q1 = json!({"role": "user", "content": "q1"});
+        assert!(!conversations.contains("c"));
+        let pending =
+            Conversations::start("c", None, json!({}), std::slice::from_ref(&q1), &d, &[0]);
+        assert!(!conversations.contains("c"), "not before it is answered");
+        conversations.commit(pending);
+        let (a1, q2) = (
+            json!({"role": "assistant", "content": "a1"}),
+            json!({"role": "user", "content": "q2"}),
+        );
+        let failed = conversations
+            .continue_turn(
+                "c",
+                None,
+                &[q1.clone(), a1.clone(), q2.clone()],
+                &docs(&["B text"]),
+            )
+            .unwrap();
+        drop(failed);
+        let retried = conversations
+            .continue_turn("c", None, &[q1, a1, q2], &docs(&["B text"]))
+            .unwrap();
+        assert_eq!(
+            retried.new_documents, 1,
+            "B is still new: the failed turn left nothing"
+        );
+        assert!(retried.messages[3]["content"]
+            .as_str()
+            .unwrap()
+            .contains("[2] B text"));
     }
 }

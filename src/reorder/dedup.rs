@@ -196,9 +196,16 @@ pub fn dedup_messages(messages: &mut [Value]) -> DedupStats {
         modulus: CHUNK_MODULUS,
         stats: DedupStats::default(),
     };
-    let system: Vec<&str> = messages
+    // The leading system messages are the system prompt. A system message
+    // further down registers where it stands, so it can never turn text
+    // before it into a pointer (that would change earlier messages once it
+    // is added on a later turn, and break the cached prefix).
+    let leading = messages
         .iter()
-        .filter(|m| m.get("role").and_then(Value::as_str) == Some("system"))
+        .take_while(|m| m.get("role").and_then(Value::as_str) == Some("system"))
+        .count();
+    let system: Vec<&str> = messages[..leading]
+        .iter()
         .filter_map(|m| m.get("content").and_then(Value::as_str))
         .collect();
     if !system.is_empty() {
@@ -213,6 +220,11 @@ pub fn dedup_messages(messages: &mut [Value]) -> DedupStats {
             .unwrap_or("")
             .to_string();
         match role.as_str() {
+            "system" if i >= leading => {
+                if let Some(text) = message.get("content").and_then(Value::as_str) {
+                    table.register(text, msg, "system prompt");
+                }
+            }
             "system" => {}
             "user" | "assistant" => {
                 let label = format!("{role} message");
@@ -285,6 +297,26 @@ mod tests {
             .map(|i| format!("line {i:03}: some repeated configuration text here"))
             .collect::<Vec<_>>()
             .join("\n")
+    }
+
+    /// A system message later in the conversation is registered where it
+    /// stands: the messages before it are rewritten as they were before it
+    /// was added (prefix-stable).
+    #[test]
+    fn a_late_system_message_leaves_earlier_messages_alone() {
+        let lines: String = (0..30)
+            .map(|i| format!("line {i:03}: some repeated configuration text here"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let mut before = vec![json!({"role": "user", "content": lines.clone()})];
+        dedup_messages(&mut before);
+        let mut after = vec![
+            json!({"role": "user", "content": lines.clone()}),
+            json!({"role": "system", "content": lines.clone()}),
+        ];
+        dedup_messages(&mut after);
+        assert_eq!(after[0], before[0]);
+        assert_eq!(after[0]["content"], json!(lines));
     }
 
     #[test]

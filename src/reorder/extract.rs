@@ -268,6 +268,16 @@ impl Extraction {
         self.labels.as_deref().unwrap_or(&self.identities)
     }
 
+    /// The exact text each document occupies in the prompt: for XML the
+    /// whole item with its tags and attributes, otherwise its identity. Two
+    /// documents are the same content for dedup only if these are equal.
+    pub fn contents(&self) -> Vec<&str> {
+        match &self.layout {
+            Layout::Xml { items, .. } => items.iter().map(String::as_str).collect(),
+            _ => self.identities.iter().map(String::as_str).collect(),
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self.layout {
             Layout::Xml { .. } => "xml_tag",

@@ -20,7 +20,7 @@
 //! A session is remembered only once llama-server has answered its request.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -47,7 +47,7 @@ struct Sent {
 }
 
 struct Session {
-    messages: Vec<Sent>,
+    messages: Arc<Vec<Sent>>,
     bytes: usize,
     last_used: u64,
 }
@@ -114,6 +114,7 @@ impl Report {
 pub struct Pending {
     key: u64,
     messages: Vec<Sent>,
+    bytes: usize,
 }
 
 /// The identity of a session: the caller (a hash of its credentials, so two
@@ -211,21 +212,26 @@ impl Sessions {
         let key = session_key(client, conversation, messages);
 
         // Replay the longest run of messages sent exactly as before.
-        let mut sent: Vec<Sent> = Vec::with_capacity(messages.len());
-        {
+        let earlier: Option<Arc<Vec<Sent>>> = {
             let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             inner.clock += 1;
             let clock = inner.clock;
-            if let Some(session) = inner.map.get_mut(&key) {
+            inner.map.get_mut(&key).map(|session| {
                 session.last_used = clock;
-                for (message, earlier) in messages.iter_mut().zip(&session.messages) {
-                    if message_hash(message) != earlier.original {
-                        break;
-                    }
-                    *message = earlier.forwarded.clone();
-                    sent.push(earlier.clone());
-                }
+                session.messages.clone()
+            })
+        };
+        let mut sent: Vec<Sent> = Vec::with_capacity(messages.len());
+        for ((message, original), earlier) in messages
+            .iter_mut()
+            .zip(&originals)
+            .zip(earlier.iter().flat_map(|e| e.iter()))
+        {
+            if *original != earlier.original {
+                break;
             }
+            *message = earlier.forwarded.clone();
+            sent.push(earlier.clone());
         }
         let replayed = sent.len();
         report.replayed_messages = replayed;
@@ -250,7 +256,10 @@ impl Sessions {
             }
             let e = &item.extraction;
             let texts: Vec<&str> = e.identities().iter().map(String::as_str).collect();
-            let hashes: Vec<u64> = texts.iter().map(|t| text_hash(t)).collect();
+            // Order by identity; drop as a duplicate only what is the same
+            // text in the prompt (an XML item with other attributes is not).
+            let identities: Vec<u64> = texts.iter().map(|t| text_hash(t)).collect();
+            let hashes: Vec<u64> = e.contents().iter().map(|t| text_hash(t)).collect();
             let n = hashes.len();
             report.total_documents += n;
             let (source, keep) = match item.source {
@@ -283,7 +292,7 @@ impl Sessions {
                      Refer to the earlier result above.]"
                 ))
             } else {
-                let kept_hashes: Vec<u64> = keep.iter().map(|&i| hashes[i]).collect();
+                let kept_hashes: Vec<u64> = keep.iter().map(|&i| identities[i]).collect();
                 let kept_texts: Vec<&str> = keep.iter().map(|&i| texts[i]).collect();
                 let order: Vec<usize> = canonical(registry, &kept_hashes, &kept_texts)
                     .into_iter()
@@ -356,22 +365,18 @@ impl Sessions {
                 single,
             });
         }
-        (
-            report,
-            Some(Pending {
-                key,
-                messages: sent,
-            }),
-        )
+        let bytes = sent.iter().map(|m| m.forwarded.to_string().len()).sum();
+        let pending = Pending {
+            key,
+            messages: sent,
+            bytes,
+        };
+        (report, Some(pending))
     }
 
     /// Remembers a session once its request was answered.
     pub fn commit(&self, pending: Pending) {
-        let bytes: usize = pending
-            .messages
-            .iter()
-            .map(|m| m.forwarded.to_string().len())
-            .sum();
+        let bytes = pending.bytes;
         if bytes > MAX_SESSION_BYTES {
             return;
         }
@@ -395,7 +400,7 @@ impl Sessions {
         inner.map.insert(
             pending.key,
             Session {
-                messages: pending.messages,
+                messages: Arc::new(pending.messages),
                 bytes,
                 last_used: clock,
             },
@@ -557,6 +562,32 @@ mod tests {
             "{text}"
         );
         assert_eq!(report.documents_deduplicated, 2);
+    }
+
+    /// The same body under other attributes is other content: kept.
+    #[test]
+    fn items_differing_in_attributes_are_not_duplicates() {
+        let (sessions, registry) = (Sessions::default(), Registry::default());
+        let result = |year: &str| {
+            format!(
+                "<documents>\n<document source=\"{year}-report.pdf\">Revenue grew 10%.</document>\n\
+                 <document>Other</document>\n</documents>"
+            )
+        };
+        let mut body = json!({"messages": [
+            {"role": "user", "content": "q"},
+            {"role": "tool", "tool_call_id": "a", "content": result("2023")},
+            {"role": "tool", "tool_call_id": "b", "content": result("2024")},
+        ]});
+        let report = run(&sessions, &registry, &mut body);
+        assert!(body["messages"][2]["content"]
+            .as_str()
+            .unwrap()
+            .contains("2024-report.pdf"));
+        assert_eq!(
+            report.documents_deduplicated, 1,
+            "only <document>Other</document> repeats"
+        );
     }
 
     #[test]

@@ -67,6 +67,13 @@ impl Default for Limits {
 
 /// A node wider than this gets an inverted index over its children.
 const WIDE_NODE: usize = 32;
+/// Request ids kept on one leaf (identical contexts share it); the oldest
+/// are forgotten past this.
+const MAX_REQUESTS_PER_LEAF: usize = 256;
+/// Longest parent chain walked for dedup.
+const MAX_CHAIN: usize = 4096;
+/// Documents remembered per conversation id; past it the set starts over.
+const MAX_CONVERSATION_DOCS: usize = 100_000;
 /// Requests remembered for parent-chain dedup, and conversations.
 const MAX_TRACKED: usize = 100_000;
 const MAX_CONVERSATIONS: usize = 10_000;
@@ -290,6 +297,8 @@ pub struct LiveIndex {
     /// Parent-chain conversations (`parent_request_ids`).
     tracked: HashMap<String, Tracked>,
     tracked_order: VecDeque<String>,
+    /// parent request id → the turns built on it.
+    turn_children: HashMap<String, Vec<String>>,
     /// `conversation_id` → documents already sent in it, and its turn count.
     conversations: HashMap<String, (HashSet<Key>, u32)>,
     conversation_order: VecDeque<String>,
@@ -330,6 +339,7 @@ impl LiveIndex {
             tracked_only: VecDeque::new(),
             tracked: HashMap::new(),
             tracked_order: VecDeque::new(),
+            turn_children: HashMap::new(),
             conversations: HashMap::new(),
             conversation_order: VecDeque::new(),
             explicit_conversations: false,
@@ -521,6 +531,17 @@ impl LiveIndex {
 
     fn attach_request(&mut self, leaf: usize, now: Duration) -> String {
         let rid = self.new_request_id();
+        if leaf == self.root || !self.nodes.contains_key(&leaf) {
+            self.track_request(&rid);
+            return rid;
+        }
+        if let Some(n) = self.nodes.get_mut(&leaf) {
+            // Identical contexts share a leaf: keep its newest ids only.
+            if n.requests.len() >= MAX_REQUESTS_PER_LEAF {
+                let old = n.requests.remove(0);
+                self.requests.remove(&old);
+            }
+        }
         if let Some(n) = self.nodes.get_mut(&leaf) {
             let before = n.last_access;
             let first = n.requests.is_empty();
@@ -754,6 +775,8 @@ impl LiveIndex {
         let parent = self.nodes[&node].parent.unwrap_or(self.root);
         let leaf = if !found.has_prefix {
             self.add_node(order.clone(), Some(parent), now)
+        } else if self.nodes[&node].docs == order {
+            node
         } else if !self.is_leaf(node) {
             self.add_node(order.clone(), Some(node), now)
         } else {
@@ -764,9 +787,10 @@ impl LiveIndex {
     }
 
     /// Inserts `order` next to leaf `leaf`: the same documents share the
-    /// leaf; their contiguous common prefix becomes a new internal node above
-    /// both, unless it is empty or just the parent's documents again, when
-    /// the new leaf becomes a sibling.
+    /// leaf; a context extending the leaf's goes below it; otherwise their
+    /// contiguous common prefix becomes a new internal node above both,
+    /// unless it is empty or just the parent's documents again, when the new
+    /// leaf becomes a sibling.
     fn split_leaf(&mut self, leaf: usize, parent: usize, order: &[u32], now: Duration) -> usize {
         let leaf_docs = self.nodes[&leaf].docs.clone();
         if leaf_docs.len() == order.len() && leaf_docs == order {
@@ -777,10 +801,18 @@ impl LiveIndex {
             .zip(order)
             .take_while(|(a, b)| a == b)
             .count();
+        if common == leaf_docs.len() {
+            // The new context extends the leaf's: it goes below it (the leaf
+            // keeps its requests and becomes their shared prefix).
+            return self.add_node(order.to_vec(), Some(leaf), now);
+        }
         let same_as_parent = self
             .nodes
             .get(&parent)
             .is_some_and(|p| p.docs[..] == leaf_docs[..common]);
+        if same_as_parent && common == order.len() {
+            return parent;
+        }
         if common == 0 || same_as_parent {
             return self.add_node(order.to_vec(), Some(parent), now);
         }
@@ -832,8 +864,24 @@ impl LiveIndex {
     ) -> ReorderOutcome {
         let now = (self.clock)();
         self.expire(now);
-        let ids: Vec<Vec<u32>> = contexts.iter().map(|c| self.lookup_ids(c)).collect();
         let mode = if self.live { "incremental" } else { "initial" };
+        if contexts.is_empty() {
+            return ReorderOutcome {
+                mode,
+                request_ids: Vec::new(),
+                reordered: Vec::new(),
+                leaves: Vec::new(),
+                order: Vec::new(),
+                groups: Vec::new(),
+                matched: 0,
+                merged: 0,
+                warnings: Vec::new(),
+            };
+        }
+        let ids: Vec<Vec<u32>> = contexts.iter().map(|c| self.lookup_ids(c)).collect();
+        // An empty context has nothing to place: its request id is tracked
+        // without a node.
+        let empty: Vec<usize> = (0..ids.len()).filter(|&i| ids[i].is_empty()).collect();
         let mut leaves = vec![usize::MAX; ids.len()];
         let mut orders: Vec<Vec<u32>> = ids.clone();
         let mut matched = 0;
@@ -842,6 +890,9 @@ impl LiveIndex {
 
         if self.live {
             for (i, ctx) in ids.iter().enumerate() {
+                if ctx.is_empty() {
+                    continue;
+                }
                 match self.place(ctx, now) {
                     Some((leaf, order)) => {
                         leaves[i] = leaf;
@@ -852,7 +903,7 @@ impl LiveIndex {
                 }
             }
         } else {
-            unmatched = (0..ids.len()).collect();
+            unmatched = (0..ids.len()).filter(|&i| !ids[i].is_empty()).collect();
         }
 
         if !unmatched.is_empty() {
@@ -861,11 +912,30 @@ impl LiveIndex {
             let map = self.graft(&result, now);
             for (k, &i) in unmatched.iter().enumerate() {
                 orders[i] = result.reordered[k].clone();
-                leaves[i] = map.get(&result.leaf_of[k]).copied().unwrap_or(self.root);
+                leaves[i] = map.get(&result.leaf_of[k]).copied().unwrap_or(usize::MAX);
             }
             if !self.live {
-                schedule = Some(cluster::schedule(&result));
+                // The batch's own schedule, in input indices, empty contexts
+                // last as a group of their own.
+                let batch_schedule = cluster::schedule(&result);
+                let mut order: Vec<usize> =
+                    batch_schedule.order.iter().map(|&k| unmatched[k]).collect();
+                let mut groups: Vec<Vec<usize>> = batch_schedule
+                    .groups
+                    .iter()
+                    .map(|g| g.iter().map(|&k| unmatched[k]).collect())
+                    .collect();
+                if !empty.is_empty() {
+                    order.extend(&empty);
+                    groups.push(empty.clone());
+                }
+                schedule = Some(cluster::Schedule { order, groups });
             }
+        } else if !self.live {
+            schedule = Some(cluster::Schedule {
+                order: empty.clone(),
+                groups: vec![empty.clone()],
+            });
         }
         self.live = true;
 
@@ -950,26 +1020,28 @@ impl LiveIndex {
 
     // -- removal --------------------------------------------------------------
 
-    /// Removes request ids; a leaf goes when its last request does, and
-    /// ancestors left without children go with it (never the root).
+    /// Removes request ids. A node goes when it holds neither requests nor
+    /// children any more, and so do the ancestors that this leaves empty
+    /// (never the root).
     pub fn remove_requests(&mut self, ids: &[String]) -> Eviction {
         let mut out = Eviction::default();
         for rid in ids {
             match self.requests.remove(rid) {
                 None => out.not_found.push(rid.clone()),
                 Some(None) => out.removed += 1,
-                Some(Some(leaf)) => {
+                Some(Some(node)) => {
                     out.removed += 1;
                     out.evicted_requests.push(rid.clone());
-                    let empty = match self.nodes.get_mut(&leaf) {
+                    let emptied = match self.nodes.get_mut(&node) {
                         Some(n) => {
                             n.requests.retain(|r| r != rid);
-                            n.requests.is_empty()
+                            n.requests.is_empty().then_some(n.last_access)
                         }
-                        None => false,
+                        None => None,
                     };
-                    if empty {
-                        self.remove_leaf(leaf, &mut out.evicted_nodes);
+                    if let Some(at) = emptied {
+                        self.access.remove(&(at, node));
+                        self.prune(node, &mut out.evicted_nodes);
                     }
                 }
             }
@@ -978,40 +1050,43 @@ impl LiveIndex {
         out
     }
 
-    fn remove_leaf(&mut self, leaf: usize, evicted: &mut Vec<usize>) {
-        let mut cur = leaf;
-        loop {
-            if cur == self.root {
+    /// Removes `node` if it holds no requests and no children, then its
+    /// ancestors while the same holds for them.
+    fn prune(&mut self, node: usize, evicted: &mut Vec<usize>) {
+        let mut cur = node;
+        while cur != self.root {
+            let Some(n) = self.nodes.get(&cur) else { break };
+            if !n.children.is_empty() || !n.requests.is_empty() {
                 break;
             }
-            let parent = self.nodes.get(&cur).and_then(|n| n.parent);
+            let parent = n.parent;
             if let Some(p) = parent {
                 self.detach_child(p, cur);
             }
             if let Some(n) = self.nodes.remove(&cur) {
                 self.access.remove(&(n.last_access, cur));
-                for rid in &n.requests {
-                    self.requests.remove(rid);
-                }
                 self.keys.release(&n.docs);
             }
             evicted.push(cur);
             match parent {
-                Some(p)
-                    if p != self.root
-                        && self.nodes.get(&p).is_some_and(|n| n.children.is_empty()) =>
-                {
-                    cur = p;
-                }
-                _ => break,
+                Some(p) => cur = p,
+                None => break,
             }
         }
     }
 
-    /// Drops whole leaves (with all their requests), for the bounds.
-    fn drop_leaf(&mut self, leaf: usize) {
-        let mut evicted = Vec::new();
-        self.remove_leaf(leaf, &mut evicted);
+    /// Forgets every request of `node` (for the bounds), then prunes it.
+    fn drop_requests_of(&mut self, node: usize) {
+        let Some(n) = self.nodes.get_mut(&node) else {
+            return;
+        };
+        let requests = std::mem::take(&mut n.requests);
+        let at = n.last_access;
+        for rid in &requests {
+            self.requests.remove(rid);
+        }
+        self.access.remove(&(at, node));
+        self.prune(node, &mut Vec::new());
     }
 
     fn expire(&mut self, now: Duration) {
@@ -1021,7 +1096,7 @@ impl LiveIndex {
                 break;
             }
             self.access.remove(&(at, leaf));
-            self.drop_leaf(leaf);
+            self.drop_requests_of(leaf);
             self.expired += 1;
         }
     }
@@ -1032,7 +1107,7 @@ impl LiveIndex {
                 break;
             };
             self.access.remove(&(at, leaf));
-            self.drop_leaf(leaf);
+            self.drop_requests_of(leaf);
             self.lru_evicted += 1;
         }
     }
@@ -1047,7 +1122,10 @@ impl LiveIndex {
         LiveStats {
             num_nodes: self.nodes.len(),
             leaf_nodes: self.access.len(),
-            total_tokens: self.nodes.values().map(|n| n.tokens).sum(),
+            total_tokens: self
+                .nodes
+                .values()
+                .fold(0i64, |sum, n| sum.saturating_add(n.tokens)),
             num_requests: self.requests.len(),
             total_searches: self.searches,
             total_insertions: self.insertions,
@@ -1078,6 +1156,9 @@ impl LiveIndex {
             .conversations
             .entry(cid.to_string())
             .or_insert_with(|| (HashSet::new(), 0));
+        if entry.0.len() + docs.len() > MAX_CONVERSATION_DOCS {
+            entry.0.clear();
+        }
         entry.0.extend(docs);
     }
 
@@ -1107,6 +1188,9 @@ impl LiveIndex {
                 .iter()
                 .map(|k| fill(template, k, None, None))
                 .collect();
+            if seen.len() + ctx.len() > MAX_CONVERSATION_DOCS {
+                seen.clear();
+            }
             seen.extend(ctx.iter().cloned());
             results.push(DedupResult {
                 original: ctx.clone(),
@@ -1145,7 +1229,7 @@ impl LiveIndex {
                 let mut visited = HashSet::new();
                 let mut cur = Some(p.clone());
                 while let Some(id) = cur {
-                    if !visited.insert(id.clone()) {
+                    if visited.len() >= MAX_CHAIN || !visited.insert(id.clone()) {
                         break;
                     }
                     let Some(t) = self.tracked.get(&id) else {
@@ -1194,9 +1278,16 @@ impl LiveIndex {
             if self.tracked.len() >= MAX_TRACKED {
                 if let Some(old) = self.tracked_order.pop_front() {
                     self.tracked.remove(&old);
+                    self.turn_children.remove(&old);
                 }
             }
             self.tracked_order.push_back(rid.to_string());
+        }
+        if let Some(p) = &parent {
+            self.turn_children
+                .entry(p.clone())
+                .or_default()
+                .push(rid.to_string());
         }
         self.tracked
             .insert(rid.to_string(), Tracked { parent, docs, turn });
@@ -1211,28 +1302,23 @@ impl LiveIndex {
         let mut chain: HashSet<String> = HashSet::new();
         let mut cur = Some(rid.to_string());
         while let Some(id) = cur {
-            if !chain.insert(id.clone()) {
+            if chain.len() >= MAX_CHAIN || !chain.insert(id.clone()) {
                 break;
             }
             cur = self.tracked.get(&id).and_then(|t| t.parent.clone());
         }
-        // Descendants too: any request whose chain reaches one of these.
-        loop {
-            let more: Vec<String> = self
-                .tracked
-                .iter()
-                .filter(|(id, t)| {
-                    !chain.contains(*id) && t.parent.as_ref().is_some_and(|p| chain.contains(p))
-                })
-                .map(|(id, _)| id.clone())
-                .collect();
-            if more.is_empty() {
-                break;
+        // Descendants too: every later turn built on one of these.
+        let mut queue: Vec<String> = chain.iter().cloned().collect();
+        while let Some(id) = queue.pop() {
+            for child in self.turn_children.remove(&id).unwrap_or_default() {
+                if self.tracked.contains_key(&child) && chain.insert(child.clone()) {
+                    queue.push(child);
+                }
             }
-            chain.extend(more);
         }
         for id in &chain {
             self.tracked.remove(id);
+            self.turn_children.remove(id);
         }
         self.tracked_order.retain(|id| !chain.contains(id));
         1
@@ -1424,23 +1510,81 @@ mod tests {
         assert_eq!((r.matched, r.merged), (0, 3));
     }
 
-    /// Case 16 (HTTP form): on a reused index, the i-th reordered context
-    /// holds the documents of input `order[i]` (the reference returned input
-    /// order after its first call while callers assumed scheduled order).
+    /// A context's own leaf can be the shared prefix of others: evicting
+    /// its request keeps the node for them, and evicting theirs keeps it
+    /// for its request.
     #[test]
-    fn pairing_holds_on_a_reused_index() {
+    fn nodes_holding_requests_and_children() {
         let mut ix = index();
-        ix.reorder(&batch(&[&[90, 91]]), None);
-        let input = batch(&[&[1, 2, 3], &[7, 8], &[1, 2, 4]]);
-        let out = ix.reorder(&input, None);
-        for &i in &out.order {
-            let got: HashSet<&Key> = out.reordered[i].iter().collect();
-            let want: HashSet<&Key> = input[i].iter().collect();
-            assert_eq!(got, want);
+        let out = ix.reorder(&batch(&[&[1, 2], &[3, 4, 1, 2], &[5, 6, 1, 2]]), None);
+        let [r0, r1, r2] = [0, 1, 2].map(|i| out.request_ids[i].clone());
+        let holder = ix.leaf_of(&r0).unwrap();
+        assert!(!ix.nodes[&holder].children.is_empty(), "{:?}", ix.nodes);
+        ix.remove_requests(&[r1.clone(), r2.clone()]);
+        assert_eq!(ix.leaf_of(&r0), Some(holder), "r0 survives its children");
+        let out = ix.reorder(&batch(&[&[1, 2], &[7, 1, 2]]), None);
+        ix.remove_requests(std::slice::from_ref(&r0));
+        for rid in &out.request_ids {
+            let leaf = ix.leaf_of(rid).unwrap();
+            let mut cur = leaf;
+            while let Some(p) = ix.nodes[&cur].parent {
+                cur = p;
+            }
+            assert_eq!(cur, ix.root, "node {leaf} is still reachable");
         }
-        let mut sorted = out.order.clone();
-        sorted.sort_unstable();
-        assert_eq!(sorted, [0, 1, 2]);
+        ix.remove_requests(&out.request_ids);
+        assert_eq!((ix.stats().num_nodes, ix.stats().num_requests), (1, 0));
+        assert!(ix.access.is_empty());
+    }
+
+    #[test]
+    fn empty_contexts_have_no_node() {
+        let mut ix = index();
+        let out = ix.reorder(&batch(&[&[], &[1, 2], &[]]), None);
+        assert_eq!(out.request_ids.len(), 3);
+        assert_eq!(out.order.iter().filter(|&&i| i != 1).count(), 2);
+        assert_eq!(ix.stats().leaf_nodes, 1);
+        assert!(!ix.access.iter().any(|&(_, n)| n == ix.root));
+        let out = ix.reorder(&batch(&[&[]]), None);
+        assert_eq!(out.reordered, [Vec::<Key>::new()]);
+        assert!(ix.reorder(&[], None).request_ids.is_empty());
+        let mut fresh = index();
+        fresh.reorder(&[], None);
+        assert!(!fresh.is_live(), "no contexts: nothing was built");
+    }
+
+    #[test]
+    fn request_ids_per_leaf_are_bounded() {
+        let mut ix = index();
+        for _ in 0..MAX_REQUESTS_PER_LEAF + 50 {
+            ix.reorder(&batch(&[&[1, 2, 3]]), None);
+        }
+        assert_eq!(ix.stats().leaf_nodes, 1);
+        assert_eq!(ix.stats().num_requests, MAX_REQUESTS_PER_LEAF);
+    }
+
+    #[test]
+    fn token_counts_saturate() {
+        let mut ix = index();
+        ix.reorder(&batch(&[&[1]]), None);
+        ix.insert(&ints(&[2]), &[], i64::MAX);
+        ix.insert(&ints(&[3]), &[], i64::MAX);
+        assert_eq!(ix.stats().total_tokens, i64::MAX);
+    }
+
+    /// A context extending a leaf goes below it; the same documents again
+    /// share the node.
+    #[test]
+    fn an_extension_goes_below_its_prefix() {
+        let mut ix = index();
+        let a = ix.reorder(&batch(&[&[1, 2]]), None).leaves[0];
+        let b = ix.reorder(&batch(&[&[1, 2, 3]]), None).leaves[0];
+        assert_eq!(ix.nodes[&b].parent, Some(a));
+        assert_eq!(ix.stats().num_nodes, 3);
+        let again = ix.reorder(&batch(&[&[2, 1]]), None);
+        assert_eq!(again.leaves[0], a);
+        assert_eq!(as_ints(&again.reordered[0]), [1, 2]);
+        assert_eq!(ix.stats().num_nodes, 3);
     }
 
     /// Case 17: conversation dedup by conversation id.

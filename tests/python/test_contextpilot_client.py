@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from e2e import wait_until
+
 
 def load_client_class():
     """The package's own `server/http_client.py`, loaded without running the
@@ -127,5 +129,10 @@ def test_a_slot_answering_a_new_request_evicts_the_one_it_held(daemon):
     # with no id: the slot's earlier request is gone from its cache.
     again = complete(None, prompt)
     assert again == slot
-    remaining = client.get_requests()["request_ids"]
-    assert ids[0] not in remaining and ids[1] in remaining, remaining
+
+    def evicted():
+        remaining = client.get_requests()["request_ids"]
+        return remaining if ids[0] not in remaining else None
+
+    remaining = wait_until(10, "the overwritten slot's request id to leave the index", evicted)
+    assert ids[1] in remaining, remaining
