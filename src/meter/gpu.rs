@@ -52,6 +52,8 @@ pub struct GpuWindow {
     pub samples: u32,
     /// Mean over the readings that carry a utilization.
     pub utilization_pct: Option<f64>,
+    /// The highest of those readings.
+    pub peak_utilization_pct: Option<f64>,
     /// Mean over the readings that carry a clock.
     pub freq_mhz: Option<f64>,
     /// Mean over the readings that carry a power draw.
@@ -344,9 +346,13 @@ impl GpuSampler {
         let (mut utilization, mut freq, mut power) =
             (Mean::default(), Mean::default(), Mean::default());
         let mut sources = Sources::default();
+        let mut peak: Option<f64> = None;
         for reading in state.readings.iter().filter(|r| r.at >= from && r.at <= to) {
             samples = samples.saturating_add(1);
             utilization.add(reading.sample.utilization_pct);
+            if let Some(u) = reading.sample.utilization_pct.filter(|u| u.is_finite()) {
+                peak = Some(peak.map_or(u, |p| p.max(u)));
+            }
             freq.add(reading.sample.freq_mhz);
             power.add(reading.sample.power_w);
             sources.add(reading.source);
@@ -354,6 +360,7 @@ impl GpuSampler {
         (samples > 0).then(|| GpuWindow {
             samples,
             utilization_pct: utilization.get(),
+            peak_utilization_pct: peak,
             freq_mhz: freq.get(),
             power_w: power.get(),
             source: sources.label(),
@@ -969,6 +976,41 @@ mod tests {
         .into_bytes()
     }
 
+    /// The reference system's case 35: idle 0.25 → 75 % busy, 3000 mJ over
+    /// 1.5 s → 2 W; two records average, with the peak kept.
+    #[test]
+    fn powermetrics_reference_vector() {
+        let one = |idle: f64| {
+            record(&format!(
+                "<key>elapsed_ns</key><integer>1500000000</integer>\n\
+                 <key>gpu</key>\n<dict>\n<key>idle_ratio</key><real>{idle}</real>\n\
+                 <key>freq_hz</key><real>1398000000</real>\n\
+                 <key>gpu_energy</key><integer>3000</integer>\n</dict>\n"
+            ))
+        };
+        let samples = parse_powermetrics_records(&one(0.25));
+        assert_eq!(samples.len(), 1);
+        assert_close(samples[0].utilization_pct, 75.0);
+        assert_close(samples[0].freq_mhz, 1398.0);
+        assert_close(samples[0].power_w, 2.0);
+
+        let mut two = one(0.25);
+        two.push(0);
+        two.extend(one(0.75));
+        let samples = parse_powermetrics_records(&two);
+        assert_eq!(samples.len(), 2);
+        let sampler = GpuSampler::manual();
+        let t0 = Instant::now();
+        for (k, s) in samples.into_iter().enumerate() {
+            sampler.push(t0 + Duration::from_secs(k as u64), s);
+        }
+        let window = sampler.window(t0, t0 + Duration::from_secs(1)).unwrap();
+        assert_eq!(window.samples, 2);
+        assert_close(window.utilization_pct, 50.0);
+        assert_close(window.peak_utilization_pct, 75.0);
+        assert_close(window.power_w, 2.0);
+    }
+
     #[test]
     fn powermetrics_processor_gpu_power_in_milliwatts() {
         // No elapsed_ns: energy cannot become power, gpu_power (mW) can.
@@ -1164,6 +1206,7 @@ mod tests {
         let window = sampler.window(at(1), at(3)).expect("a window");
         assert_eq!(window.samples, 3);
         assert_close(window.utilization_pct, 30.0);
+        assert_close(window.peak_utilization_pct, 50.0);
         assert_close(window.freq_mhz, 1300.0);
         assert_close(window.power_w, 30.0);
         assert_eq!(window.source, "manual");

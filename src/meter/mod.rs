@@ -65,7 +65,8 @@ pub struct CacheReuse {
     pub total_prompt_tokens: u64,
     pub reused_tokens: u64,
     pub newly_computed: u64,
-    pub reuse_ratio_pct: f64,
+    /// `None` (null) for an empty prompt, where no ratio exists.
+    pub reuse_ratio_pct: Option<f64>,
     pub prompt_eval_ms: f64,
     pub gen_ms: f64,
     pub prompt_tps: f64,
@@ -84,11 +85,7 @@ impl CacheReuse {
             total_prompt_tokens: total,
             reused_tokens: reused,
             newly_computed: computed,
-            reuse_ratio_pct: if total == 0 {
-                0.0
-            } else {
-                round2(100.0 * reused as f64 / total as f64)
-            },
+            reuse_ratio_pct: (total > 0).then(|| round2(100.0 * reused as f64 / total as f64)),
             prompt_eval_ms: round2(num("prompt_ms").unwrap_or(0.0)),
             gen_ms: round2(num("predicted_ms").unwrap_or(0.0)),
             prompt_tps: round2(num("prompt_per_second").unwrap_or(0.0)),
@@ -234,12 +231,33 @@ mod tests {
         assert_eq!(reuse.total_prompt_tokens, 35);
         assert_eq!(reuse.reused_tokens, 34);
         assert_eq!(reuse.newly_computed, 1);
-        assert_eq!(reuse.reuse_ratio_pct, 97.14);
+        assert_eq!(reuse.reuse_ratio_pct, Some(97.14));
         assert_eq!(reuse.prompt_eval_ms, 16.79);
         assert_eq!(reuse.gen_ms, 50.12);
         assert!(CacheReuse::from_timings(&serde_json::json!({"prompt_n": 3})).is_none());
         let empty =
             CacheReuse::from_timings(&serde_json::json!({"cache_n": 0, "prompt_n": 0})).unwrap();
-        assert_eq!(empty.reuse_ratio_pct, 0.0);
+        assert_eq!(empty.reuse_ratio_pct, None);
+        let record = serde_json::to_value(&empty).unwrap();
+        assert!(record["reuse_ratio_pct"].is_null());
+    }
+
+    /// The reference system's case 34, field for field.
+    #[test]
+    fn reuse_ratio_of_the_reference_case() {
+        let timings = serde_json::json!({"prompt_n": 100, "cache_n": 300, "prompt_ms": 50,
+            "predicted_ms": 400, "prompt_per_second": 2000, "predicted_per_second": 80});
+        let reuse = CacheReuse::from_timings(&timings).unwrap();
+        assert_eq!(
+            (
+                reuse.total_prompt_tokens,
+                reuse.reused_tokens,
+                reuse.newly_computed
+            ),
+            (400, 300, 100)
+        );
+        assert_eq!(reuse.reuse_ratio_pct, Some(75.0));
+        assert_eq!((reuse.prompt_eval_ms, reuse.gen_ms), (50.0, 400.0));
+        assert_eq!((reuse.prompt_tps, reuse.gen_tps), (2000.0, 80.0));
     }
 }

@@ -103,6 +103,8 @@ pub struct Stats {
     recent: VecDeque<(f64, Option<f64>)>,
     with_data: u64,
     ratio_sum: f64,
+    /// Records with a ratio (a prompt of at least one token).
+    ratios: u64,
     reused: u64,
     prompt: u64,
     per_slot: BTreeMap<usize, (u64, u64, u64)>,
@@ -119,6 +121,7 @@ impl Stats {
             recent: VecDeque::with_capacity(WINDOW),
             with_data: 0,
             ratio_sum: 0.0,
+            ratios: 0,
             reused: 0,
             prompt: 0,
             per_slot: BTreeMap::new(),
@@ -136,7 +139,10 @@ impl Stats {
         self.recent.push_back((record.latency_ms, record.ttft_ms));
         if let Some(reuse) = &record.cache_reuse {
             self.with_data += 1;
-            self.ratio_sum += reuse.reuse_ratio_pct;
+            if let Some(ratio) = reuse.reuse_ratio_pct {
+                self.ratio_sum += ratio;
+                self.ratios += 1;
+            }
             self.reused += reuse.reused_tokens;
             self.prompt += reuse.total_prompt_tokens;
         }
@@ -179,10 +185,10 @@ impl Stats {
             ttft_ms: Distribution::of(self.recent.iter().filter_map(|(_, t)| *t)),
             cache_reuse: CacheTotals {
                 queries_with_data: self.with_data,
-                avg_reuse_ratio_pct: if self.with_data == 0 {
+                avg_reuse_ratio_pct: if self.ratios == 0 {
                     0.0
                 } else {
-                    round2(self.ratio_sum / self.with_data as f64)
+                    round2(self.ratio_sum / self.ratios as f64)
                 },
                 token_weighted_reuse_pct: pct(self.reused, self.prompt),
                 reused_tokens_total: self.reused,
