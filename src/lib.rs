@@ -14,7 +14,15 @@
 //!   readiness, liveness, restart with backoff, crash-loop detection, stop.
 //!   [`supervisor::process`] holds the per-platform process code.
 //! * [`gateway`]: the HTTP server on `[server] listen`: `/health`, `/status`,
-//!   and the OpenAI-compatible API.
+//!   `/stats`, `/metrics`, the OpenAI-compatible API, batches, and the
+//!   ContextPilot-compatible index API.
+//! * [`reorder`]: everything that rewrites a prompt for the KV cache:
+//!   `documents` ordering and rendering, conversations, inferred mode
+//!   (document lists found in the prompt), block dedup, ContextPilot's
+//!   clustering and its live index.
+//! * [`slots`]: the slot table, slot-choice policies and FIFO admission.
+//! * [`meter`]: the meter thread (JSONL query log, `/stats`, Prometheus) and
+//!   the GPU sampler.
 //! * [`status`]: the status document and its human rendering.
 //! * [`daemon`]: wiring for `run`: preflight, one-instance lock, listener,
 //!   supervisor, gateway, shutdown.
@@ -25,8 +33,9 @@
 //!
 //! `run` prepares (config → model header → hardware → plan), then starts the
 //! supervisor task, which publishes its [`supervisor::SupervisorView`] on a
-//! `watch` channel. The gateway answers requests from that view; requests
-//! for the model will flow gateway → reorder → slot choice → child → meter.
+//! `watch` channel. The gateway answers requests from that view; a request
+//! for the model flows gateway → reorder → slot choice → child → meter
+//! (`gateway::proxy` reads top to bottom in that order).
 
 pub mod cli;
 pub mod config;

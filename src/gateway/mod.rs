@@ -2,7 +2,7 @@
 //!
 //! Routing, authentication and the daemon's own endpoints live here; the
 //! path of a model request (admission, slot choice, forwarding, retry,
-//! metering) is in [`proxy`]. Every error is an OpenAI-shaped JSON body
+//! metering) is in `proxy`. Every error is an OpenAI-shaped JSON body
 //! `{"error": {"message", "type", "code"}}`.
 
 mod batch;

@@ -97,7 +97,7 @@ fn parse_chip(chip: &str) -> Option<(&str, ChipClass)> {
 }
 
 /// The class of an Apple Silicon chip name, or `None` for anything that is
-/// not "Apple M<n> [Pro|Max|Ultra]" (Intel CPUs, "VirtualApple" under
+/// not `"Apple M<n> [Pro|Max|Ultra]"` (Intel CPUs, "VirtualApple" under
 /// Rosetta, empty strings).
 pub fn classify(chip: &str) -> Option<ChipClass> {
     parse_chip(chip).map(|(_, class)| class)
