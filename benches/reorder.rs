@@ -9,7 +9,7 @@ use std::sync::Arc;
 use contextpilotd::reorder::{
     header_of, parse_documents, render_system, DocumentsPolicy, Registry,
 };
-use contextpilotd::slots::{Block, BlockSeq, SlotContents, SlotPolicy, SlotState};
+use contextpilotd::slots::{Block, BlockSeq, RamTier, SlotContents, SlotPolicy, SlotState};
 use criterion::{criterion_group, criterion_main, Criterion};
 
 fn doc(i: usize) -> String {
@@ -37,6 +37,7 @@ fn bench_reorder(c: &mut Criterion) {
                     key: Arc::from(""),
                     blocks: Some(Arc::new(BlockSeq {
                         header,
+                        header_tokens,
                         blocks: held
                             .docs
                             .iter()
@@ -60,7 +61,7 @@ fn bench_reorder(c: &mut Criterion) {
         |b| {
             b.iter(|| {
                 let mut policy = DocumentsPolicy::new(header, header_tokens, &parsed.docs, &ranks);
-                black_box(policy.choose(black_box(&slots)))
+                black_box(policy.choose(black_box(&slots), &mut RamTier::new(0)))
             })
         },
     );

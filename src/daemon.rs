@@ -347,6 +347,10 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
                 .unwrap_or_else(|| "model".to_string())
         });
     let slots = prepared.plan.slots as usize;
+    let ram_tokens = crate::plan::ram_cache_tokens(
+        &prepared.config.llama.extra_args,
+        prepared.plan.memory.kv_bytes_per_token,
+    );
     let spec = LaunchSpec {
         binary,
         model: prepared.model.path.clone(),
@@ -376,7 +380,7 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
         tail: supervisor.tail.clone(),
         api_key: config.server.api_key.clone(),
         model_id,
-        scheduler: Scheduler::new(slots, config.server.max_queue),
+        scheduler: Scheduler::new(slots, config.server.max_queue, ram_tokens),
         meter: meter.clone(),
         query_log,
         upstream: Upstream::new(),

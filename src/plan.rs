@@ -472,3 +472,52 @@ pub fn shell_quote(argv: &[String]) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+/// llama-server's default host-RAM prompt cache (`--cache-ram`), MiB.
+pub const DEFAULT_CACHE_RAM_MIB: i64 = 8192;
+
+/// How many tokens llama-server's RAM prompt cache holds: `--cache-ram` (or
+/// `-cram`) from the extra arguments, else the default, over the KV bytes per
+/// token. 0 when it is off; `-1` (no limit) counts as very large.
+pub fn ram_cache_tokens(extra_args: &[String], kv_bytes_per_token: u64) -> u64 {
+    let mut mib = DEFAULT_CACHE_RAM_MIB;
+    let mut args = extra_args.iter();
+    while let Some(arg) = args.next() {
+        let value = match arg.split_once('=') {
+            Some((flag, value)) if flag == "--cache-ram" || flag == "-cram" => {
+                Some(value.to_string())
+            }
+            None if arg == "--cache-ram" || arg == "-cram" => args.next().cloned(),
+            _ => None,
+        };
+        if let Some(n) = value.and_then(|v| v.trim().parse::<i64>().ok()) {
+            mib = n;
+        }
+    }
+    match mib {
+        0 => 0,
+        n if n < 0 => u64::MAX / 4,
+        n => (n as u64).saturating_mul(1 << 20) / kv_bytes_per_token.max(1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_cache_size_in_tokens() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(ram_cache_tokens(&[], 1 << 20), 8192);
+        assert_eq!(ram_cache_tokens(&args(&["--cache-ram", "0"]), 1024), 0);
+        assert_eq!(ram_cache_tokens(&args(&["-cram=2"]), 1024), 2048);
+        assert_eq!(
+            ram_cache_tokens(&args(&["--cache-ram", "-1"]), 1024),
+            u64::MAX / 4
+        );
+        assert_eq!(
+            ram_cache_tokens(&args(&["--cache-ram", "junk"]), 1 << 20),
+            8192
+        );
+    }
+}

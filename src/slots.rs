@@ -7,7 +7,16 @@
 //! the longest prefix with its prompt (llama.cpp reuses exactly that prefix),
 //! else to the least recently used free slot. At most `slots` requests are in
 //! flight; the rest wait in FIFO order, up to `max_queue` of them.
+//!
+//! Behind the slots, llama-server keeps a host-RAM prompt cache
+//! (`--cache-ram`): a slot's prompt is saved there before it is replaced,
+//! and a request whose slot would keep less than half of its contents gets
+//! the cached prompt that shares the most with it (if that is at least a
+//! quarter of the cached prompt) loaded into the slot first. [`RamTier`]
+//! models it for prompts with documents, so that choices and predictions
+//! count those hits too.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -41,7 +50,97 @@ pub struct SlotContents {
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlockSeq {
     pub header: u64,
+    pub header_tokens: u32,
     pub blocks: Vec<Block>,
+}
+
+impl BlockSeq {
+    /// Estimated tokens of the header and the blocks.
+    pub fn tokens(&self) -> u64 {
+        u64::from(self.header_tokens) + self.blocks.iter().map(|b| u64::from(b.tokens)).sum::<u64>()
+    }
+
+    /// Whether `other` starts with all of this sequence.
+    pub fn is_prefix_of(&self, other: &BlockSeq) -> bool {
+        self.header == other.header
+            && self.blocks.len() <= other.blocks.len()
+            && self
+                .blocks
+                .iter()
+                .zip(&other.blocks)
+                .all(|(a, b)| a.hash == b.hash)
+    }
+}
+
+/// The daemon's model of llama-server's host-RAM prompt cache, for prompts
+/// with documents: what slots held before they were overwritten, oldest
+/// first, within a token budget (`--cache-ram` MiB over the model's KV bytes
+/// per token).
+#[derive(Debug, Default)]
+pub struct RamTier {
+    entries: VecDeque<Arc<BlockSeq>>,
+    tokens: u64,
+    max_tokens: u64,
+}
+
+impl RamTier {
+    /// A tier holding up to `max_tokens`; 0 means llama-server has none.
+    pub fn new(max_tokens: u64) -> RamTier {
+        RamTier {
+            max_tokens,
+            ..RamTier::default()
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.max_tokens > 0
+    }
+
+    pub fn entries(&self) -> &VecDeque<Arc<BlockSeq>> {
+        &self.entries
+    }
+
+    /// A slot's prompt, saved as it is replaced. Like llama-server: nothing
+    /// is saved that an entry already contains, entries it contains are
+    /// dropped, and the oldest go when the budget is exceeded.
+    pub fn save(&mut self, seq: &Arc<BlockSeq>) {
+        let size = seq.tokens();
+        if !self.enabled() || size > self.max_tokens || seq.blocks.is_empty() {
+            return;
+        }
+        if self.entries.iter().any(|e| seq.is_prefix_of(e)) {
+            return;
+        }
+        let mut freed = 0;
+        self.entries.retain(|e| {
+            let contained = e.is_prefix_of(seq);
+            if contained {
+                freed += e.tokens();
+            }
+            !contained
+        });
+        self.tokens -= freed;
+        while self.tokens + size > self.max_tokens {
+            match self.entries.pop_front() {
+                Some(old) => self.tokens -= old.tokens(),
+                None => break,
+            }
+        }
+        self.tokens += size;
+        self.entries.push_back(seq.clone());
+    }
+
+    /// Entry `i` was loaded into a slot: llama-server moves it out.
+    pub fn take(&mut self, i: usize) -> Option<Arc<BlockSeq>> {
+        let entry = self.entries.remove(i)?;
+        self.tokens -= entry.tokens();
+        Some(entry)
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.tokens = 0;
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,8 +153,9 @@ pub struct Block {
 
 /// Chooses a free slot for a request and says what the slot will hold.
 /// `slots` includes busy ones, which must be skipped; at least one is free.
+/// A policy that counts on an entry of `ram` being loaded takes it out.
 pub trait SlotPolicy {
-    fn choose(&mut self, slots: &[SlotState]) -> (usize, SlotContents);
+    fn choose(&mut self, slots: &[SlotState], ram: &mut RamTier) -> (usize, SlotContents);
 }
 
 /// The policy for prompts without documents: longest useful common prefix.
@@ -64,7 +164,7 @@ pub struct PrefixPolicy {
 }
 
 impl SlotPolicy for PrefixPolicy {
-    fn choose(&mut self, slots: &[SlotState]) -> (usize, SlotContents) {
+    fn choose(&mut self, slots: &[SlotState], _ram: &mut RamTier) -> (usize, SlotContents) {
         let slot = choose_slot(slots, &self.prompt).unwrap_or(0);
         let contents = SlotContents {
             key: self.prompt.clone(),
@@ -117,6 +217,7 @@ pub enum AdmitError {
 
 struct Table {
     slots: Vec<SlotState>,
+    ram: RamTier,
     /// The child the contents belong to; a new child starts empty.
     child_pid: Option<u32>,
 }
@@ -129,7 +230,9 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(slots: usize, max_queue: usize) -> Arc<Scheduler> {
+    /// `ram_tokens`: the size of llama-server's RAM prompt cache in tokens
+    /// (0: it has none).
+    pub fn new(slots: usize, max_queue: usize, ram_tokens: u64) -> Arc<Scheduler> {
         let slots = slots.max(1);
         Arc::new(Scheduler {
             permits: Arc::new(Semaphore::new(slots)),
@@ -137,6 +240,7 @@ impl Scheduler {
             max_queue,
             table: Mutex::new(Table {
                 slots: vec![SlotState::default(); slots],
+                ram: RamTier::new(ram_tokens),
                 child_pid: None,
             }),
         })
@@ -171,18 +275,22 @@ impl Scheduler {
             for slot in &mut table.slots {
                 slot.holds = SlotContents::default();
             }
+            table.ram.clear();
         }
         // A permit guarantees a free slot (permits == slots); a policy that
         // names a busy one anyway gets the first free one.
-        let (mut slot, contents) = policy.choose(&table.slots);
+        let table = &mut *table;
+        let (mut slot, contents) = policy.choose(&table.slots, &mut table.ram);
         if table.slots.get(slot).is_none_or(|s| s.busy) {
             slot = table.slots.iter().position(|s| !s.busy).unwrap_or(0);
         }
         let state = &mut table.slots[slot];
         state.busy = true;
-        state.holds = contents.clone();
+        let replaced = std::mem::replace(&mut state.holds, contents.clone());
         state.last_used = Some(Instant::now());
-        drop(table);
+        if let Some(old) = &replaced.blocks {
+            table.ram.save(old);
+        }
         Ok(SlotLease {
             scheduler: self.clone(),
             slot,
@@ -358,7 +466,7 @@ mod tests {
 
     #[tokio::test]
     async fn admission_is_bounded_and_frees_on_drop() {
-        let scheduler = Scheduler::new(1, 1);
+        let scheduler = Scheduler::new(1, 1, 0);
         let first = scheduler
             .acquire(&mut policy("a"), 1, Duration::from_secs(5))
             .await
@@ -395,7 +503,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn waiting_times_out() {
-        let scheduler = Scheduler::new(1, 4);
+        let scheduler = Scheduler::new(1, 4, 0);
         let _held = scheduler
             .acquire(&mut policy("a"), 1, Duration::from_secs(5))
             .await
@@ -410,7 +518,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_new_child_starts_with_empty_slots() {
-        let scheduler = Scheduler::new(2, 4);
+        let scheduler = Scheduler::new(2, 4, 0);
         let docs = "d".repeat(1000);
         let lease = scheduler
             .acquire(&mut policy(&docs), 7, Duration::from_secs(1))

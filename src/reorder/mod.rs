@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::slots::{Block, BlockSeq, SlotContents, SlotPolicy, SlotState};
+use crate::slots::{Block, BlockSeq, RamTier, SlotContents, SlotPolicy, SlotState};
 
 /// The fixed instruction line before the documents.
 const INSTRUCTION: &str = "Answer the question based on the provided documents.";
@@ -195,7 +195,9 @@ pub struct ReorderInfo {
     /// Tokens the daemon expects llama.cpp to reuse (an estimate).
     pub predicted_reused_tokens: u32,
     /// "cached-prefix": the slot held some of these documents at the start;
-    /// "header": only the text before the documents matched; "lru": neither.
+    /// "ram-cache": llama-server's RAM prompt cache holds a prompt starting
+    /// with some of them, which it loads into the slot; "header": only the
+    /// text before the documents matched; "lru": none of these.
     pub slot_choice: &'static str,
 }
 
@@ -225,14 +227,10 @@ impl<'a> DocumentsPolicy<'a> {
         }
     }
 
-    /// The reusable run of `slot` for this request: (tokens, documents).
-    fn reusable(&self, slot: &SlotState, index: &HashMap<u64, usize>) -> (u32, Vec<usize>) {
-        let Some(seq) = slot
-            .holds
-            .blocks
-            .as_ref()
-            .filter(|b| b.header == self.header)
-        else {
+    /// The reusable run of a held prompt for this request: (tokens,
+    /// documents).
+    fn reusable(&self, seq: Option<&BlockSeq>, index: &HashMap<u64, usize>) -> (u32, Vec<usize>) {
+        let Some(seq) = seq.filter(|b| b.header == self.header) else {
             return (0, Vec::new());
         };
         let run: Vec<usize> = seq
@@ -243,26 +241,69 @@ impl<'a> DocumentsPolicy<'a> {
         let tokens = self.header_tokens + run.iter().map(|&i| self.docs[i].tokens).sum::<u32>();
         (tokens, run)
     }
+
+    /// The RAM cache entry llama-server would load for this request: the
+    /// one sharing the most, among those sharing at least a quarter of
+    /// their own length. (index, tokens, run).
+    fn best_in_ram(
+        &self,
+        ram: &RamTier,
+        index: &HashMap<u64, usize>,
+    ) -> Option<(usize, u32, Vec<usize>)> {
+        if !ram.enabled() {
+            return None;
+        }
+        ram.entries()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, entry)| {
+                let (tokens, run) = self.reusable(Some(entry), index);
+                (!run.is_empty() && u64::from(tokens) * 4 >= entry.tokens())
+                    .then_some((i, tokens, run))
+            })
+            // The most tokens; on a tie the newest entry.
+            .max_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)))
+    }
 }
 
 impl SlotPolicy for DocumentsPolicy<'_> {
-    fn choose(&mut self, slots: &[SlotState]) -> (usize, SlotContents) {
+    fn choose(&mut self, slots: &[SlotState], ram: &mut RamTier) -> (usize, SlotContents) {
         let index: HashMap<u64, usize> = self
             .docs
             .iter()
             .enumerate()
             .map(|(i, d)| (d.hash, i))
             .collect();
-        let (slot, (tokens, run)) = slots
+        let from_ram = self.best_in_ram(ram, &index);
+        // Per free slot: what it reuses by itself, or, when it would keep
+        // less than half of what it holds (llama-server then consults its
+        // RAM cache; an empty slot never does), the best RAM entry.
+        let (slot, (tokens, run, ram_entry)) = slots
             .iter()
             .enumerate()
             .filter(|(_, s)| !s.busy)
-            .map(|(i, s)| (i, self.reusable(s, &index)))
-            .max_by(|(ia, (ta, _)), (ib, (tb, _))| {
+            .map(|(i, s)| {
+                let held = s.holds.blocks.as_deref();
+                let (tokens, run) = self.reusable(held, &index);
+                let holds_something = held.is_some() || !s.holds.key.is_empty();
+                let keeps_little = held.is_none_or(|h| u64::from(tokens) * 2 < h.tokens());
+                match &from_ram {
+                    Some((e, ram_tokens, ram_run))
+                        if holds_something && keeps_little && *ram_tokens > tokens =>
+                    {
+                        (i, (*ram_tokens, ram_run.clone(), Some(*e)))
+                    }
+                    _ => (i, (tokens, run, None)),
+                }
+            })
+            .max_by(|(ia, (ta, ..)), (ib, (tb, ..))| {
                 ta.cmp(tb)
                     .then_with(|| slots[*ib].last_used.cmp(&slots[*ia].last_used))
             })
-            .unwrap_or((0, (0, Vec::new())));
+            .unwrap_or((0, (0, Vec::new(), None)));
+        if let Some(e) = ram_entry {
+            ram.take(e);
+        }
         let mut in_run = vec![false; self.docs.len()];
         for &i in &run {
             in_run[i] = true;
@@ -278,6 +319,7 @@ impl SlotPolicy for DocumentsPolicy<'_> {
             .count();
         let blocks = Arc::new(BlockSeq {
             header: self.header,
+            header_tokens: self.header_tokens,
             blocks: order
                 .iter()
                 .map(|&i| Block {
@@ -292,6 +334,7 @@ impl SlotPolicy for DocumentsPolicy<'_> {
             deduped: 0,
             predicted_reused_tokens: tokens,
             slot_choice: match (run.is_empty(), tokens > 0) {
+                (false, _) if ram_entry.is_some() => "ram-cache",
                 (false, _) => "cached-prefix",
                 (true, true) => "header",
                 (true, false) => "lru",
@@ -428,6 +471,7 @@ mod tests {
                 key: Arc::from(""),
                 blocks: Some(Arc::new(BlockSeq {
                     header,
+                    header_tokens: 0,
                     blocks: held
                         .iter()
                         .map(|d| Block {
@@ -466,7 +510,7 @@ mod tests {
         ];
         let ranks = vec![4, 1, 0, 3];
         let mut policy = DocumentsPolicy::new(header, header_tokens, &request, &ranks);
-        let (slot, contents) = policy.choose(&slots);
+        let (slot, contents) = policy.choose(&slots, &mut RamTier::default());
         assert_eq!(slot, 0);
         // alpha, beta (slot 0's run), then delta, epsilon by canonical rank.
         assert_eq!(policy.order, vec![2, 1, 3, 0]);
@@ -490,7 +534,7 @@ mod tests {
         ];
         let ranks = vec![0, 1];
         let mut policy = DocumentsPolicy::new(header, header_tokens, &all, &ranks);
-        let (slot, _) = policy.choose(&slots);
+        let (slot, _) = policy.choose(&slots, &mut RamTier::default());
         assert_eq!(slot, 1, "least recently used");
         assert_eq!(
             policy.order,
@@ -514,9 +558,110 @@ mod tests {
         ];
         let ranks = vec![0, 1];
         let mut policy = DocumentsPolicy::new(header, header_tokens, &all, &ranks);
-        let (slot, _) = policy.choose(&slots);
+        let (slot, _) = policy.choose(&slots, &mut RamTier::default());
         assert_eq!(slot, 1);
         assert_eq!(policy.info.unwrap().slot_choice, "header");
+    }
+
+    fn seq(header: u64, header_tokens: u32, held: &[Document]) -> Arc<BlockSeq> {
+        Arc::new(BlockSeq {
+            header,
+            header_tokens,
+            blocks: held
+                .iter()
+                .map(|d| Block {
+                    hash: d.hash,
+                    tokens: d.tokens,
+                })
+                .collect(),
+        })
+    }
+
+    /// llama-server's RAM prompt cache: a slot that would keep little of
+    /// what it holds gets the best cached prompt loaded first, so its run
+    /// leads the order and counts in the prediction; the entry moves out of
+    /// the cache.
+    #[test]
+    fn a_prompt_in_the_ram_cache_is_reused_through_any_slot_that_holds_little() {
+        let all = docs(&["alpha text", "beta text", "gamma text", "delta text"]);
+        let (header, header_tokens) = header_of(None);
+        let mut ram = RamTier::new(1_000_000);
+        ram.save(&seq(header, header_tokens, &all[0..3]));
+        // The slot holds an unrelated prompt: it would keep only the header.
+        let unrelated = docs(&[
+            "unrelated one, a long enough document",
+            "unrelated two, a long enough document",
+            "unrelated three, a long enough document",
+        ]);
+        let slots = vec![SlotState {
+            holds: SlotContents {
+                key: Arc::from(""),
+                blocks: Some(seq(header, header_tokens, &unrelated)),
+            },
+            ..SlotState::default()
+        }];
+        let request = vec![all[1].clone(), all[0].clone(), all[3].clone()];
+        let ranks = vec![1, 0, 3];
+        let mut policy = DocumentsPolicy::new(header, header_tokens, &request, &ranks);
+        let (slot, _) = policy.choose(&slots, &mut ram);
+        assert_eq!(slot, 0);
+        assert_eq!(
+            policy.order,
+            vec![1, 0, 2],
+            "alpha, beta from the cached prompt"
+        );
+        let info = policy.info.unwrap();
+        assert_eq!(info.slot_choice, "ram-cache");
+        assert_eq!(
+            info.predicted_reused_tokens,
+            header_tokens + all[0].tokens + all[1].tokens
+        );
+        assert!(ram.entries().is_empty(), "loaded: moved out of the cache");
+
+        // An empty slot never consults the cache (llama-server skips it).
+        let mut ram = RamTier::new(1_000_000);
+        ram.save(&seq(header, header_tokens, &all[0..3]));
+        let mut policy = DocumentsPolicy::new(header, header_tokens, &request, &ranks);
+        policy.choose(&[SlotState::default()], &mut ram);
+        assert_eq!(policy.info.unwrap().slot_choice, "lru");
+        assert_eq!(ram.entries().len(), 1);
+
+        // An entry sharing less than a quarter of itself is not loaded.
+        let filler: Vec<String> = (0..4)
+            .map(|i| format!("p{i} {}", "x".repeat(400)))
+            .collect();
+        let filler: Vec<&str> = filler.iter().map(String::as_str).collect();
+        let long: Vec<Document> = docs(&["alpha text"])
+            .into_iter()
+            .chain(docs(&filler))
+            .collect();
+        let mut ram = RamTier::new(1_000_000);
+        ram.save(&seq(header, header_tokens, &long));
+        let shared = header_tokens + long[0].tokens;
+        assert!(u64::from(shared) * 4 < seq(header, header_tokens, &long).tokens());
+        let mut policy = DocumentsPolicy::new(header, header_tokens, &request, &ranks);
+        policy.choose(&slots, &mut ram);
+        assert_ne!(policy.info.unwrap().slot_choice, "ram-cache");
+    }
+
+    #[test]
+    fn the_ram_tier_keeps_no_contained_prompts_and_stays_in_budget() {
+        let all = docs(&["alpha text", "beta text", "gamma text"]);
+        let tokens: u64 = all.iter().map(|d| u64::from(d.tokens)).sum();
+        let mut ram = RamTier::new(tokens + 1);
+        ram.save(&seq(1, 0, &all[0..1]));
+        ram.save(&seq(1, 0, &all[0..2]));
+        assert_eq!(ram.entries().len(), 1, "the shorter prompt is contained");
+        ram.save(&seq(1, 0, &all[0..1]));
+        assert_eq!(ram.entries().len(), 1, "already contained: not saved");
+        ram.save(&seq(2, 0, &all[2..3]));
+        assert_eq!(ram.entries().len(), 2);
+        ram.save(&seq(3, 0, &all[0..3]));
+        assert_eq!(ram.entries().len(), 1, "oldest went to make room");
+        assert!(ram.take(0).is_some() && ram.entries().is_empty());
+        let mut off = RamTier::new(0);
+        off.save(&seq(1, 0, &all));
+        assert!(off.entries().is_empty());
     }
 
     #[test]

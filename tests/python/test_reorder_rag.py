@@ -139,7 +139,7 @@ def test_reordering_serves_at_least_three_times_more_prompt_from_cache(make_daem
     for line in lines:
         r = line["reorder"]
         assert 8 <= r["documents"] <= 10
-        assert r["slot_choice"] in ("cached-prefix", "header", "lru")
+        assert r["slot_choice"] in ("cached-prefix", "ram-cache", "header", "lru")
         assert isinstance(r["predicted_reused_tokens"], int)
     stats = httpx.get(f"{d.root}/stats").json()["reorder"]
     assert stats["requests"] == QUERIES
