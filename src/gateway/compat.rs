@@ -64,6 +64,9 @@ impl CompatState {
         if displaced.is_empty() {
             return;
         }
+        // The daemon's own dispatch log replaces the reference's hook into
+        // llama-server's KV removal (which missed partial overwrites).
+        tracing::debug!(slot, evicted = ?displaced, "slot overwritten: request ids leave the live index");
         // This runs as a request finishes, on a runtime worker: never wait
         // here for a long `/reorder` holding the index.
         match self.index.try_lock() {

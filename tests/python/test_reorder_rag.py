@@ -36,7 +36,7 @@ def corpus(rng: random.Random) -> dict[str, list[str]]:
             noun = nouns[i % len(nouns)]
             place = PLACES[(i * 3 + len(topic)) % len(PLACES)]
             year = 1850 + rng.randrange(170)
-            docs.append(f"{topic} note {i}: the {noun} near {place}, surveyed {year}.")
+            docs.append(f"{topic} {i}: {noun}, {place}, {year}.")
         out[topic] = docs
     return out
 
@@ -62,7 +62,7 @@ def workload(rng: random.Random) -> list[tuple[str, list[str]]]:
             other = rng.choice([t for t in topics if t != topic])
             chosen[-1] = rng.choice(docs[other][:4])
         rng.shuffle(chosen)  # retrieval order: relevance differs per query
-        queries.append((f"Question {q}: what was surveyed about {topic}?", chosen))
+        queries.append((f"Q{q}: where is the {topic} data?", chosen))
     return queries
 
 
