@@ -20,7 +20,7 @@ class Contextpilotd < Formula
 
   def caveats
     <<~EOS
-      Set the model in #{Dir.home}/Library/Application Support/contextpilotd/config.toml:
+      Set the model in ~/Library/Application Support/contextpilotd/config.toml:
         [llama]
         model = "/path/to/model.gguf"
       (#{opt_pkgshare}/config.example.toml documents every key), then:

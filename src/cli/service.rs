@@ -178,7 +178,7 @@ fn act(action: Action, args: &ServiceArgs) -> Result<(), ServiceError> {
                 .iter()
                 .filter_map(|s| match s {
                     Step::Run(argv) | Step::Bootstrap { argv, .. } => {
-                        Some(shlex::try_join(argv.iter().map(String::as_str)).unwrap_or_default())
+                        Some(service::shell_line(argv))
                     }
                     _ => None,
                 })
@@ -211,10 +211,7 @@ fn status(args: &ServiceArgs) -> i32 {
             Platform::Macos => service::launchd::print_command(&program, uid),
             Platform::Linux => service::systemd::show_command(&program),
         };
-        println!(
-            "{}",
-            shlex::try_join(argv.iter().map(String::as_str)).unwrap_or_default()
-        );
+        println!("{}", service::shell_line(&argv));
         return EXIT_OK;
     }
     let found = service::query(platform, uid, &unit_path);

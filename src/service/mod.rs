@@ -191,6 +191,8 @@ pub enum Step {
     CreateDir(PathBuf),
     /// Remove the file if it exists.
     Remove(PathBuf),
+    /// Remove the directory if it is empty (one `install` created).
+    RemoveIfEmpty(PathBuf),
     /// Run an argv; a failure stops the command.
     Run(Vec<String>),
     /// Run an argv; "not loaded" is fine (stopping what is not running),
@@ -257,6 +259,14 @@ pub fn steps(action: Action, cx: &Context<'_>) -> Vec<Step> {
                 .map(Step::RunAllowNotLoaded)
                 .collect();
             steps.push(Step::Remove(cx.unit_path.to_path_buf()));
+            // `systemd/user/` and `systemd/`, left as they were before install.
+            steps.extend(
+                cx.unit_path
+                    .ancestors()
+                    .skip(1)
+                    .take(2)
+                    .map(|dir| Step::RemoveIfEmpty(dir.to_path_buf())),
+            );
             steps.extend(
                 systemd::after_uninstall_commands(p)
                     .into_iter()
@@ -302,6 +312,9 @@ pub fn describe(steps: &[Step]) -> String {
             }
             Step::CreateDir(dir) => out.push_str(&format!("mkdir -p {}\n", quote(dir))),
             Step::Remove(path) => out.push_str(&format!("rm -f {}\n", quote(path))),
+            Step::RemoveIfEmpty(dir) => {
+                out.push_str(&format!("rmdir {}  # only if empty\n", quote(dir)))
+            }
             Step::Run(argv) => out.push_str(&format!("{}\n", shell_line(argv))),
             Step::RunAllowNotLoaded(argv) => {
                 out.push_str(&format!("{}  # not loaded is fine\n", shell_line(argv)))
@@ -323,8 +336,20 @@ fn quote(path: &Path) -> String {
     shell_line(&[path.to_string_lossy().into_owned()])
 }
 
-fn shell_line(argv: &[String]) -> String {
-    shlex::try_join(argv.iter().map(String::as_str)).unwrap_or_else(|_| format!("{argv:?}"))
+/// `argv` as a POSIX shell would read it back; words of plain characters
+/// stay bare so the line reads like what a person types.
+pub fn shell_line(argv: &[String]) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "@%+=:,./_-".contains(c);
+    argv.iter()
+        .map(|a| {
+            if !a.is_empty() && a.chars().all(plain) {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// What one program run gave.
@@ -423,6 +448,10 @@ pub fn run_steps(steps: &[Step]) -> Result<(), ServiceError> {
                     )))
                 }
             },
+            Step::RemoveIfEmpty(dir) => {
+                // Not empty or already gone: either way nothing to do.
+                let _ = std::fs::remove_dir(dir);
+            }
             Step::Run(argv) => {
                 let ran = run_checked(argv)?;
                 if ran.code != Some(0) {

@@ -31,7 +31,14 @@ pub fn unit(spec: &UnitSpec) -> String {
     let exec_start = spec
         .program_arguments()
         .iter()
-        .map(|arg| exec_arg(arg))
+        .enumerate()
+        .map(|(i, arg)| {
+            if i == 0 {
+                exec_program(arg)
+            } else {
+                exec_arg(arg)
+            }
+        })
         .collect::<Vec<_>>()
         .join(" ");
     format!(
@@ -59,18 +66,27 @@ pub fn unit(spec: &UnitSpec) -> String {
 }
 
 /// One `ExecStart=` argument, quoted the way systemd.service(5) reads it:
-/// `%` starts a specifier and `$` a variable everywhere, so both are doubled;
-/// an argument with whitespace, quotes or backslashes goes in double quotes
-/// with `\` and `"` escaped; a bare `;` would separate commands.
+/// `%` starts a specifier and `$` a variable, so both are doubled; an
+/// argument with whitespace, quotes or backslashes goes in double quotes with
+/// `\` and `"` escaped; a bare `;` would separate commands.
 pub fn exec_arg(arg: &str) -> String {
-    let escaped = arg.replace('%', "%%").replace('$', "$$");
+    quote(&arg.replace('%', "%%").replace('$', "$$"), arg)
+}
+
+/// The executable of `ExecStart=`: like [`exec_arg`], except that systemd
+/// expands no variables in it, so a `$` stays single (`$$` would stay `$$`).
+pub fn exec_program(path: &str) -> String {
+    quote(&path.replace('%', "%%"), path)
+}
+
+fn quote(escaped: &str, arg: &str) -> String {
     let needs_quotes = arg.is_empty()
         || arg == ";"
         || arg
             .chars()
             .any(|c| c.is_whitespace() || matches!(c, '"' | '\'' | '\\'));
     if !needs_quotes {
-        return escaped;
+        return escaped.to_string();
     }
     let mut quoted = String::with_capacity(escaped.len() + 2);
     quoted.push('"');
@@ -169,6 +185,7 @@ mod tests {
         assert_eq!(exec_arg("a\\b"), "\"a\\\\b\"");
         assert_eq!(exec_arg(""), "\"\"");
         assert_eq!(exec_arg(";"), "\";\"");
+        assert_eq!(exec_program("/a $b/100%"), "\"/a $b/100%%\"");
     }
 
     #[test]
