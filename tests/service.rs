@@ -816,3 +816,53 @@ fn homebrew_formula_is_valid_ruby() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+// --- contextpilotd status ------------------------------------------------------
+
+#[test]
+fn status_names_the_next_step_when_nothing_answers() {
+    let outside = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let (script, _log) = fake_systemctl(outside.path(), 1);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = outside.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!("[server]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .unwrap();
+    let status = || {
+        let out = contextpilotd(home.path(), &["status", "--config"])
+            .arg(&config)
+            .env(service::SYSTEMCTL_ENV, &script)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(3));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    if cfg!(target_os = "macos") {
+        return;
+    }
+    assert!(status()
+        .contains("next step     not installed as a service: contextpilotd service install"));
+    let unit = home
+        .path()
+        .join(".config/systemd/user/contextpilotd.service");
+    std::fs::create_dir_all(unit.parent().unwrap()).unwrap();
+    std::fs::write(&unit, "[Service]\n").unwrap();
+    let text = status();
+    assert!(
+        text.contains("systemd unknown: Failed to connect to bus"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "next step     installed but not running: see journalctl --user -u contextpilotd"
+        ),
+        "{text}"
+    );
+}

@@ -56,10 +56,11 @@ pub fn run(arg: ConfigArg, json: bool) -> i32 {
         }
         Err(HttpError::Connect(_)) => {
             eprintln!("contextpilotd is not running: nothing is listening on {listen} (configuration: {source})");
+            // On stdout: stderr stays the one line scripts already match.
             if let Some((found, logs)) = join(service_query) {
-                eprintln!("  service       {}", service::describe_report(&found));
+                println!("service       {}", service::describe_report(&found));
                 if let Some(step) = service::next_step(&found, false, &logs) {
-                    eprintln!("  next step     {step}");
+                    println!("next step     {step}");
                 }
             }
             return EXIT_NOT_RUNNING;
@@ -125,5 +126,29 @@ fn with_service(body: &[u8], found: Option<&ServiceReport>) -> String {
             serde_json::Value::Object(document).to_string()
         }
         _ => String::from_utf8_lossy(body).into_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_service_object_is_added_and_nothing_else_changes() {
+        let found = ServiceReport {
+            manager: "systemd".into(),
+            unit_path: "/home/ada/.config/systemd/user/contextpilotd.service".into(),
+            installed: false,
+            manager_state: None,
+            unknown_reason: Some("cannot run systemctl".into()),
+        };
+        let out: serde_json::Value =
+            serde_json::from_str(&with_service(br#"{"state":"ready","pid":7}"#, Some(&found)))
+                .unwrap();
+        assert_eq!(out["state"], "ready");
+        assert_eq!(out["pid"], 7);
+        assert_eq!(out["service"]["installed"], false);
+        assert_eq!(out["service"]["manager"], "systemd");
+        assert_eq!(with_service(b"not json", Some(&found)), "not json");
     }
 }
