@@ -390,10 +390,15 @@ impl Config {
             ConfigSource::Default(_) | ConfigSource::BuiltIn => return Ok(Config::default()),
         };
         let text = std::fs::read_to_string(path).map_err(|e| {
+            let hint = if e.kind() == std::io::ErrorKind::NotFound {
+                "; create it with `[llama]` then `model = \"/path/to/model.gguf\"` (config.example.toml documents every key)"
+            } else {
+                ""
+            };
             ConfigError::new(
                 Some(path),
                 None,
-                format!("cannot read the configuration file: {e}"),
+                format!("cannot read the configuration file: {e}{hint}"),
             )
         })?;
         Config::parse(&text, Some(path))

@@ -80,6 +80,31 @@ impl Prepared {
     }
 }
 
+/// What a first run with no model needs to hear: which file to write, what
+/// to put in it, and where `make run` keeps its demo model.
+pub fn no_model_message(source: &ConfigSource) -> String {
+    let what = "`[llama]` then `model = \"/path/to/model.gguf\"`";
+    let edit = match source {
+        ConfigSource::Default(p) if !p.exists() => {
+            format!("create {} containing {what}", p.display())
+        }
+        ConfigSource::BuiltIn => {
+            format!("write a configuration file containing {what} and pass it with --config")
+        }
+        _ => format!(
+            "add {what} to {}",
+            source
+                .path()
+                .map_or_else(String::new, |p| p.display().to_string())
+        ),
+    };
+    format!(
+        "no model configured; {edit} (configuration read: {source}). To try a small demo model, \
+         run `make run` in the contextpilotd sources: it provisions one under ~/.cache/contextpilotd/models/ \
+         and runs with target/demo/config.toml"
+    )
+}
+
 /// Loads the configuration, checks the model and the binary, reads the
 /// model's header, detects (or reads) the hardware and plans the launch.
 pub fn prepare(
@@ -88,13 +113,10 @@ pub fn prepare(
 ) -> Result<Prepared, ConfigError> {
     let config = Config::load(&source)?;
     let file = source.path();
-    let model_path = config.llama.model.as_deref().ok_or_else(|| {
-        ConfigError::new(
-            file,
-            Some("llama.model"),
-            format!("no model configured; set it to a .gguf file (configuration read: {source})"),
-        )
-    })?;
+    let model_path =
+        config.llama.model.as_deref().ok_or_else(|| {
+            ConfigError::new(file, Some("llama.model"), no_model_message(&source))
+        })?;
     if !model_path.is_file() {
         return Err(ConfigError::new(
             file,

@@ -26,6 +26,9 @@
 //! * [`status`]: the status document and its human rendering.
 //! * [`daemon`]: wiring for `run`: preflight, one-instance lock, listener,
 //!   supervisor, gateway, shutdown.
+//! * [`service`]: the login service: the launchd LaunchAgent and the systemd
+//!   user unit generated from one spec, the `launchctl`/`systemctl` command
+//!   lines, and parsers for what those say about the service.
 //! * [`http_client`]: the loopback HTTP client used for probes and `status`.
 //! * [`cli`]: the command line, one file per command.
 //!
@@ -47,6 +50,7 @@ pub mod http_client;
 pub mod meter;
 pub mod plan;
 pub mod reorder;
+pub mod service;
 pub mod slots;
 pub mod status;
 pub mod supervisor;

@@ -261,3 +261,43 @@ fn example_config_is_valid_for_run_checks() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("llama.model: no model configured"));
 }
+
+#[test]
+fn first_run_without_config_or_model_says_what_to_write() {
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .arg("run")
+        .env("HOME", home.path())
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("CONTEXTPILOTD_CONFIG")
+        .env("XDG_RUNTIME_DIR", home.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let file = if cfg!(target_os = "macos") {
+        "Library/Application Support/contextpilotd/config.toml"
+    } else {
+        ".config/contextpilotd/config.toml"
+    };
+    let expected = format!(
+        "create {} containing `[llama]` then `model = \"/path/to/model.gguf\"`",
+        home.path().join(file).display()
+    );
+    assert!(stderr.contains(&expected), "{stderr}");
+    assert!(stderr.contains("make run"), "{stderr}");
+    assert!(
+        stderr.contains("~/.cache/contextpilotd/models/"),
+        "{stderr}"
+    );
+
+    let missing = home.path().join("missing.toml");
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("create it with `[llama]`"), "{stderr}");
+}

@@ -6,6 +6,7 @@
 mod doctor;
 mod print_command;
 mod run;
+mod service;
 mod status;
 
 use std::path::PathBuf;
@@ -29,6 +30,8 @@ Examples:
       Show the llama-server command line the daemon would run.
   contextpilotd doctor --hardware m3max.json
       Explain every derived setting for another machine's hardware profile.
+  contextpilotd service install
+      Start the daemon at login (launchd on macOS, systemd --user on Linux).
 
 Then point any OpenAI client at http://127.0.0.1:8765/v1.";
 
@@ -85,6 +88,11 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         hardware: Option<PathBuf>,
     },
+    /// Run the daemon as a login service: install, uninstall, start, stop, restart, status, print.
+    Service {
+        #[command(subcommand)]
+        command: service::ServiceCommand,
+    },
     /// Internal: kills the daemon's children when the daemon dies.
     #[command(name = "__watchdog", hide = true)]
     Watchdog,
@@ -102,6 +110,7 @@ pub fn main() -> i32 {
             config,
             hardware,
         } => doctor::run(config, hardware, json),
+        Command::Service { command } => service::run(command),
         Command::Watchdog => {
             crate::supervisor::process::run_watchdog(
                 std::io::stdin().lock(),
