@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 DEMO_DIR := target/demo
 
-.PHONY: run test lint fmt bench build provision demo-config clean-cache
+.PHONY: run test lint fmt bench build provision test-tools demo-config clean-cache
 
 ## Provision llama-server and the demo model (if needed), build, and run the
 ## daemon in the foreground on 127.0.0.1:8765.
@@ -14,7 +14,7 @@ run: provision build demo-config
 ## real llama-server with a real model: cargo's tests, then the end-to-end
 ## suite with the official OpenAI Python SDK (its pinned venv is provisioned
 ## into the cache too).
-test: provision
+test: provision test-tools
 	eval "$$(bash scripts/provision.sh paths)" && \
 	  export CONTEXTPILOTD_TEST_LLAMA_SERVER="$$LLAMA_SERVER" CONTEXTPILOTD_TEST_MODEL="$$MODEL" && \
 	  $(CARGO) test --all-targets --locked && \
@@ -39,6 +39,10 @@ bench: provision
 
 build:
 	$(CARGO) build --release --locked
+
+## systemd-analyze and ruby, which two service tests call (apt, when missing).
+test-tools:
+	bash scripts/test-tools.sh
 
 provision:
 	bash scripts/provision.sh all
