@@ -1127,6 +1127,55 @@ impl DocumentRequest {
 mod tests {
     use super::*;
 
+    /// The reference system's case 31, as it applies here: the request to
+    /// llama-server is built from scratch, so no client header reaches it
+    /// (neither `X-ContextPilot-*` nor credentials, which are the daemon's).
+    #[tokio::test]
+    async fn upstream_requests_carry_no_client_headers() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let child = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = socket.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the request ended early");
+                head.extend_from_slice(&buf[..n]);
+            }
+            socket
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&head).to_ascii_lowercase()
+        });
+        let response = Upstream::new()
+            .send(
+                Method::POST,
+                port,
+                "/v1/chat/completions",
+                Bytes::from_static(b"{}"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let head = child.await.unwrap();
+        assert!(
+            head.starts_with("post /v1/chat/completions http/1.1\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("content-type: application/json"), "{head}");
+        for absent in [
+            "x-contextpilot",
+            "authorization",
+            "x-conversation-id",
+            "cookie",
+        ] {
+            assert!(!head.contains(absent), "{absent} in {head}");
+        }
+    }
+
     #[test]
     fn prompt_keys_follow_prompt_order() {
         let chat = serde_json::json!({"messages": [{"role": "system", "content": "docs"}, {"role": "user", "content": "q"}]});

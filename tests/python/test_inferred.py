@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+import httpx
+
 from e2e import Daemon
 
 
@@ -94,3 +96,18 @@ def test_headers_control_inferred_mode(daemon):
     ]
     _, report = ask(client, numbered, **{"X-ContextPilot-Mode": "numbered"})
     assert report["total_documents"] == 2 and report["reorder_details"][0]["reordered_order"] == [1, 0], report
+
+
+def test_metadata_goes_into_a_header_never_into_the_body(daemon):
+    """Reference case 31: what the daemon did is reported in a response
+    header; bodies carry no `_contextpilot` key."""
+    messages = [{"role": "user", "content": "Summarise."}, *tool_turn("m1", ["OMICRON", "PI"])]
+    with httpx.Client(timeout=120) as http:
+        first = http.post(f"{daemon.base_url}/chat/completions",
+                          json={"messages": messages, "max_tokens": 1})
+        second = http.post(f"{daemon.base_url}/chat/completions",
+                           json={"messages": [messages[0], *tool_turn("m1", ["PI", "OMICRON"])], "max_tokens": 1})
+    for r in (first, second):
+        assert r.status_code == 200, r.text
+        assert "_contextpilot" not in r.text
+    assert json.loads(second.headers["x-contextpilot-result"])["intercepted"] is True
