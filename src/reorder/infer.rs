@@ -365,6 +365,7 @@ impl Sessions {
                 single,
             });
         }
+        report.intercepted = !report.is_empty();
         let bytes = sent.iter().map(|m| m.forwarded.to_string().len()).sum();
         let pending = Pending {
             key,
@@ -495,6 +496,7 @@ mod tests {
             }]
         );
         assert!(report.documents_reordered);
+        assert!(report.intercepted);
     }
 
     /// Case 28: the next turn forwards the earlier tool result exactly as it
