@@ -816,6 +816,9 @@ fn start_stream(
         let mut chunk = Some(first);
         let mut cut: Option<String> = None;
         let mut client_gone = false;
+        // The whole answer reached the client ([DONE], or the native final
+        // event): one that closes its end now has not gone away.
+        let mut delivered = false;
         loop {
             let data = match chunk.take() {
                 Some(data) => data,
@@ -854,6 +857,14 @@ fn start_stream(
                 client_gone = true;
                 break;
             }
+            delivered = if openai {
+                observer.saw_done
+            } else {
+                observer.timings.is_some()
+            };
+        }
+        if delivered {
+            client_gone = false;
         }
         // Stop the upstream request and free the slot before anything else.
         drop(incoming);

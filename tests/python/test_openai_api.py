@@ -186,3 +186,34 @@ def test_query_log_fields_and_no_prompt_text(daemon, client):
     query_ids = [str(l["query_id"]) for l in lines]
     assert len(set(query_ids)) == len(query_ids), f"query_id repeats: {query_ids}"
     assert marker not in daemon.query_log.read_text(), f"prompt text ({marker}) leaked into {daemon.query_log}"
+
+
+def test_a_stream_closed_right_after_done_counts_as_answered(daemon):
+    """A client that hangs up as soon as it has read `data: [DONE]` got the
+    whole answer: the request is recorded as a 200 and its conversation turn
+    is kept, so the next turn continues it."""
+    conversation = f"closed-early-{uuid.uuid4().hex[:8]}"
+    docs = ["RIVER: the delta lies near Oslo.", "BRIDGE: the arch spans 40 metres."]
+    q1 = {"role": "user", "content": "Where is the delta?"}
+    before = len(daemon.query_log_lines())
+    with httpx.Client(timeout=120) as http:
+        with http.stream("POST", f"{daemon.base_url}/chat/completions",
+                         json={"messages": [q1], "documents": docs, "conversation_id": conversation,
+                               "stream": True, "max_tokens": 4, "temperature": 0}) as r:
+            assert r.status_code == 200
+            text = ""
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]" and "choices" in line:
+                    for choice in __import__("json").loads(line[6:]).get("choices", []):
+                        text += (choice.get("delta") or {}).get("content") or ""
+                if line == "data: [DONE]":
+                    break  # leave without reading the end of the body
+        record = daemon.wait_query_log(before + 1)[before]
+        assert record["status_code"] == 200, record
+        second = http.post(f"{daemon.base_url}/chat/completions",
+                           json={"messages": [q1, {"role": "assistant", "content": text or "ok"},
+                                              {"role": "user", "content": "And the bridge?"}],
+                                 "documents": docs, "conversation_id": conversation, "max_tokens": 1})
+        assert second.status_code == 200, second.text
+    record = daemon.wait_query_log(before + 2)[before + 1]
+    assert record["reorder"]["slot_choice"] == "conversation", record["reorder"]
