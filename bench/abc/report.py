@@ -91,8 +91,9 @@ def table(doc: dict[str, Any]) -> str:
                  f"load avg at start {', '.join(f'{x:.1f}' for x in hw['load_avg_at_start'] or [])}")
     lines.append(f"llama-server flags (all systems): {' '.join(doc['llama_server']['argv'][1:] if doc['llama_server']['argv'] else [])}")
     lines.append("")
+    two = hi != 1
     head = (f"{'workload':<7} {'system':<19} {'reqs':>4} {'cached':>7} {'computed':>9} {'TTFT p50':>9} {'p95':>7} "
-            f"{'lat p50':>8} {'p95':>7} {'req/s c1':>9} {f'req/s c{hi}':>9} {'=A':>5}")
+            f"{'lat p50':>8} {'p95':>7} {'req/s c1':>9} " + (f"{f'req/s c{hi}':>9} " if two else "") + f"{'=A':>5}")
     lines.append(head)
     lines.append("-" * len(head))
     for w in workloads:
@@ -109,7 +110,7 @@ def table(doc: dict[str, Any]) -> str:
                 f"{w:<7} {NAMES[s]:<19} {e1['requests']:>4} {_fmt(e1['cache_share'] and e1['cache_share'] * 100, '6.1f', '%'):>7} "
                 f"{e1['prompt_tokens_computed']:>9} {_fmt(e1['ttft_ms_p50'], '7.0f', 'ms'):>9} {_fmt(e1['ttft_ms_p95'], '5.0f', 'ms'):>7} "
                 f"{_fmt(e1['latency_ms_p50'], '6.0f', 'ms'):>8} {_fmt(e1['latency_ms_p95'], '5.0f', 'ms'):>7} "
-                f"{_fmt(e1['requests_per_s'], '9.2f'):>9} {_fmt(eh and eh['requests_per_s'], '9.2f'):>9} "
+                f"{_fmt(e1['requests_per_s'], '9.2f'):>9} " + (f"{_fmt(eh and eh['requests_per_s'], '9.2f'):>9} " if two else "") +
                 f"{_fmt(e1['same_answer_as_A'] and e1['same_answer_as_A'] * 100, '4.0f', '%'):>5}{fail}"
             )
         lines.append("")
@@ -118,7 +119,7 @@ def table(doc: dict[str, Any]) -> str:
              and x not in doc["unavailable"] and y not in doc["unavailable"]]
     if pairs:
         lines.append("ratios (>1 means the first is better): prompt tokens computed, TTFT p50, latency p50 (the other's / this one's), req/s (this one's / the other's)")
-        head = f"{'workload':<7} {'':<7} {'computed':>9} {'TTFT p50':>9} {'lat p50':>8} {'req/s c1':>9} {f'req/s c{hi}':>9}"
+        head = f"{'workload':<7} {'':<7} {'computed':>9} {'TTFT p50':>9} {'lat p50':>8} {'req/s c1':>9}" + (f" {f'req/s c{hi}':>9}" if two else "")
         lines.append(head)
         lines.append("-" * len(head))
         for w in workloads:
@@ -133,13 +134,15 @@ def table(doc: dict[str, Any]) -> str:
                     _ratio(b1["latency_ms_p50"], a1["latency_ms_p50"]),
                     _ratio(a1["requests_per_s"], b1["requests_per_s"]),
                     _ratio(ah and ah["requests_per_s"], bh and bh["requests_per_s"]),
-                ]
+                ][: 5 if two else 4]
                 lines.append(f"{w:<7} {x + ' vs ' + y:<7} " + " ".join(
                     f"{_fmt(c, '.2f', 'x'):>{width}}" for c, width in zip(cells, (9, 9, 8, 9, 9))))
         lines.append("")
     lines.append("cached = share of prompt tokens llama.cpp served from its KV cache (sum cache_n / sum of cache_n + prompt_n);")
     lines.append("computed = prompt tokens it had to compute (sum prompt_n); TTFT = time to the first streamed content chunk;")
-    lines.append(f"latency = whole request; TTFT, latency, cached and =A at concurrency 1; =A = same normalised answer as A at temperature 0")
+    lines.append("latency = whole request; TTFT, latency, cached and =A at concurrency 1; =A = same normalised answer as A at temperature 0")
+    if not two:
+        lines.append(f"llama-server has {doc['slots']} slot(s) here, so concurrency = slots = 1: one run per system and workload")
     return "\n".join(lines)
 
 

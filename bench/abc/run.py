@@ -44,8 +44,8 @@ import workloads  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
-QUICK = dict(topics=6, doc_chars=130, queries=12, k=8, users=2, turns=3, loops=1, steps=4, file_lines=12)
-FULL = dict(topics=10, doc_chars=160, queries=60, k=8, users=4, turns=4, loops=2, steps=6, file_lines=16)
+QUICK = dict(topics=6, doc_chars=130, queries=12, k=8, users=2, turns=3, loops=1, steps=4, file_lines=8)
+FULL = dict(topics=10, doc_chars=160, queries=60, k=8, users=4, turns=4, loops=2, steps=6, file_lines=12)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small sizes (under 10 minutes on 2 cores with SmolLM2-135M)")
     p.add_argument("--model", default=os.environ.get("MODEL"), help="GGUF model (default: $MODEL)")
     p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"), help="llama-server binary (default: $LLAMA_SERVER)")
-    p.add_argument("--contextpilotd", default=str(ROOT / "target/release/contextpilotd"), help="the daemon binary")
+    target = Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target")
+    p.add_argument("--contextpilotd", default=str(target / "release/contextpilotd"), help="the daemon binary (default: the release build)")
     p.add_argument("--queries", type=int, help="RAG queries (quick 12, full 60)")
     p.add_argument("--docs", type=int, dest="k", help="documents per request (8)")
     p.add_argument("--doc-chars", type=int, help="about how long a document is, in characters (quick 130, full 160)")
@@ -126,9 +127,9 @@ def run_workload(system: systems.System, sessions: list[workloads.Session], conc
                     session = todo.get_nowait()
                 except queue.Empty:
                     return
-                for step in session.steps:
+                for index in range(len(session.steps)):
                     try:
-                        rec = systems.run_step(http, system, session, step, max_tokens)
+                        rec = systems.run_step(http, system, session, index, max_tokens)
                     except BaseException as e:  # noqa: BLE001 - reported after the join
                         failures.append(e)
                         return

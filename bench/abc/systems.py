@@ -219,10 +219,11 @@ def library_unavailable() -> str | None:
 # --- the client -------------------------------------------------------------------
 
 
-def run_step(http: httpx.Client, system: System, session: Session, step: Step, max_tokens: int) -> dict[str, Any]:
+def run_step(http: httpx.Client, system: System, session: Session, index: int, max_tokens: int) -> dict[str, Any]:
     """Builds the request (B's library time included), streams it, and
     returns what was measured: TTFT (first content chunk), latency, the
     answer, and llama-server's timings as the response carried them."""
+    step = session.steps[index]
     t0 = time.perf_counter()
     url, body = system.request(session, step)
     prepared = time.perf_counter()
@@ -258,7 +259,7 @@ def run_step(http: httpx.Client, system: System, session: Session, step: Step, m
         error = "the stream carried no timings"
     return {
         "session": session.id,
-        "step": session.steps.index(step),
+        "step": index,
         "ok": error is None,
         "error": error,
         "prepare_ms": (prepared - t0) * 1000,

@@ -20,7 +20,7 @@ different sessions may run at the same time:
   replies of the workload, so every system gets byte-identical requests.
 - agent: one session per loop. A task, then tool calls whose results
   repeat: `search` returns JSON `results` (documents, overlapping between
-  searches) and `read_file` returns lines of a standard library source file,
+  searches; half as many documents as a RAG query) and `read_file` returns lines of a standard library source file,
   which the loop reads again later. Every step sends the whole history.
 """
 
@@ -295,7 +295,7 @@ def generate(seed: int, sizes: dict[str, int]) -> tuple[Corpus, dict[str, list[S
     workloads = {
         "rag": rag(corpus, random.Random(f"{seed}-rag"), sizes["queries"], sizes["k"]),
         "chat": chat(corpus, random.Random(f"{seed}-chat"), sizes["users"], sizes["turns"], sizes["k"]),
-        "agent": agent(corpus, random.Random(f"{seed}-agent"), sizes["loops"], sizes["steps"], sizes["k"], sizes["file_lines"]),
+        "agent": agent(corpus, random.Random(f"{seed}-agent"), sizes["loops"], sizes["steps"], max(1, sizes["k"] // 2), sizes["file_lines"]),
     }
     return corpus, {name: sessions for name, sessions in workloads.items() if sessions}
 
