@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 daemon = systems.Daemon(Path(args.contextpilotd), scratch / f"run-{run_no}-{key}-{wname}-c{concurrency}", llama)
                 daemon.start()
                 try:
-                    child_argv = daemon.child.get("argv")
+                    child_argv = daemon.child.get("command")
                     if argv_seen is None:
                         argv_seen = child_argv
                         slots = _slots_from_argv(child_argv) or 1
