@@ -139,8 +139,11 @@ def table(doc: dict[str, Any]) -> str:
                     f"{_fmt(c, '.2f', 'x'):>{width}}" for c, width in zip(cells, (9, 9, 8, 9, 9))))
         lines.append("")
     lines.append("cached = share of prompt tokens llama.cpp served from its KV cache (sum cache_n / sum of cache_n + prompt_n);")
-    lines.append("computed = prompt tokens it had to compute (sum prompt_n); TTFT = time to the first streamed content chunk;")
+    lines.append("computed = prompt tokens it had to compute (sum prompt_n); TTFT = time to the first streamed token;")
     lines.append("latency = whole request; TTFT, latency, cached and =A at concurrency 1; =A = same normalised answer as A at temperature 0")
+    if doc.get("interleaved_at_concurrency_1"):
+        lines.append("at concurrency 1 the systems ran side by side on their own fresh llama-servers, each request to A, B and C in turn;")
+        lines.append("req/s c1 = requests / the sum of their latencies")
     if not two:
         lines.append(f"llama-server has {doc['slots']} slot(s) here, so concurrency = slots = 1: one run per system and workload")
     return "\n".join(lines)

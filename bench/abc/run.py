@@ -6,7 +6,10 @@ Runs the same requests (bench/abc/workloads.py) against
   C  contextpilotd with `documents`,
 each on a fresh llama-server started with the flags contextpilotd plans for
 the same configuration, at concurrency 1 and at concurrency N (default: the
-planned slot count). Every figure comes from a response (llama-server's
+planned slot count). At concurrency 1 the three llama-servers run side by
+side and each request goes to A, B and C in turn, so a change in the
+machine's load hits all three alike (--sequential runs them one after
+another); at concurrency N they run one after another. Every figure comes from a response (llama-server's
 `timings`) or a clock of this run. Writes a table to stdout, a JSON file and
 an SVG chart (default target/bench/abc-<timestamp>.{json,svg}).
 
@@ -70,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=16, help="answer length (16)")
     p.add_argument("--workloads", default="rag,chat,agent", help="which to run (rag,chat,agent)")
     p.add_argument("--systems", default="A,B,C", help="which to run (A,B,C)")
+    p.add_argument("--sequential", action="store_true",
+                   help="at concurrency 1, run the systems one after another instead of three llama-servers at once, each request to A, B and C in turn (the default when three copies of the model fit in half the memory)")
     p.add_argument("--seed", type=int, default=20261122)
     p.add_argument("--out", help="the JSON file (default target/bench/abc-<timestamp>.json; the SVG goes next to it)")
     args = p.parse_args(argv)
@@ -149,6 +154,35 @@ def run_workload(system: systems.System, sessions: list[workloads.Session], conc
     return ordered, wall
 
 
+def run_interleaved(sysobjs: dict[str, systems.System], sessions: list[workloads.Session], max_tokens: int,
+                    label: str) -> dict[str, list[dict]]:
+    """Concurrency 1 with the systems side by side: each step of each
+    session goes to every system in turn (the first one rotating), one
+    request at a time."""
+    keys = list(sysobjs)
+    out: dict[str, list[dict]] = {k: [] for k in keys}
+    progress = Progress(label, len(keys) * sum(len(s.steps) for s in sessions))
+    n = 0
+    with httpx.Client(timeout=httpx.Timeout(600.0, connect=10.0)) as http:
+        for session in sessions:
+            for index in range(len(session.steps)):
+                for j in range(len(keys)):
+                    key = keys[(n + j) % len(keys)]
+                    out[key].append(systems.run_step(http, sysobjs[key], session, index, max_tokens))
+                    progress.step()
+                n += 1
+    return out
+
+
+def _fits_three(model: Path, count: int) -> bool:
+    """Whether `count` llama-servers with this model fit in half the memory."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return False
+    return count * model.stat().st_size * 1.5 < memory / 2
+
+
 def hardware() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -199,45 +233,74 @@ def main(argv: list[str] | None = None) -> int:
     bench_t0 = time.monotonic()
     results: list[dict] = []
     daemon_stats: list[dict] = []
-    slots = None
-    levels: list[int] = [1]
-    argv_seen = None
+    runnable = [k for k in wanted_systems if k not in unavailable]
+    interleave = not args.sequential and _fits_three(Path(args.model), len(runnable))
+    first: dict = {}
     run_no = 0
-    for level_index in range(2):
-        if level_index == 1:
-            if len(levels) < 2:
-                break
-        concurrency = levels[level_index]
-        for wname, sessions in chosen.items():
-            for key in wanted_systems:
-                if key in unavailable:
-                    continue
-                run_no += 1
-                daemon = systems.Daemon(Path(args.contextpilotd), scratch / f"run-{run_no}-{key}-{wname}-c{concurrency}", llama)
-                daemon.start()
+
+    def start(key: str, wname: str, concurrency: int) -> systems.Daemon:
+        nonlocal run_no
+        run_no += 1
+        daemon = systems.Daemon(Path(args.contextpilotd), scratch / f"run-{run_no}-{key}-{wname}-c{concurrency}", llama).start()
+        child_argv = daemon.child.get("command")
+        if not first:
+            first["argv"] = child_argv
+            first["slots"] = _slots_from_argv(child_argv) or 1
+        elif _flags(child_argv) != _flags(first["argv"]):
+            raise SystemExit(f"llama-server was started with other flags: {child_argv} vs {first['argv']}")
+        return daemon
+
+    def finish(key, wname, concurrency, daemon, records, wall):
+        if key == "C":
+            daemon_stats.append({"workload": wname, "concurrency": concurrency, "stats": daemon.stats()})
+        bad = [r for r in records if not r["ok"]]
+        if bad:
+            print(f"[bench] {key} {wname}: {len(bad)} failed requests, first: {bad[0]['error']}", file=sys.stderr)
+        results.append({"system": key, "workload": wname, "concurrency": concurrency, "wall_s": wall,
+                        "interleaved": concurrency == 1 and interleave, "requests": records})
+
+    # Concurrency 1: every system on its own fresh llama-server; with
+    # `interleave` all of them at once, each request sent to A, B and C in
+    # turn, so a change in the machine's load hits all three alike.
+    for wname, sessions in chosen.items():
+        if interleave:
+            daemons = {}
+            try:
+                for key in runnable:
+                    daemons[key] = start(key, wname, 1)
+                sysobjs = {key: systems.SYSTEMS[key](d) for key, d in daemons.items()}
+                with contextlib.redirect_stdout(io.StringIO()):
+                    per_system = run_interleaved(sysobjs, sessions, args.max_tokens, f"c=1 {wname} {'+'.join(runnable)}")
+                for key, records in per_system.items():
+                    finish(key, wname, 1, daemons[key], records, sum(r["latency_ms"] for r in records) / 1000)
+            finally:
+                for d in daemons.values():
+                    d.stop()
+        else:
+            for key in runnable:
+                daemon = start(key, wname, 1)
                 try:
-                    child_argv = daemon.child.get("command")
-                    if argv_seen is None:
-                        argv_seen = child_argv
-                        slots = _slots_from_argv(child_argv) or 1
-                        second = args.concurrency or slots
-                        if second != 1:
-                            levels.append(second)
-                    elif _flags(child_argv) != _flags(argv_seen):
-                        raise SystemExit(f"llama-server was started with other flags: {child_argv} vs {argv_seen}")
-                    system = systems.SYSTEMS[key](daemon)
                     with contextlib.redirect_stdout(io.StringIO()):
-                        records, wall = run_workload(system, sessions, concurrency, args.max_tokens,
-                                                     f"c={concurrency} {wname} {key}")
-                    if key == "C":
-                        daemon_stats.append({"workload": wname, "concurrency": concurrency, "stats": daemon.stats()})
+                        records, wall = run_workload(systems.SYSTEMS[key](daemon), sessions, 1, args.max_tokens, f"c=1 {wname} {key}")
+                    finish(key, wname, 1, daemon, records, wall)
                 finally:
                     daemon.stop()
-                bad = [r for r in records if not r["ok"]]
-                if bad:
-                    print(f"[bench] {key} {wname}: {len(bad)} failed requests, first: {bad[0]['error']}", file=sys.stderr)
-                results.append({"system": key, "workload": wname, "concurrency": concurrency,
-                                "wall_s": wall, "requests": records})
+    slots = first.get("slots", 1)
+    levels = [1] + ([args.concurrency or slots] if (args.concurrency or slots) != 1 else [])
+    # Concurrency N: one system at a time (throughput needs the machine to itself).
+    if len(levels) > 1:
+        concurrency = levels[1]
+        for wname, sessions in chosen.items():
+            for key in runnable:
+                daemon = start(key, wname, concurrency)
+                try:
+                    with contextlib.redirect_stdout(io.StringIO()):
+                        records, wall = run_workload(systems.SYSTEMS[key](daemon), sessions, concurrency,
+                                                     args.max_tokens, f"c={concurrency} {wname} {key}")
+                    finish(key, wname, concurrency, daemon, records, wall)
+                finally:
+                    daemon.stop()
+    argv_seen = first.get("argv")
 
     total_s = time.monotonic() - bench_t0
     doc = {
@@ -250,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         "llama_server": {"binary": llama["binary"], "argv": argv_seen, "planned_command": command},
         "slots": slots,
         "concurrency_levels": levels,
+        "interleaved_at_concurrency_1": interleave,
         "seed": args.seed,
         "sizes": args.sizes,
         "max_tokens": args.max_tokens,

@@ -14,7 +14,9 @@ ones contextpilotd plans; `/status` gives the child's port and argv):
 - C, contextpilotd: requests go to the daemon with `documents` (and a
   `conversation_id` per chat user); agent requests are sent as they are.
 
-The daemons of A and B idle while their child is called directly.
+The daemons of A and B idle while their child is called directly. Each
+system gets a fresh daemon (so a fresh llama-server and KV cache) for each
+workload and concurrency level.
 """
 
 from __future__ import annotations
@@ -221,7 +223,8 @@ def library_unavailable() -> str | None:
 
 def run_step(http: httpx.Client, system: System, session: Session, index: int, max_tokens: int) -> dict[str, Any]:
     """Builds the request (B's library time included), streams it, and
-    returns what was measured: TTFT (first content chunk), latency, the
+    returns what was measured: TTFT (first content chunk, or the finishing
+    chunk of an empty answer), latency, the
     answer, and llama-server's timings as the response carried them."""
     step = session.steps[index]
     t0 = time.perf_counter()
@@ -250,9 +253,11 @@ def run_step(http: httpx.Client, system: System, session: Session, index: int, m
                     timings = chunk["timings"]
                 for choice in chunk.get("choices") or []:
                     text = (choice.get("delta") or {}).get("content")
+                    # The first token: the first content, or the end of an
+                    # answer whose first token was end-of-turn.
+                    if ttft is None and (text or choice.get("finish_reason")):
+                        ttft = time.perf_counter() - t0
                     if text:
-                        if ttft is None:
-                            ttft = time.perf_counter() - t0
                         parts.append(text)
     end = time.perf_counter()
     if error is None and timings is None:
