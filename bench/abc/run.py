@@ -28,6 +28,7 @@ import logging
 import os
 import platform
 import queue
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -230,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     probe = systems.Daemon(Path(args.contextpilotd), scratch / "probe", llama)
     command = probe.print_command()
 
+    machine = hardware()  # the load average before anything of the bench runs
     bench_t0 = time.monotonic()
     results: list[dict] = []
     daemon_stats: list[dict] = []
@@ -307,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": started.isoformat(timespec="seconds"),
         "duration_s": round(total_s, 1),
         "command": "python bench/abc/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "hardware": hardware(),
+        "hardware": machine,
         "load_avg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "model": Path(args.model).name,
         "llama_server": {"binary": llama["binary"], "argv": argv_seen, "planned_command": command},
@@ -329,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     svg.write_text(report.svg(doc))
     print(report.table(doc))
     print(f"\nJSON: {out}\nchart: {svg}\ntook {total_s / 60:.1f} min")
+    shutil.rmtree(scratch, ignore_errors=True)  # the daemons' logs; kept when the bench fails
     return 0
 
 
