@@ -245,7 +245,7 @@ def run_step(http: httpx.Client, system: System, session: Session, index: int, m
                     continue  # SSE comments and blank lines
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    break
+                    continue  # read to the end of the body, as the OpenAI SDK does
                 chunk = json.loads(data)
                 if "error" in chunk:
                     error = json.dumps(chunk["error"])[:300]
