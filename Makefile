@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 DEMO_DIR := target/demo
 
-.PHONY: run test lint fmt bench build provision test-tools demo-config clean-cache
+.PHONY: run test lint fmt bench bench-quick bench-abc build provision test-tools demo-config clean-cache
 
 ## Provision llama-server and the demo model (if needed), build, and run the
 ## daemon in the foreground on 127.0.0.1:8765.
@@ -30,12 +30,25 @@ fmt:
 	$(CARGO) fmt --all
 
 ## Criterion benches of the planning path, then the gateway's added latency
-## against llama-server direct and the daemon's memory (real llama-server).
+## against llama-server direct and the daemon's memory (real llama-server),
+## then the A/B/C comparison (bench/abc): plain llama-server, ContextPilot's
+## library, contextpilotd, on the same requests. Flags for it go in ARGS, e.g.
+##   make bench ARGS="--model X.gguf --queries 60 --concurrency 4"
 bench: provision
 	$(CARGO) build --release --locked
 	eval "$$(bash scripts/provision.sh paths)" && \
 	  CONTEXTPILOTD_TEST_LLAMA_SERVER="$$LLAMA_SERVER" CONTEXTPILOTD_TEST_MODEL="$$MODEL" \
 	  $(CARGO) bench --locked --bench plan --bench reorder --bench cluster --bench live --bench gateway
+	$(MAKE) --no-print-directory bench-abc ARGS="$(ARGS)"
+
+## The A/B/C comparison alone at small sizes (a few minutes on two cores).
+bench-quick: provision build
+	$(MAKE) --no-print-directory bench-abc ARGS="--quick $(ARGS)"
+
+bench-abc:
+	eval "$$(bash scripts/provision.sh paths)" && \
+	  PY="$$(bash scripts/python-env.sh bench/abc/requirements.txt | tail -n 1)" && \
+	  LLAMA_SERVER="$$LLAMA_SERVER" MODEL="$$MODEL" "$$PY" bench/abc/run.py $(ARGS)
 
 build:
 	$(CARGO) build --release --locked

@@ -5,6 +5,10 @@
 #   PY=$(bash scripts/python-env.sh | tail -n 1)
 #   "$PY" -m pytest tests/python -q
 #
+# Extra requirements files given as arguments (e.g. bench/abc/requirements.txt
+# for `make bench`) are installed on top and join the key, so the suite's own
+# environment stays as it is and the bench gets one of its own.
+#
 # The environment lives in the per-user cache, keyed by the requirements file,
 # so a pin change builds a new one and an unchanged file reuses the old one:
 #   $CACHE/pyenv-<first 12 hex of sha256(tests/python/requirements.txt)>/
@@ -25,6 +29,13 @@ NODEPS="$ROOT/tests/python/requirements-nodeps.txt"
 CACHE="${CONTEXTPILOTD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/contextpilotd}"
 # What the suite imports; an environment where these fail is rebuilt.
 IMPORT_CHECK='import openai, pytest, prometheus_client, httpx'
+EXTRA=()
+for extra in "$@"; do
+  [[ -f "$extra" ]] || { printf '[python-env] error: no requirements file at %s\n' "$extra" >&2; exit 1; }
+  EXTRA+=("$(cd "$(dirname "$extra")" && pwd)/$(basename "$extra")")
+done
+# The bench's extra requirements are numpy and scipy (ContextPilot's library).
+[[ ${#EXTRA[@]} -gt 0 ]] && IMPORT_CHECK="$IMPORT_CHECK, numpy, scipy.cluster.hierarchy"
 
 log() { printf '[python-env] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -39,7 +50,7 @@ sha256_of() {
   fi
 }
 
-KEY=$( { sha256_of "$REQUIREMENTS"; [[ -f "$NODEPS" ]] && sha256_of "$NODEPS"; } | sha256sum 2>/dev/null | cut -c1-12 || true)
+KEY=$( { sha256_of "$REQUIREMENTS"; [[ -f "$NODEPS" ]] && sha256_of "$NODEPS"; for extra in ${EXTRA[@]+"${EXTRA[@]}"}; do sha256_of "$extra"; done; } | sha256sum 2>/dev/null | cut -c1-12 || true)
 [[ -n "$KEY" ]] || KEY=$(sha256_of "$REQUIREMENTS" | cut -c1-12)
 ENV_DIR="$CACHE/pyenv-$KEY"
 STAMP="$ENV_DIR/.contextpilotd-complete"
@@ -74,6 +85,7 @@ WORK=$(mktemp -d "$CACHE/pyenv-$KEY.tmp.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
 PIP_FLAGS=(--quiet --disable-pip-version-check --no-input -r "$REQUIREMENTS")
+for extra in ${EXTRA[@]+"${EXTRA[@]}"}; do PIP_FLAGS+=(-r "$extra"); done
 if "$PYTHON" -m venv --prompt "pyenv-$KEY" "$WORK" >/dev/null 2>&1 && [[ -x "$WORK/bin/python" ]]; then
   "$WORK/bin/python" -m pip install "${PIP_FLAGS[@]}" >&2 \
     || die "pip could not install $REQUIREMENTS into the venv $WORK (see pip's output above)"
