@@ -75,7 +75,12 @@ impl BlockSeq {
 /// The daemon's model of llama-server's host-RAM prompt cache, for prompts
 /// with documents: what slots held before they were overwritten, oldest
 /// first, within a token budget (`--cache-ram` MiB over the model's KV bytes
-/// per token).
+/// per token) and at most [`MAX_RAM_ENTRIES`] entries. Every slot choice
+/// scans it under the slot table's lock, so the count bound keeps that scan
+/// short; forgetting old entries only makes predictions conservative.
+/// Entries the RAM tier model keeps at most (see [`RamTier`]).
+pub const MAX_RAM_ENTRIES: usize = 256;
+
 #[derive(Debug, Default)]
 pub struct RamTier {
     entries: VecDeque<Arc<BlockSeq>>,
@@ -120,7 +125,7 @@ impl RamTier {
             !contained
         });
         self.tokens -= freed;
-        while self.tokens + size > self.max_tokens {
+        while self.tokens + size > self.max_tokens || self.entries.len() >= MAX_RAM_ENTRIES {
             match self.entries.pop_front() {
                 Some(old) => self.tokens -= old.tokens(),
                 None => break,

@@ -384,10 +384,8 @@ fn infer_documents(gateway: &Gateway, options: &RequestOptions, ctx: &mut Ctx, b
 pub(super) struct RequestOptions {
     /// `X-Conversation-Id`.
     pub conversation: Option<String>,
-    /// False with `X-ContextPilot-Enabled: false` (or 0, no): the payload
-    /// is left alone.
-    pub rewrites_enabled: bool,
-    /// The `X-ContextPilot-*` settings of inferred mode.
+    /// The `X-ContextPilot-*` settings; with `X-ContextPilot-Enabled: false`
+    /// (or 0, no) the payload is left alone.
     pub intercept: reorder::extract::InterceptConfig,
     /// Who is calling (a hash of its credentials), so sessions never mix
     /// callers.
@@ -407,7 +405,6 @@ impl RequestOptions {
             .unwrap_or_default();
         RequestOptions {
             conversation: header("x-conversation-id").map(str::to_string),
-            rewrites_enabled: intercept.enabled,
             intercept,
             client,
         }
@@ -507,10 +504,8 @@ pub(super) async fn serve_model(
         ctx.prompt = body.get("messages").or_else(|| body.get("prompt")).cloned();
     }
     drop(raw);
-    if options.rewrites_enabled && path == "/v1/chat/completions" {
+    if options.intercept.enabled && path == "/v1/chat/completions" {
         infer_documents(gateway, &options, &mut ctx, &mut body);
-    }
-    if options.rewrites_enabled && path == "/v1/chat/completions" {
         if let Some(messages) = body.get_mut("messages").and_then(Value::as_array_mut) {
             let stats = reorder::dedup::dedup_messages(messages);
             if stats.blocks_deduped > 0 {

@@ -44,6 +44,9 @@ struct Sent {
     documents: Vec<u64>,
     /// A single-document tool result: its content hash and tool call id.
     single: Option<(u64, String)>,
+    /// Serialized size of `forwarded`, for the sessions' memory bound
+    /// (computed once, when the message is first forwarded).
+    bytes: usize,
 }
 
 struct Session {
@@ -360,13 +363,14 @@ impl Sessions {
             }
             sent.push(Sent {
                 original: originals[i],
+                bytes: message.to_string().len(),
                 forwarded: message.clone(),
                 documents: documents_of.remove(&i).unwrap_or_default(),
                 single,
             });
         }
         report.intercepted = !report.is_empty();
-        let bytes = sent.iter().map(|m| m.forwarded.to_string().len()).sum();
+        let bytes = sent.iter().map(|m| m.bytes).sum();
         let pending = Pending {
             key,
             messages: sent,
