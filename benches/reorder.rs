@@ -9,7 +9,9 @@ use std::sync::Arc;
 use contextpilotd::reorder::{
     header_of, parse_documents, render_system, DocumentsPolicy, Registry,
 };
-use contextpilotd::slots::{Block, BlockSeq, RamTier, SlotContents, SlotPolicy, SlotState};
+use contextpilotd::slots::{
+    Block, BlockSeq, ChoiceInput, RamTier, SlotContents, SlotPolicy, SlotState,
+};
 use criterion::{criterion_group, criterion_main, Criterion};
 
 fn doc(i: usize) -> String {
@@ -49,10 +51,12 @@ fn bench_reorder(c: &mut Criterion) {
                     })),
                 },
                 last_used: None,
+                hits: 0,
             }
         })
         .collect();
 
+    let cost = contextpilotd::cost::CostView::for_tests();
     c.bench_function("parse 15 documents", |b| {
         b.iter(|| parse_documents(black_box(&json)).unwrap())
     });
@@ -61,7 +65,12 @@ fn bench_reorder(c: &mut Criterion) {
         |b| {
             b.iter(|| {
                 let mut policy = DocumentsPolicy::new(header, header_tokens, &parsed.docs, &ranks);
-                black_box(policy.choose(black_box(&slots), &mut RamTier::new(0)))
+                black_box(policy.choose(ChoiceInput {
+                    slots: black_box(&slots),
+                    ram: &mut RamTier::new(0),
+                    cost: &cost,
+                    now: std::time::Instant::now(),
+                }))
             })
         },
     );

@@ -21,7 +21,30 @@ pub struct Config {
     pub supervisor: SupervisorConfig,
     pub meter: MeterConfig,
     pub reorder: ReorderConfig,
+    pub cost: CostConfig,
     pub log: LogConfig,
+}
+
+/// The cost model (`cost`): measured prompt times that slot choice,
+/// reordering and llama-server's flags are decided by.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CostConfig {
+    /// Measure the child when it becomes ready and no measurement of this
+    /// llama-server, model, machine and flags is cached (a few seconds, in
+    /// the background; `contextpilotd tune` does it on demand).
+    pub measure: bool,
+    /// A profile file (the JSON `tune` writes) to use instead of measuring.
+    pub profile: Option<PathBuf>,
+}
+
+impl Default for CostConfig {
+    fn default() -> Self {
+        CostConfig {
+            measure: true,
+            profile: None,
+        }
+    }
 }
 
 /// What `/reorder` keeps between calls.
@@ -49,6 +72,11 @@ pub struct ReorderConfig {
     /// A live leaf unused for this long is dropped; 0 keeps leaves until
     /// evicted or pushed out.
     pub live_ttl_s: u64,
+    /// Documents keep the client's (relevance) order unless reordering them
+    /// is predicted to save at least this many milliseconds of prefill...
+    pub min_gain_ms: f64,
+    /// ...and at least this share of the request's predicted prompt time.
+    pub min_gain_share: f64,
 }
 
 impl Default for ReorderConfig {
@@ -58,6 +86,8 @@ impl Default for ReorderConfig {
             index: IndexMode::Live,
             live_max_leaves: 100_000,
             live_ttl_s: 3600,
+            min_gain_ms: 5.0,
+            min_gain_share: 0.05,
         }
     }
 }
@@ -140,6 +170,9 @@ pub struct LlamaConfig {
     pub gpu_layers: u32,
     pub threads: Auto<u32>,
     pub batch: Auto<u32>,
+    /// `--kv-unified` (one KV pool shared by all slots, so idle slots
+    /// reserve nothing): absent means on where the binary supports it.
+    pub kv_unified: Option<bool>,
     /// Appended last to the llama-server command line.
     pub extra_args: Vec<String>,
 }
@@ -157,6 +190,7 @@ impl Default for LlamaConfig {
             gpu_layers: 99,
             threads: Auto::Auto,
             batch: Auto::Auto,
+            kv_unified: None,
             extra_args: Vec::new(),
         }
     }
@@ -417,6 +451,9 @@ impl Config {
         if let Some(dir) = config.log.dir.take() {
             config.log.dir = Some(resolve_path(&dir, base));
         }
+        if let Some(profile) = config.cost.profile.take() {
+            config.cost.profile = Some(resolve_path(&profile, base));
+        }
         if let Some(log) = config.meter.query_log.take() {
             config.meter.query_log = Some(resolve_path(&log, base));
         }
@@ -442,6 +479,18 @@ impl Config {
         }
         if matches!(&self.server.api_key, Some(k) if k.trim().is_empty()) {
             return err("server.api_key", "must not be empty".to_string());
+        }
+        if !(self.reorder.min_gain_ms.is_finite() && self.reorder.min_gain_ms >= 0.0) {
+            return err(
+                "reorder.min_gain_ms",
+                "must be a number of milliseconds, 0 or more".into(),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.reorder.min_gain_share) {
+            return err(
+                "reorder.min_gain_share",
+                "must be a share between 0 and 1".into(),
+            );
         }
         if self.llama.binary.trim().is_empty() {
             return err(

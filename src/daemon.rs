@@ -14,12 +14,13 @@ use nix::fcntl::{Flock, FlockArg};
 use tokio::net::TcpListener;
 
 use crate::config::{Config, ConfigError, ConfigSource};
+use crate::cost::{self, CostModel, CostProfile};
 use crate::gateway::{self, Gateway, Upstream};
 use crate::gguf::{self, ModelFacts};
 use crate::hardware::{self, Hardware};
 use crate::meter::gpu::GpuSampler;
 use crate::meter::Meter;
-use crate::plan::{self, LaunchPlan};
+use crate::plan::{self, BinaryCaps, LaunchPlan, PlanInputs};
 use crate::slots::Scheduler;
 use crate::status::StaticStatus;
 use crate::supervisor::{self, process::Watchdog, LaunchSpec};
@@ -59,6 +60,14 @@ pub struct Prepared {
     pub hardware: Hardware,
     /// True when the hardware came from `--hardware FILE`.
     pub hardware_from_file: bool,
+    /// What the binary supports (from its `--help`).
+    pub caps: BinaryCaps,
+    /// The cost profile the plan used: `[cost] profile`, or the cached
+    /// measurement for `cost_key`; `None` when nothing is measured yet.
+    pub cost: Option<CostProfile>,
+    /// The cache key of a measurement of this binary, model, machine and
+    /// speed-relevant flags.
+    pub cost_key: String,
     pub plan: LaunchPlan,
 }
 
@@ -141,7 +150,43 @@ pub fn prepare(
         Some(path) => (read_hardware_file(path)?, true),
         None => (hardware::detect(), false),
     };
-    let plan = plan::plan(&hardware, &model, &config.llama);
+    let caps = binary
+        .as_ref()
+        .ok()
+        .map(|b| read_caps(b))
+        .unwrap_or_default();
+    let unmeasured = plan::plan_with(
+        &hardware,
+        &model,
+        &config.llama,
+        PlanInputs { caps, cost: None },
+    );
+    let binary_path = binary
+        .as_ref()
+        .map(|p| p.clone())
+        .unwrap_or_else(|_| PathBuf::from(&config.llama.binary));
+    let cost_key = cost::profile_key(
+        &binary_path,
+        &model_path,
+        &hardware,
+        &unmeasured.speed_flags(),
+    );
+    let cost = match &config.cost.profile {
+        Some(path) => Some(
+            cost::read_profile(path)
+                .map_err(|e| ConfigError::new(file, Some("cost.profile"), e))?,
+        ),
+        None => cost::cached_profile(&cost_key),
+    };
+    let plan = plan::plan_with(
+        &hardware,
+        &model,
+        &config.llama,
+        PlanInputs {
+            caps,
+            cost: cost.as_ref(),
+        },
+    );
     Ok(Prepared {
         source,
         config,
@@ -149,8 +194,52 @@ pub fn prepare(
         model,
         hardware,
         hardware_from_file,
+        caps,
+        cost,
+        cost_key,
         plan,
     })
+}
+
+/// What `binary --help` says it supports; nothing when it cannot be run
+/// within a few seconds.
+pub fn read_caps(binary: &Path) -> BinaryCaps {
+    let child = std::process::Command::new(binary)
+        .arg("--help")
+        .env_remove("LLAMA_ARG_HOST")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else {
+        return BinaryCaps::default();
+    };
+    let mut out = String::new();
+    let reader = child.stdout.take().map(|mut stdout| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stdout.read_to_string(&mut text);
+            text
+        })
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+        }
+    }
+    if let Some(reader) = reader {
+        out = reader.join().unwrap_or_default();
+    }
+    BinaryCaps::from_help(&out)
 }
 
 fn read_hardware_file(path: &Path) -> Result<Hardware, ConfigError> {
@@ -369,10 +458,24 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
                 .unwrap_or_else(|| "model".to_string())
         });
     let slots = prepared.plan.slots as usize;
-    let ram_tokens = crate::plan::ram_cache_tokens(
-        &prepared.config.llama.extra_args,
-        prepared.plan.memory.kv_bytes_per_token,
+    let ram_tokens =
+        crate::plan::planned_ram_cache_tokens(&prepared.plan, &prepared.config.llama.extra_args);
+    let cost_model = CostModel::new(
+        prepared
+            .cost
+            .clone()
+            .unwrap_or_else(|| CostProfile::fallback(&prepared.hardware)),
     );
+    let tuner = Tuner {
+        key: prepared.cost_key.clone(),
+        ctx_per_slot: prepared.plan.ctx_per_slot,
+        ram_tier: ram_tokens > 0,
+        caps: prepared.caps,
+        hardware: prepared.hardware.clone(),
+        model: prepared.model.clone(),
+        llama: prepared.config.llama.clone(),
+        planned_cache_ram: prepared.plan.cache_ram_mib,
+    };
     let spec = LaunchSpec {
         binary,
         model: prepared.model.path.clone(),
@@ -402,7 +505,12 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
         tail: supervisor.tail.clone(),
         api_key: config.server.api_key.clone(),
         model_id,
-        scheduler: Scheduler::new(slots, config.server.max_queue, ram_tokens),
+        scheduler: Scheduler::new(
+            slots,
+            config.server.max_queue,
+            ram_tokens,
+            cost_model.clone(),
+        ),
         meter: meter.clone(),
         query_log,
         upstream: Upstream::new(),
@@ -414,10 +522,16 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
         conversations: Default::default(),
         compat: crate::gateway::CompatState::new(&config.reorder),
         infer_documents: config.reorder.infer_documents,
+        reorder_threshold: crate::reorder::GainThreshold {
+            min_ms: config.reorder.min_gain_ms,
+            min_share: config.reorder.min_gain_share,
+        },
         sessions: Default::default(),
         next_query: AtomicU64::new(0),
     });
     let header_timeout = Duration::from_secs(config.server.header_timeout_s);
+    let tuning = (config.cost.measure && prepared.cost.is_none())
+        .then(|| tokio::spawn(tuner.run(supervisor.view.clone(), gateway.scheduler.clone())));
 
     let stop = async {
         signals.recv().await;
@@ -426,12 +540,127 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
     };
     gateway::serve(listener, gateway, stop, DRAIN_GRACE, header_timeout).await;
     tracing::info!("shutting down: stopping llama-server");
+    if let Some(task) = tuning {
+        task.abort();
+    }
     supervisor.shutdown().await;
     // Streams the stop cut have recorded themselves by now; write it all.
     meter.flush().await;
     tracing::info!("contextpilotd stopped");
     drop(lock);
     Ok(())
+}
+
+/// Measures the first child that becomes ready (see [`cost::tune`]), in the
+/// background, on a slot leased like any request's, and caches what it
+/// found; a child that fails the measurement is measured again when the
+/// next one is ready.
+struct Tuner {
+    key: String,
+    ctx_per_slot: u32,
+    ram_tier: bool,
+    caps: BinaryCaps,
+    hardware: Hardware,
+    model: ModelFacts,
+    llama: crate::config::LlamaConfig,
+    planned_cache_ram: Option<i64>,
+}
+
+impl Tuner {
+    async fn run(
+        self,
+        mut view: tokio::sync::watch::Receiver<supervisor::SupervisorView>,
+        scheduler: Arc<Scheduler>,
+    ) {
+        let cost = scheduler.cost().clone();
+        let mut tried_pid = None;
+        loop {
+            let target = {
+                let v = view.borrow_and_update();
+                match (v.state, v.pid, v.port) {
+                    (supervisor::State::Ready, Some(pid), Some(port)) if Some(pid) != tried_pid => {
+                        Some((pid, port))
+                    }
+                    _ => None,
+                }
+            };
+            let Some((pid, port)) = target else {
+                if view.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            tried_pid = Some(pid);
+            cost.set_note(true, Some("measuring prompt times on one slot".into()));
+            let lease = match scheduler
+                .acquire(
+                    &mut crate::slots::ReservePolicy,
+                    pid,
+                    Duration::from_secs(300),
+                )
+                .await
+            {
+                Ok(lease) => lease,
+                Err(_) => {
+                    cost.set_note(false, Some("no slot came free to measure on".into()));
+                    continue;
+                }
+            };
+            let result = cost::tune::measure(cost::tune::TuneTarget {
+                port,
+                slot: lease.id(),
+                ctx_per_slot: self.ctx_per_slot,
+                n_vocab: None,
+                ram_tier: self.ram_tier,
+            })
+            .await;
+            // Whatever the measurement left in the slot is nothing anyone
+            // asked for.
+            scheduler.forget(lease.id(), &lease.contents);
+            drop(lease);
+            match result {
+                Ok(mut profile) => {
+                    profile.key = self.key.clone();
+                    let replanned = plan::plan_with(
+                        &self.hardware,
+                        &self.model,
+                        &self.llama,
+                        PlanInputs {
+                            caps: self.caps,
+                            cost: Some(&profile),
+                        },
+                    );
+                    let mut message = format!(
+                        "measured in {:.1} s: prefill {:.3} ms/token + {:.1} ms, exact hit {:.1} ms",
+                        profile.took_ms / 1000.0,
+                        profile.prefill_ms_per_token,
+                        profile.prefill_fixed_ms,
+                        profile.hit_ms
+                    );
+                    if let Some((_, why)) = cost::ram_tier_decision(Some(&profile)) {
+                        message.push_str(&format!("; {why}"));
+                    }
+                    if replanned.cache_ram_mib != self.planned_cache_ram {
+                        message.push_str(
+                            "; llama-server's flags change from its next start (contextpilotd restart)",
+                        );
+                    }
+                    tracing::info!("cost model: {message}");
+                    match cost::store_profile(&profile) {
+                        Ok(path) => tracing::info!("cost profile cached in {}", path.display()),
+                        Err(e) => tracing::warn!("could not cache the cost profile: {e}"),
+                    }
+                    cost.replace(profile);
+                    cost.set_note(false, Some(message));
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!("could not measure llama-server's prompt times: {e}");
+                    cost.set_note(false, Some(format!("measurement failed: {e}")));
+                }
+            }
+        }
+    }
 }
 
 fn start_watchdog() -> Option<Watchdog> {

@@ -42,6 +42,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod cost;
 pub mod daemon;
 pub mod gateway;
 pub mod gguf;

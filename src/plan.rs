@@ -55,6 +55,41 @@ pub const MAX_SLOTS: u32 = 16;
 /// figure for an 8B model with grouped-query attention (Llama 3 8B).
 const FALLBACK_KV_BYTES_PER_TOKEN: u64 = 128 * 1024;
 
+/// What the llama-server binary can do, read from its `--help`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct BinaryCaps {
+    /// `--kv-unified`: one KV pool shared by every slot.
+    pub kv_unified: bool,
+    /// `--cache-ram`: the host-RAM prompt cache exists (on by default).
+    pub cache_ram: bool,
+    /// `--cache-idle-slots`: idle slots are saved to that cache on every
+    /// new task, and with a unified KV also cleared.
+    pub cache_idle_slots: bool,
+}
+
+impl BinaryCaps {
+    /// Reads the flags a `llama-server --help` lists.
+    pub fn from_help(help: &str) -> BinaryCaps {
+        let has = |flag: &str| {
+            help.split(|c: char| c.is_whitespace() || c == ',')
+                .any(|word| word == flag)
+        };
+        BinaryCaps {
+            kv_unified: has("--kv-unified"),
+            cache_ram: has("--cache-ram"),
+            cache_idle_slots: has("--no-cache-idle-slots"),
+        }
+    }
+}
+
+/// Everything besides hardware, model and configuration that the plan is
+/// decided by: what the binary supports and what was measured.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PlanInputs<'a> {
+    pub caps: BinaryCaps,
+    pub cost: Option<&'a crate::cost::CostProfile>,
+}
+
 /// The settings the daemon gives llama-server, and why.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LaunchPlan {
@@ -69,11 +104,36 @@ pub struct LaunchPlan {
     /// `--swa-full`: keep the full KV for sliding-window layers so prefix and
     /// KV-shift reuse keep working.
     pub swa_full: bool,
+    /// `--cache-ram` as passed: `None` leaves llama-server's default (its
+    /// RAM prompt cache on), `Some(0)` turns it off.
+    pub cache_ram_mib: Option<i64>,
+    /// `--kv-unified`.
+    pub kv_unified: bool,
+    /// `--no-cache-idle-slots`.
+    pub no_cache_idle_slots: bool,
     pub memory: MemoryBudget,
     /// One entry per derived setting, in command-line order.
     pub decisions: Vec<Decision>,
     /// Things that are not as they should be, one sentence each.
     pub warnings: Vec<String>,
+}
+
+impl LaunchPlan {
+    /// The settings that change how fast a prompt is computed, for the cost
+    /// profile's cache key (the RAM cache is not one: it is what a
+    /// measurement decides).
+    pub fn speed_flags(&self) -> Vec<String> {
+        vec![
+            format!("ngl={}", self.gpu_layers),
+            format!("t={}", self.threads),
+            format!("b={}", self.batch),
+            format!("ub={}", self.ubatch),
+            format!("np={}", self.slots),
+            format!("c={}", self.ctx_size),
+            format!("kvu={}", self.kv_unified),
+            format!("swa_full={}", self.swa_full),
+        ]
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -198,6 +258,16 @@ fn batch_sizes(hw: &Hardware) -> (u32, u32, String) {
 /// Plans llama-server's settings. Every explicit configuration value wins
 /// over the derived one; the plan says so when that breaks the budget.
 pub fn plan(hw: &Hardware, model: &ModelFacts, cfg: &LlamaConfig) -> LaunchPlan {
+    plan_with(hw, model, cfg, PlanInputs::default())
+}
+
+/// [`plan`] with what the binary supports and what was measured.
+pub fn plan_with(
+    hw: &Hardware,
+    model: &ModelFacts,
+    cfg: &LlamaConfig,
+    inputs: PlanInputs<'_>,
+) -> LaunchPlan {
     let mut warnings = Vec::new();
     let mut decisions = Vec::new();
 
@@ -335,6 +405,57 @@ pub fn plan(hw: &Hardware, model: &ModelFacts, cfg: &LlamaConfig) -> LaunchPlan 
         None => false,
     };
 
+    let user_cache_ram = extra_flag_value(&cfg.extra_args, &["--cache-ram", "-cram"]).is_some();
+    let cache_ram_mib = match crate::cost::ram_tier_decision(inputs.cost) {
+        _ if user_cache_ram => None,
+        _ if !inputs.caps.cache_ram => None,
+        Some((keep, why)) => {
+            decisions_push(
+                &mut decisions,
+                "--cache-ram",
+                if keep { "default" } else { "0" },
+                why,
+            );
+            (!keep).then_some(0)
+        }
+        None => None,
+    };
+    let ram_tier_on = inputs.caps.cache_ram && cache_ram_mib != Some(0);
+    let kv_unified = match cfg.kv_unified {
+        Some(on) => on && inputs.caps.kv_unified,
+        None => inputs.caps.kv_unified,
+    };
+    if kv_unified {
+        decisions_push(
+            &mut decisions,
+            "--kv-unified",
+            "on",
+            match cfg.kv_unified {
+                Some(_) => "set in the configuration".to_string(),
+                None => format!(
+                    "one KV pool of {ctx_size} tokens shared by the {slots} slots: an idle slot reserves nothing and one prompt may use more than {ctx_per_slot} tokens when others are short"
+                ),
+            },
+        );
+    }
+    let user_idle = cfg
+        .extra_args
+        .iter()
+        .any(|a| a == "--cache-idle-slots" || a == "--no-cache-idle-slots");
+    let no_cache_idle_slots = ram_tier_on && inputs.caps.cache_idle_slots && !user_idle;
+    if no_cache_idle_slots {
+        decisions_push(
+            &mut decisions,
+            "--no-cache-idle-slots",
+            "on",
+            if kv_unified {
+                "with a unified KV, llama-server would clear every idle slot on each new request; contextpilotd keeps them warm".to_string()
+            } else {
+                "llama-server would copy every idle slot to its RAM cache on each new request; slots stay warm in the KV cache".to_string()
+            },
+        );
+    }
+
     let mut ordered = vec![
         Decision {
             flag: "--ctx-size".into(),
@@ -398,6 +519,9 @@ pub fn plan(hw: &Hardware, model: &ModelFacts, cfg: &LlamaConfig) -> LaunchPlan 
         gpu_layers: cfg.gpu_layers,
         cache_reuse: cfg.cache_reuse,
         swa_full,
+        cache_ram_mib,
+        kv_unified,
+        no_cache_idle_slots,
         memory: MemoryBudget {
             gpu_usable_bytes,
             gpu_usable_rule,
@@ -457,6 +581,16 @@ pub fn command_line(
     if plan.swa_full {
         argv.push("--swa-full".into());
     }
+    if let Some(mib) = plan.cache_ram_mib {
+        argv.push("--cache-ram".into());
+        argv.push(mib.to_string());
+    }
+    if plan.kv_unified {
+        argv.push("--kv-unified".into());
+    }
+    if plan.no_cache_idle_slots {
+        argv.push("--no-cache-idle-slots".into());
+    }
     argv.extend(cfg.extra_args.iter().cloned());
     argv
 }
@@ -476,24 +610,50 @@ pub fn shell_quote(argv: &[String]) -> String {
 /// llama-server's default host-RAM prompt cache (`--cache-ram`), MiB.
 pub const DEFAULT_CACHE_RAM_MIB: i64 = 8192;
 
+/// The last value given for one of `flags` in `args` (`--flag value` or
+/// `--flag=value`).
+fn extra_flag_value(args: &[String], flags: &[&str]) -> Option<String> {
+    let mut found = None;
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        match arg.split_once('=') {
+            Some((flag, value)) if flags.contains(&flag) => found = Some(value.to_string()),
+            None if flags.contains(&arg.as_str()) => {
+                if let Some(value) = iter.next() {
+                    found = Some(value.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+    found
+}
+
+/// How many tokens llama-server's RAM prompt cache holds under `plan`:
+/// `--cache-ram` (or `-cram`) from the extra arguments, else the plan's,
+/// else the default, over the KV bytes per token. 0 when it is off; `-1`
+/// (no limit) counts as very large.
+pub fn planned_ram_cache_tokens(plan: &LaunchPlan, extra_args: &[String]) -> u64 {
+    match extra_flag_value(extra_args, &["--cache-ram", "-cram"]) {
+        Some(_) => ram_cache_tokens(extra_args, plan.memory.kv_bytes_per_token),
+        None => match plan.cache_ram_mib {
+            Some(mib) => mib_to_tokens(mib, plan.memory.kv_bytes_per_token),
+            None => ram_cache_tokens(&[], plan.memory.kv_bytes_per_token),
+        },
+    }
+}
+
 /// How many tokens llama-server's RAM prompt cache holds: `--cache-ram` (or
 /// `-cram`) from the extra arguments, else the default, over the KV bytes per
 /// token. 0 when it is off; `-1` (no limit) counts as very large.
 pub fn ram_cache_tokens(extra_args: &[String], kv_bytes_per_token: u64) -> u64 {
-    let mut mib = DEFAULT_CACHE_RAM_MIB;
-    let mut args = extra_args.iter();
-    while let Some(arg) = args.next() {
-        let value = match arg.split_once('=') {
-            Some((flag, value)) if flag == "--cache-ram" || flag == "-cram" => {
-                Some(value.to_string())
-            }
-            None if arg == "--cache-ram" || arg == "-cram" => args.next().cloned(),
-            _ => None,
-        };
-        if let Some(n) = value.and_then(|v| v.trim().parse::<i64>().ok()) {
-            mib = n;
-        }
-    }
+    let mib = extra_flag_value(extra_args, &["--cache-ram", "-cram"])
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .unwrap_or(DEFAULT_CACHE_RAM_MIB);
+    mib_to_tokens(mib, kv_bytes_per_token)
+}
+
+fn mib_to_tokens(mib: i64, kv_bytes_per_token: u64) -> u64 {
     match mib {
         0 => 0,
         n if n < 0 => u64::MAX / 4,

@@ -3,10 +3,17 @@
 //!
 //! The daemon is the child's only client and sets `id_slot` on every request,
 //! so it knows what each slot's KV cache holds: the prompt of the last request
-//! it sent there. A new request goes to the free slot whose contents share
-//! the longest prefix with its prompt (llama.cpp reuses exactly that prefix),
-//! else to the least recently used free slot. At most `slots` requests are in
-//! flight; the rest wait in FIFO order, up to `max_queue` of them.
+//! it sent there. A new request goes to the free slot where it is predicted
+//! to cost the least time ([`Candidate::score_ms`]): the prompt time for the
+//! tokens the slot would not reuse (llama.cpp reuses exactly the common
+//! prefix), plus a restore from the RAM cache when one is counted on, plus
+//! the value of what the request would overwrite there ([`slot_value_ms`]:
+//! the prefill that the slot's contents save the requests that keep reusing
+//! them). So a request whose only match is the chat header goes to an empty
+//! or the least valuable slot, not onto a slot others keep hitting. Busy
+//! slots are never candidates: a request never queues behind one while
+//! another is free. At most `slots` requests are in flight; the rest wait in
+//! FIFO order, up to `max_queue` of them.
 //!
 //! Behind the slots, llama-server keeps a host-RAM prompt cache
 //! (`--cache-ram`): a slot's prompt is saved there before it is replaced,
@@ -21,11 +28,19 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::cost::{CostModel, CostView};
+
 /// A shared prefix shorter than this many bytes is template boilerplate
-/// (`[{"role":"system","content":"`), not reusable context.
+/// (`[{"role":"system","content":"`), not reusable context: it does not
+/// count as a hit on the slot.
 pub const MIN_USEFUL_PREFIX: usize = 256;
+
+/// How fast a slot's value fades when nothing reuses it: halved after
+/// this many seconds.
+pub const VALUE_HALF_LIFE_S: f64 = 300.0;
 
 /// What the daemon believes one slot holds.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -34,6 +49,151 @@ pub struct SlotState {
     /// What the last request sent to this slot put there.
     pub holds: SlotContents,
     pub last_used: Option<Instant>,
+    /// Requests that reused a useful part of these contents (or of the
+    /// contents they grew from).
+    pub hits: u32,
+}
+
+/// Estimated tokens in `bytes` of prompt text (about four bytes a token;
+/// the cost model scales it to llama-server's counts).
+pub fn tokens_of_bytes(bytes: usize) -> u64 {
+    (bytes as u64).div_ceil(4)
+}
+
+/// What the contents of `slot` are worth, in milliseconds of prefill they
+/// are expected to save the requests that come back to them: the time to
+/// compute them times the chance they are reused, which grows with each hit
+/// and fades while nobody comes back.
+pub fn slot_value_ms(slot: &SlotState, cost: &CostView, now: Instant) -> f64 {
+    let held = slot.holds.tokens();
+    if held == 0 {
+        return 0.0;
+    }
+    let hits = f64::from(slot.hits);
+    let reuse = (hits + 1.0) / (hits + 3.0);
+    let age_s = slot
+        .last_used
+        .map(|t| now.saturating_duration_since(t).as_secs_f64())
+        .unwrap_or(f64::INFINITY);
+    let fade = 0.5f64.powf(age_s / VALUE_HALF_LIFE_S);
+    cost.compute_ms(held) * reuse * fade
+}
+
+/// One free slot as a place for a request: what it would reuse and lose.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Candidate {
+    pub slot: usize,
+    /// Estimated tokens of the request's prompt.
+    pub prompt_tokens: u64,
+    /// Of those, how many the slot (or a RAM-cache restore) provides.
+    pub reused_tokens: u64,
+    /// Tokens restored from llama-server's RAM cache first.
+    pub restored_tokens: u64,
+    /// Tokens of what the slot holds that the request keeps.
+    pub kept_tokens: u64,
+    /// Predicted prompt time (llama-server's `prompt_ms`).
+    pub prompt_ms: f64,
+    /// Restoring from, and saving the replaced prompt to, the RAM cache.
+    pub restore_ms: f64,
+    pub save_ms: f64,
+    /// The part of the slot's value the request would overwrite.
+    pub lost_value_ms: f64,
+}
+
+impl Candidate {
+    /// Evaluates `slot` for a prompt of `prompt_tokens` of which
+    /// `reused_tokens` are reused (`restored_tokens` of them restored from
+    /// the RAM cache) and `kept_tokens` of the slot's contents stay.
+    pub fn new(
+        slots: &[SlotState],
+        slot: usize,
+        prompt_tokens: u64,
+        reused_tokens: u64,
+        restored_tokens: u64,
+        kept_tokens: u64,
+        ram_tier: bool,
+        cost: &CostView,
+        now: Instant,
+    ) -> Candidate {
+        let state = &slots[slot];
+        let held = state.holds.tokens();
+        let lost_share = if held == 0 {
+            0.0
+        } else {
+            1.0 - (kept_tokens.min(held) as f64 / held as f64)
+        };
+        // llama-server saves a slot's prompt to its RAM cache when the new
+        // one keeps less than half of it.
+        let save_ms = if ram_tier && held > 0 && kept_tokens * 2 < held {
+            cost.profile.save_ms(cost.tokens(held))
+        } else {
+            0.0
+        };
+        Candidate {
+            slot,
+            prompt_tokens,
+            reused_tokens,
+            restored_tokens,
+            kept_tokens,
+            prompt_ms: cost.prompt_ms(prompt_tokens, reused_tokens),
+            restore_ms: cost.profile.restore_ms(cost.tokens(restored_tokens)),
+            save_ms,
+            lost_value_ms: slot_value_ms(state, cost, now) * lost_share,
+        }
+    }
+
+    /// What choosing this slot costs: this request's time, and the future
+    /// time of the requests that would have reused what it overwrites.
+    pub fn score_ms(&self) -> f64 {
+        self.prompt_ms + self.restore_ms + self.save_ms + self.lost_value_ms
+    }
+
+    /// The cheapest of `candidates`; ties to the least recently used slot.
+    pub fn best(candidates: &[Candidate], slots: &[SlotState]) -> Option<Candidate> {
+        candidates.iter().copied().min_by(|a, b| {
+            a.score_ms()
+                .total_cmp(&b.score_ms())
+                .then_with(|| slots[a.slot].last_used.cmp(&slots[b.slot].last_used))
+        })
+    }
+}
+
+/// How a slot was chosen, for the query log.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SlotDecision {
+    /// "prefix" (it holds part of this prompt), "cached-prefix" and
+    /// "ram-cache" (documents it or the RAM cache holds lead the order),
+    /// "empty", "least-valuable" (nothing useful anywhere: the slot whose
+    /// contents are worth least), "header" (only the text before the
+    /// documents matched).
+    pub choice: &'static str,
+    /// Predicted prompt time (compare with `cache_reuse.prompt_eval_ms`).
+    pub predicted_ms: f64,
+    pub predicted_prompt_tokens: u64,
+    pub predicted_reused_tokens: u64,
+    /// Predicted RAM-cache restore and save time on top of it.
+    pub restore_ms: f64,
+    pub save_ms: f64,
+    /// The value of the slot's contents this request overwrote.
+    pub lost_value_ms: f64,
+    /// Free slots considered.
+    pub free_slots: usize,
+}
+
+impl SlotDecision {
+    pub fn from_candidate(choice: &'static str, c: &Candidate, free_slots: usize) -> SlotDecision {
+        let round = |v: f64| (v * 100.0).round() / 100.0;
+        SlotDecision {
+            choice,
+            predicted_ms: round(c.prompt_ms),
+            predicted_prompt_tokens: c.prompt_tokens,
+            predicted_reused_tokens: c.reused_tokens,
+            restore_ms: round(c.restore_ms),
+            save_ms: round(c.save_ms),
+            lost_value_ms: round(c.lost_value_ms),
+            free_slots,
+        }
+    }
 }
 
 /// A slot's KV contents as the daemon tracks them.
@@ -43,6 +203,20 @@ pub struct SlotContents {
     pub key: Arc<str>,
     /// For a request with documents: the documents in prompt order.
     pub blocks: Option<Arc<BlockSeq>>,
+}
+
+impl SlotContents {
+    /// Estimated tokens held.
+    pub fn tokens(&self) -> u64 {
+        match &self.blocks {
+            Some(blocks) => blocks.tokens().max(tokens_of_bytes(self.key.len())),
+            None => tokens_of_bytes(self.key.len()),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.key.is_empty() && self.blocks.is_none()
+    }
 }
 
 /// The context blocks (documents) of a prompt, in order, after a header
@@ -156,46 +330,135 @@ pub struct Block {
     pub tokens: u32,
 }
 
-/// Chooses a free slot for a request and says what the slot will hold.
-/// `slots` includes busy ones, which must be skipped; at least one is free.
-/// A policy that counts on an entry of `ram` being loaded takes it out.
-pub trait SlotPolicy {
-    fn choose(&mut self, slots: &[SlotState], ram: &mut RamTier) -> (usize, SlotContents);
+/// A policy's choice: the slot, what it will hold, and why.
+#[derive(Debug, Clone)]
+pub struct Choice {
+    pub slot: usize,
+    pub contents: SlotContents,
+    pub decision: SlotDecision,
+    /// Whether the request reuses a useful part of what the slot held (a
+    /// hit on it).
+    pub hit: bool,
 }
 
-/// The policy for prompts without documents: longest useful common prefix.
+/// What a policy gets to choose from.
+pub struct ChoiceInput<'a> {
+    /// Every slot, busy ones included (they must be skipped); at least one
+    /// is free.
+    pub slots: &'a [SlotState],
+    /// The model of llama-server's RAM cache; a policy that counts on an
+    /// entry being loaded takes it out.
+    pub ram: &'a mut RamTier,
+    pub cost: &'a CostView,
+    pub now: Instant,
+}
+
+/// Chooses a free slot for a request and says what the slot will hold.
+pub trait SlotPolicy {
+    fn choose(&mut self, input: ChoiceInput<'_>) -> Choice;
+}
+
+/// The policy for prompts without documents: the free slot where the
+/// prompt is predicted cheapest, reuse counted as the common prefix.
 pub struct PrefixPolicy {
     pub prompt: Arc<str>,
 }
 
 impl SlotPolicy for PrefixPolicy {
-    fn choose(&mut self, slots: &[SlotState], _ram: &mut RamTier) -> (usize, SlotContents) {
-        let slot = choose_slot(slots, &self.prompt).unwrap_or(0);
-        let contents = SlotContents {
-            key: self.prompt.clone(),
-            blocks: None,
+    fn choose(&mut self, input: ChoiceInput<'_>) -> Choice {
+        let ram_tier = input.ram.enabled();
+        let prompt_tokens = tokens_of_bytes(self.prompt.len());
+        let candidates: Vec<(Candidate, usize)> = input
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.busy)
+            .map(|(i, s)| {
+                let shared = common_prefix_len(&s.holds.key, &self.prompt);
+                let reused = tokens_of_bytes(shared).min(prompt_tokens);
+                let c = Candidate::new(
+                    input.slots,
+                    i,
+                    prompt_tokens,
+                    reused,
+                    0,
+                    reused,
+                    ram_tier,
+                    input.cost,
+                    input.now,
+                );
+                (c, shared)
+            })
+            .collect();
+        let free = candidates.len();
+        let plain: Vec<Candidate> = candidates.iter().map(|(c, _)| *c).collect();
+        let best = Candidate::best(&plain, input.slots).unwrap_or_else(|| {
+            Candidate::new(
+                input.slots,
+                0,
+                prompt_tokens,
+                0,
+                0,
+                0,
+                ram_tier,
+                input.cost,
+                input.now,
+            )
+        });
+        let shared = candidates
+            .iter()
+            .find(|(c, _)| c.slot == best.slot)
+            .map_or(0, |(_, n)| *n);
+        let hit = shared >= MIN_USEFUL_PREFIX;
+        let choice = if hit {
+            "prefix"
+        } else {
+            empty_or_least_valuable(&input.slots[best.slot])
         };
-        (slot, contents)
+        Choice {
+            slot: best.slot,
+            contents: SlotContents {
+                key: self.prompt.clone(),
+                blocks: None,
+            },
+            decision: SlotDecision::from_candidate(choice, &best, free),
+            hit,
+        }
     }
 }
 
-/// The slot-choice policy: the free slot with the longest useful common
-/// prefix, ties and no-prefix cases to the least recently used free slot.
-/// Returns `None` when every slot is busy.
-pub fn choose_slot(slots: &[SlotState], prompt: &str) -> Option<usize> {
-    slots
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| !s.busy)
-        .map(|(i, s)| {
-            let n = common_prefix_len(&s.holds.key, prompt);
-            let useful = if n >= MIN_USEFUL_PREFIX { n } else { 0 };
-            // Longer prefix wins; on a tie the older `last_used` (None is
-            // oldest) wins, hence Reverse.
-            (useful, std::cmp::Reverse(s.last_used), i)
-        })
-        .max()
-        .map(|(_, _, i)| i)
+/// The name of a choice that reuses nothing useful.
+pub fn empty_or_least_valuable(slot: &SlotState) -> &'static str {
+    if slot.holds.is_empty() {
+        "empty"
+    } else {
+        "least-valuable"
+    }
+}
+
+/// A slot for the daemon's own use (measuring): the free slot whose
+/// contents are worth least, left empty.
+pub struct ReservePolicy;
+
+impl SlotPolicy for ReservePolicy {
+    fn choose(&mut self, input: ChoiceInput<'_>) -> Choice {
+        let candidates: Vec<Candidate> = input
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.busy)
+            .map(|(i, _)| Candidate::new(input.slots, i, 0, 0, 0, 0, false, input.cost, input.now))
+            .collect();
+        let best = Candidate::best(&candidates, input.slots).unwrap_or_else(|| {
+            Candidate::new(input.slots, 0, 0, 0, 0, 0, false, input.cost, input.now)
+        });
+        Choice {
+            slot: best.slot,
+            contents: SlotContents::default(),
+            decision: SlotDecision::from_candidate("reserved", &best, candidates.len()),
+            hit: false,
+        }
+    }
 }
 
 /// Length in bytes of the common prefix of `a` and `b`, on a char boundary.
@@ -232,14 +495,21 @@ pub struct Scheduler {
     waiting: AtomicUsize,
     max_queue: usize,
     table: Mutex<Table>,
+    cost: Arc<CostModel>,
 }
 
 impl Scheduler {
     /// `ram_tokens`: the size of llama-server's RAM prompt cache in tokens
-    /// (0: it has none).
-    pub fn new(slots: usize, max_queue: usize, ram_tokens: u64) -> Arc<Scheduler> {
+    /// (0: it has none). Slot choice predicts with `cost`.
+    pub fn new(
+        slots: usize,
+        max_queue: usize,
+        ram_tokens: u64,
+        cost: Arc<CostModel>,
+    ) -> Arc<Scheduler> {
         let slots = slots.max(1);
         Arc::new(Scheduler {
+            cost,
             permits: Arc::new(Semaphore::new(slots)),
             waiting: AtomicUsize::new(0),
             max_queue,
@@ -285,14 +555,28 @@ impl Scheduler {
         // A permit guarantees a free slot (permits == slots); a policy that
         // names a busy one anyway gets the first free one.
         let table = &mut *table;
-        let (mut slot, contents) = policy.choose(&table.slots, &mut table.ram);
+        let cost = self.cost.view();
+        let now = Instant::now();
+        let choice = policy.choose(ChoiceInput {
+            slots: &table.slots,
+            ram: &mut table.ram,
+            cost: &cost,
+            now,
+        });
+        let mut slot = choice.slot;
         if table.slots.get(slot).is_none_or(|s| s.busy) {
             slot = table.slots.iter().position(|s| !s.busy).unwrap_or(0);
         }
+        let contents = choice.contents;
         let state = &mut table.slots[slot];
         state.busy = true;
         let replaced = std::mem::replace(&mut state.holds, contents.clone());
-        state.last_used = Some(Instant::now());
+        state.hits = if choice.hit {
+            state.hits.saturating_add(1)
+        } else {
+            0
+        };
+        state.last_used = Some(now);
         if let Some(old) = &replaced.blocks {
             table.ram.save(old);
         }
@@ -300,8 +584,41 @@ impl Scheduler {
             scheduler: self.clone(),
             slot,
             contents,
+            decision: choice.decision,
             _permit: permit,
         })
+    }
+
+    /// The cost model slot choice predicts with.
+    pub fn cost(&self) -> &Arc<CostModel> {
+        &self.cost
+    }
+
+    /// llama-server's RAM prompt cache now holds `tokens` (0: none), as for
+    /// a child started with another `--cache-ram`.
+    pub fn set_ram_tokens(&self, tokens: u64) {
+        let mut table = self.lock();
+        table.ram = RamTier::new(tokens);
+    }
+
+    /// What each slot holds, in short, for `/status`.
+    pub fn summary(&self) -> Vec<SlotSummary> {
+        let cost = self.cost.view();
+        let now = Instant::now();
+        let table = self.lock();
+        table
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| SlotSummary {
+                id: i,
+                busy: s.busy,
+                tokens: cost.tokens(s.holds.tokens()),
+                documents: s.holds.blocks.as_ref().map_or(0, |b| b.blocks.len()),
+                hits: s.hits,
+                value_ms: (slot_value_ms(s, &cost, now) * 10.0).round() / 10.0,
+            })
+            .collect()
     }
 
     /// Changes what `slot` is recorded to hold, but only while it still
@@ -375,12 +692,28 @@ impl Drop for QueuedGuard<'_> {
     }
 }
 
+/// One slot in `/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct SlotSummary {
+    pub id: usize,
+    pub busy: bool,
+    /// Tokens the daemon believes the slot holds.
+    pub tokens: u64,
+    /// Documents among them.
+    pub documents: usize,
+    pub hits: u32,
+    /// What its contents are worth ([`slot_value_ms`]).
+    pub value_ms: f64,
+}
+
 /// A slot held by one request; dropping it frees the slot.
 pub struct SlotLease {
     scheduler: Arc<Scheduler>,
     slot: usize,
     /// What the slot was recorded to hold for this request.
     pub contents: SlotContents,
+    /// How it was chosen.
+    pub decision: SlotDecision,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -410,6 +743,10 @@ mod tests {
         }
     }
 
+    fn cost() -> Arc<CostModel> {
+        CostModel::new(CostView::for_tests().profile.as_ref().clone())
+    }
+
     fn slot(holds: &str, busy: bool, age_s: u64) -> SlotState {
         SlotState {
             busy,
@@ -418,7 +755,17 @@ mod tests {
                 blocks: None,
             },
             last_used: Instant::now().checked_sub(Duration::from_secs(age_s)),
+            hits: 0,
         }
+    }
+
+    fn choose(slots: &[SlotState], prompt: &str) -> Choice {
+        policy(prompt).choose(ChoiceInput {
+            slots,
+            ram: &mut RamTier::default(),
+            cost: &CostView::for_tests(),
+            now: Instant::now(),
+        })
     }
 
     #[test]
@@ -431,47 +778,93 @@ mod tests {
     }
 
     #[test]
-    fn longest_useful_prefix_wins() {
+    fn the_slot_holding_the_prefix_is_cheapest() {
         let docs = "d".repeat(1000);
         let slots = vec![
             slot(&format!("{docs} question one"), false, 10),
             slot("something else entirely", false, 100),
         ];
-        assert_eq!(
-            choose_slot(&slots, &format!("{docs} question two")),
-            Some(0)
+        let choice = choose(&slots, &format!("{docs} question two"));
+        assert_eq!(choice.slot, 0);
+        assert_eq!(choice.decision.choice, "prefix");
+        assert!(choice.hit);
+        assert!(
+            choice.decision.predicted_ms < 20.0,
+            "{:?}: only the question is computed",
+            choice.decision
         );
     }
 
+    /// A match on template boilerplate only is no reason to overwrite a
+    /// slot that holds something: an empty slot is cheaper.
     #[test]
-    fn short_prefixes_do_not_count_and_lru_decides() {
-        let slots = vec![
-            slot("[{\"role\":\"system\",\"content\":\"A", false, 5),
-            slot("[{\"role\":\"system\",\"content\":\"B", false, 50),
-        ];
-        assert_eq!(
-            choose_slot(&slots, "[{\"role\":\"system\",\"content\":\"C"),
-            Some(1)
-        );
-        let fresh = vec![slot("x", false, 5), SlotState::default()];
-        assert_eq!(
-            choose_slot(&fresh, "y"),
-            Some(1),
-            "a never-used slot is the oldest"
-        );
+    fn a_boilerplate_match_goes_to_an_empty_slot() {
+        let header = "[{\"role\":\"system\",\"content\":\"";
+        let held = format!("{header}{}", "a".repeat(2000));
+        let slots = vec![slot(&held, false, 5), SlotState::default()];
+        let choice = choose(&slots, &format!("{header}{}", "b".repeat(2000)));
+        assert_eq!(choice.slot, 1);
+        assert_eq!(choice.decision.choice, "empty");
+        assert!(!choice.hit);
+    }
+
+    /// With nothing useful anywhere, the slot whose contents are worth
+    /// least goes: fewer hits, and older.
+    #[test]
+    fn the_least_valuable_slot_is_overwritten() {
+        let mut popular = slot(&"p".repeat(2000), false, 5);
+        popular.hits = 6;
+        let once = slot(&"q".repeat(2000), false, 5);
+        let stale = slot(&"r".repeat(2000), false, 3000);
+        let slots = vec![popular, once, stale];
+        let choice = choose(&slots, &"z".repeat(2000));
+        assert_eq!(choice.slot, 2, "{:?}", choice.decision);
+        assert_eq!(choice.decision.choice, "least-valuable");
+        let now = Instant::now();
+        let view = CostView::for_tests();
+        assert!(slot_value_ms(&slots[0], &view, now) > slot_value_ms(&slots[1], &view, now));
+        assert!(slot_value_ms(&slots[1], &view, now) > slot_value_ms(&slots[2], &view, now));
+        assert_eq!(slot_value_ms(&SlotState::default(), &view, now), 0.0);
     }
 
     #[test]
     fn busy_slots_are_skipped() {
         let docs = "d".repeat(1000);
         let slots = vec![slot(&docs, true, 1), slot("", false, 1)];
-        assert_eq!(choose_slot(&slots, &docs), Some(1));
-        assert_eq!(choose_slot(&[slot("", true, 1)], "x"), None);
+        assert_eq!(choose(&slots, &docs).slot, 1);
+    }
+
+    /// Distinct prompts spread over the slots while empty ones remain; a
+    /// prompt that extends what a slot holds goes back there and counts a
+    /// hit.
+    #[tokio::test]
+    async fn distinct_prompts_spread_and_repeats_come_back() {
+        let scheduler = Scheduler::new(4, 4, 0, cost());
+        let prompts: Vec<String> = (0..4).map(|i| format!("{i}{}", "x".repeat(1500))).collect();
+        let mut used = std::collections::HashSet::new();
+        for p in &prompts {
+            let lease = scheduler
+                .acquire(&mut policy(p), 1, Duration::from_secs(1))
+                .await
+                .unwrap();
+            used.insert(lease.id());
+        }
+        assert_eq!(used.len(), 4, "every prompt got a slot of its own");
+        let first = prompts[0].clone() + " and more";
+        let lease = scheduler
+            .acquire(&mut policy(&first), 1, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(&*scheduler.holds(lease.id()).key, first.as_str());
+        assert_eq!(lease.decision.choice, "prefix");
+        let summary = scheduler.summary();
+        assert_eq!(summary[lease.id()].hits, 1);
+        assert!(summary[lease.id()].busy);
     }
 
     #[tokio::test]
     async fn admission_is_bounded_and_frees_on_drop() {
-        let scheduler = Scheduler::new(1, 1, 0);
+        let scheduler = Scheduler::new(1, 1, 0, cost());
         let first = scheduler
             .acquire(&mut policy("a"), 1, Duration::from_secs(5))
             .await
@@ -508,7 +901,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn waiting_times_out() {
-        let scheduler = Scheduler::new(1, 4, 0);
+        let scheduler = Scheduler::new(1, 4, 0, cost());
         let _held = scheduler
             .acquire(&mut policy("a"), 1, Duration::from_secs(5))
             .await
@@ -523,7 +916,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_new_child_starts_with_empty_slots() {
-        let scheduler = Scheduler::new(2, 4, 0);
+        let scheduler = Scheduler::new(2, 4, 0, cost());
         let docs = "d".repeat(1000);
         let lease = scheduler
             .acquire(&mut policy(&docs), 7, Duration::from_secs(1))

@@ -29,6 +29,24 @@ pub struct Status {
     /// Why GPU use is not sampled, when it is not.
     #[serde(default)]
     pub gpu_sampling: Option<String>,
+    /// The cost model: measured prompt times and what they decided.
+    #[serde(default)]
+    pub cost: Option<CostStatus>,
+    /// What each slot holds, in short.
+    #[serde(default)]
+    pub slots: Vec<crate::slots::SlotSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CostStatus {
+    pub profile: crate::cost::CostProfile,
+    /// llama-server's token counts over the daemon's estimates.
+    pub token_scale: f64,
+    pub measuring: bool,
+    pub note: Option<String>,
+    /// The plan's settings that follow from measurements and the binary,
+    /// `flag value: why`.
+    pub decisions: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -88,6 +106,21 @@ pub struct StaticStatus {
     pub plan: PlanStatus,
     pub hardware: HardwareStatus,
     pub warnings: Vec<String>,
+    /// The plan's settings that follow from measurements and the binary.
+    pub cost_decisions: Vec<String>,
+}
+
+/// The flags whose values come from the cost model and the binary's
+/// abilities rather than from hardware and configuration.
+pub const COST_FLAGS: [&str; 3] = ["--cache-ram", "--kv-unified", "--no-cache-idle-slots"];
+
+/// `flag value: why` for each of the plan's [`COST_FLAGS`] decisions.
+pub fn cost_decisions(plan: &LaunchPlan) -> Vec<String> {
+    plan.decisions
+        .iter()
+        .filter(|d| COST_FLAGS.contains(&d.flag.as_str()))
+        .map(|d| format!("{} {}: {}", d.flag, d.value, d.why))
+        .collect()
 }
 
 impl StaticStatus {
@@ -100,6 +133,7 @@ impl StaticStatus {
         let mut warnings = hw.warnings.clone();
         warnings.extend(plan.warnings.iter().cloned());
         StaticStatus {
+            cost_decisions: cost_decisions(plan),
             listen,
             model: ModelStatus {
                 path: model.path.display().to_string(),
@@ -154,6 +188,8 @@ impl StaticStatus {
             warnings: self.warnings.clone(),
             requests: None,
             gpu_sampling: None,
+            cost: None,
+            slots: Vec::new(),
         }
     }
 }

@@ -20,6 +20,15 @@ struct Report<'a> {
     hardware: &'a Hardware,
     model: &'a ModelFacts,
     plan: &'a LaunchPlan,
+    /// The measured (or configured) prompt costs the plan used; `null`
+    /// when nothing was measured yet.
+    cost: Option<&'a crate::cost::CostProfile>,
+    /// Where a measurement of this setup is cached.
+    cost_key: &'a str,
+    /// What llama-server's `--help` says it supports.
+    binary_caps: crate::plan::BinaryCaps,
+    /// The settings decided by measurements and the binary, with why.
+    cost_decisions: Vec<String>,
     command: Vec<String>,
 }
 
@@ -43,6 +52,10 @@ pub fn run(arg: ConfigArg, hardware: Option<PathBuf>, json: bool) -> i32 {
             hardware: &prepared.hardware,
             model: &prepared.model,
             plan: &prepared.plan,
+            cost: prepared.cost.as_ref(),
+            cost_key: &prepared.cost_key,
+            binary_caps: prepared.caps,
+            cost_decisions: crate::status::cost_decisions(&prepared.plan),
             command: prepared.argv(prepared.config.llama.port),
         };
         match serde_json::to_string_pretty(&doc) {
@@ -121,6 +134,48 @@ fn render(p: &Prepared) -> String {
     let _ = writeln!(out, "\nsettings");
     for d in &plan.decisions {
         let _ = writeln!(out, "  {:<14} {:<7} {}", d.flag, d.value, d.why);
+    }
+    let _ = writeln!(out, "\ncost model");
+    match &p.cost {
+        Some(c) => {
+            let _ = writeln!(
+                out,
+                "  prefill      {:.3} ms/token + {:.1} ms ({:?}{})",
+                c.prefill_ms_per_token,
+                c.prefill_fixed_ms,
+                c.source,
+                c.measured_at
+                    .as_deref()
+                    .map(|t| format!(", {t}"))
+                    .unwrap_or_default()
+            );
+            for point in &c.prefill {
+                let _ = writeln!(
+                    out,
+                    "    {:>6} tokens cold: {:.1} ms",
+                    point.tokens, point.ms
+                );
+            }
+            let _ = writeln!(out, "  exact hit    {:.1} ms", c.hit_ms);
+            match &c.ram {
+                Some(r) => {
+                    let _ = writeln!(
+                        out,
+                        "  RAM cache    {} tokens: restore {:.0} ms, save {:.0} ms, recompute {:.0} ms",
+                        r.tokens, r.restore_ms, r.save_ms, r.recompute_ms
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "  RAM cache    not measured (off, or absent)");
+                }
+            }
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "  not measured yet: the daemon measures when llama-server is first ready, or run `contextpilotd tune`"
+            );
+        }
     }
     let warnings: Vec<&String> = hw.warnings.iter().chain(&plan.warnings).collect();
     if !warnings.is_empty() {

@@ -8,6 +8,7 @@ mod print_command;
 mod run;
 mod service;
 mod status;
+mod tune;
 
 use std::path::PathBuf;
 
@@ -30,6 +31,8 @@ Examples:
       Show the llama-server command line the daemon would run.
   contextpilotd doctor --hardware m3max.json
       Explain every derived setting for another machine's hardware profile.
+  contextpilotd tune
+      Measure prompt times on this machine; run uses them for slots and flags.
   contextpilotd service install
       Start the daemon at login (launchd on macOS, systemd --user on Linux).
 
@@ -88,6 +91,14 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         hardware: Option<PathBuf>,
     },
+    /// Measure this machine's prompt costs with a llama-server of its own, cache them, and say what they decide.
+    Tune {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Run the daemon as a login service: install, uninstall, start, stop, restart, status, print.
     Service {
         #[command(subcommand)]
@@ -110,6 +121,7 @@ pub fn main() -> i32 {
             config,
             hardware,
         } => doctor::run(config, hardware, json),
+        Command::Tune { json, config } => tune::run(config, json),
         Command::Service { command } => service::run(command),
         Command::Watchdog => {
             crate::supervisor::process::run_watchdog(

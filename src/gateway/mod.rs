@@ -67,6 +67,8 @@ pub struct Gateway {
     pub compat: compat::CompatState,
     /// Inferred mode (`[reorder] infer_documents`) and its sessions.
     pub infer_documents: bool,
+    /// When reordering documents is worth leaving the client's order.
+    pub reorder_threshold: crate::reorder::GainThreshold,
     pub sessions: crate::reorder::infer::Sessions,
     pub next_query: AtomicU64,
 }
@@ -256,8 +258,20 @@ impl Gateway {
 
     pub fn status_document(&self) -> crate::status::Status {
         let view = self.supervisor.borrow().clone();
-        self.status
-            .snapshot(self.started.elapsed().as_secs(), &view, self.tail.lines())
+        let mut status =
+            self.status
+                .snapshot(self.started.elapsed().as_secs(), &view, self.tail.lines());
+        let cost = self.scheduler.cost();
+        let note = cost.note();
+        status.cost = Some(crate::status::CostStatus {
+            profile: cost.profile().as_ref().clone(),
+            token_scale: (cost.token_scale() * 1000.0).round() / 1000.0,
+            measuring: note.measuring,
+            note: note.message,
+            decisions: self.status.cost_decisions.clone(),
+        });
+        status.slots = self.scheduler.summary();
+        status
     }
 }
 

@@ -128,6 +128,8 @@ pub(super) struct Ctx {
     block_dedup: Option<reorder::dedup::DedupStats>,
     /// What the slot was recorded to hold, to drop if the request fails.
     slot_contents: Option<crate::slots::SlotContents>,
+    /// How the slot was chosen, with the predicted prompt time.
+    slot_decision: Option<crate::slots::SlotDecision>,
     /// Inferred mode's session state, stored once llama-server answered.
     infer_pending: Option<reorder::infer::Pending>,
     /// A conversation turn (requests with `documents`), stored likewise.
@@ -214,6 +216,15 @@ impl Ctx {
                 self.gateway.scheduler.forget(slot, contents);
             }
         }
+        if let (Some(decision), Some(reuse)) = (&self.slot_decision, &cache_reuse) {
+            // Calibrate the token estimates slot choice predicts with.
+            if outcome.status == 200 {
+                self.gateway
+                    .scheduler
+                    .cost()
+                    .observe_tokens(decision.predicted_prompt_tokens, reuse.total_prompt_tokens);
+            }
+        }
         let gpu = self
             .gateway
             .gpu
@@ -237,6 +248,7 @@ impl Ctx {
             retried: self.retried,
             gpu,
             reorder,
+            slot_decision: self.slot_decision.take(),
             block_dedup: self.block_dedup.take(),
             prompt: self.prompt.take(),
             completion: outcome.completion,
@@ -374,6 +386,8 @@ fn infer_documents(gateway: &Gateway, options: &RequestOptions, ctx: &mut Ctx, b
             deduped: report.documents_deduplicated,
             predicted_reused_tokens: 0,
             slot_choice: "inferred",
+            reordered: report.moved > 0,
+            predicted_gain_ms: 0.0,
         });
     }
     ctx.result_header = serde_json::to_string(&report).ok();
@@ -429,6 +443,7 @@ impl Ctx {
             reorder: None,
             block_dedup: None,
             slot_contents: None,
+            slot_decision: None,
             infer_pending: None,
             conversation_pending: None,
             result_header: None,
@@ -558,7 +573,7 @@ pub(super) async fn serve_model(
         // conversation's later turns on its slot).
         let acquired = match documents.as_ref().filter(|r| r.turn.is_none()) {
             Some(request) => {
-                let mut policy = request.policy();
+                let mut policy = request.policy(gateway.reorder_threshold);
                 let lease = gateway
                     .scheduler
                     .acquire(&mut policy, target.pid, remaining)
@@ -584,6 +599,8 @@ pub(super) async fn serve_model(
                         deduped: request.documents.deduped + turn.referenced,
                         predicted_reused_tokens: 0,
                         slot_choice: "conversation",
+                        reordered: false,
+                        predicted_gain_ms: 0.0,
                     });
                 }
                 let mut policy = PrefixPolicy {
@@ -621,6 +638,7 @@ pub(super) async fn serve_model(
         ctx.slot = Some(lease.id());
         ctx.child_pid = Some(target.pid);
         ctx.slot_contents = Some(lease.contents.clone());
+        ctx.slot_decision = Some(lease.decision.clone());
         body["id_slot"] = Value::from(lease.id());
         let payload = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
 
@@ -796,6 +814,7 @@ fn start_stream(
         reorder: outer.reorder.take(),
         block_dedup: outer.block_dedup.take(),
         slot_contents: outer.slot_contents.take(),
+        slot_decision: outer.slot_decision.take(),
         infer_pending: outer.infer_pending.take(),
         conversation_pending: outer.conversation_pending.take(),
         result_header: None,
@@ -1088,13 +1107,21 @@ impl DocumentRequest {
         }))
     }
 
-    fn policy(&self) -> DocumentsPolicy<'_> {
-        DocumentsPolicy::new(
+    fn policy(&self, threshold: reorder::GainThreshold) -> DocumentsPolicy<'_> {
+        let mut policy = DocumentsPolicy::new(
             self.header,
             self.header_tokens,
             &self.documents.docs,
             &self.ranks,
-        )
+        );
+        // The question and history after the documents, and the ranking
+        // line (a few tokens per document).
+        let rest: usize = self.messages.iter().map(|m| m.to_string().len()).sum();
+        policy.tail_tokens =
+            (crate::slots::tokens_of_bytes(rest) + 3 * self.documents.docs.len() as u64 + 16)
+                .min(u64::from(u32::MAX)) as u32;
+        policy.threshold = threshold;
+        policy
     }
 
     /// Puts the rendered system message and the caller's other messages

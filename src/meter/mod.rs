@@ -48,6 +48,9 @@ pub struct QueryRecord {
     /// Requests with `documents`: what the reordering did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reorder: Option<crate::reorder::ReorderInfo>,
+    /// How the slot was chosen and the prompt time predicted for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slot_decision: Option<crate::slots::SlotDecision>,
     /// Repeated blocks of tool output replaced by pointers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub block_dedup: Option<crate::reorder::dedup::DedupStats>,

@@ -146,6 +146,7 @@ mod tests {
             retried: false,
             gpu: None,
             reorder: None,
+            slot_decision: None,
             block_dedup: None,
             prompt: None,
             completion: None,

@@ -28,7 +28,10 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::slots::{Block, BlockSeq, RamTier, SlotContents, SlotPolicy, SlotState};
+use crate::slots::{
+    Block, BlockSeq, Candidate, Choice, ChoiceInput, RamTier, SlotContents, SlotDecision,
+    SlotPolicy,
+};
 
 /// The fixed instruction line before the documents.
 const INSTRUCTION: &str = "Answer the question based on the provided documents.";
@@ -197,8 +200,31 @@ pub struct ReorderInfo {
     /// "cached-prefix": the slot held some of these documents at the start;
     /// "ram-cache": llama-server's RAM prompt cache holds a prompt starting
     /// with some of them, which it loads into the slot; "header": only the
-    /// text before the documents matched; "lru": none of these.
+    /// text before the documents matched; "lru": none of these (an empty or
+    /// the least valuable slot).
     pub slot_choice: &'static str,
+    /// Whether the documents left the client's order: only when that is
+    /// predicted to save at least `[reorder] min_gain_ms` and
+    /// `min_gain_share` of the prompt time.
+    pub reordered: bool,
+    /// The predicted saving of the reordered layout over the client's order.
+    pub predicted_gain_ms: f64,
+}
+
+/// When reordering is worth changing the client's order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GainThreshold {
+    pub min_ms: f64,
+    pub min_share: f64,
+}
+
+impl Default for GainThreshold {
+    fn default() -> Self {
+        GainThreshold {
+            min_ms: 5.0,
+            min_share: 0.05,
+        }
+    }
 }
 
 /// Chooses the slot and the document order together (see the module doc).
@@ -208,10 +234,21 @@ pub struct DocumentsPolicy<'a> {
     pub docs: &'a [Document],
     /// Canonical rank of each document (same indexing as `docs`).
     pub ranks: &'a [u64],
+    /// Estimated tokens after the documents (ranking, question, history).
+    pub tail_tokens: u32,
+    pub threshold: GainThreshold,
     /// Filled by `choose`: indices into `docs` in prompt order.
     pub order: Vec<usize>,
     pub info: Option<ReorderInfo>,
     pub blocks: Option<Arc<BlockSeq>>,
+}
+
+/// One way to lay out the request's documents on one slot.
+struct Layout {
+    candidate: Candidate,
+    /// The documents reused from the slot (or RAM cache), in their order.
+    run: Vec<usize>,
+    ram_entry: Option<usize>,
 }
 
 impl<'a> DocumentsPolicy<'a> {
@@ -221,14 +258,22 @@ impl<'a> DocumentsPolicy<'a> {
             header_tokens,
             docs,
             ranks,
+            tail_tokens: 0,
+            threshold: GainThreshold::default(),
             order: Vec::new(),
             info: None,
             blocks: None,
         }
     }
 
-    /// The reusable run of a held prompt for this request: (tokens,
-    /// documents).
+    fn prompt_tokens(&self) -> u64 {
+        u64::from(self.header_tokens)
+            + self.docs.iter().map(|d| u64::from(d.tokens)).sum::<u64>()
+            + u64::from(self.tail_tokens)
+    }
+
+    /// The reusable run of a held prompt for this request when the request
+    /// follows it: (tokens, documents).
     fn reusable(&self, seq: Option<&BlockSeq>, index: &HashMap<u64, usize>) -> (u32, Vec<usize>) {
         let Some(seq) = seq.filter(|b| b.header == self.header) else {
             return (0, Vec::new());
@@ -240,6 +285,22 @@ impl<'a> DocumentsPolicy<'a> {
             .collect();
         let tokens = self.header_tokens + run.iter().map(|&i| self.docs[i].tokens).sum::<u32>();
         (tokens, run)
+    }
+
+    /// What a held prompt shares with the request in the client's order:
+    /// the header and the documents at the same positions.
+    fn reusable_in_client_order(&self, seq: Option<&BlockSeq>) -> (u32, usize) {
+        let Some(seq) = seq.filter(|b| b.header == self.header) else {
+            return (0, 0);
+        };
+        let same = seq
+            .blocks
+            .iter()
+            .zip(self.docs)
+            .take_while(|(b, d)| b.hash == d.hash)
+            .count();
+        let tokens = self.header_tokens + self.docs[..same].iter().map(|d| d.tokens).sum::<u32>();
+        (tokens, same)
     }
 
     /// The RAM cache entry llama-server would load for this request: the
@@ -267,51 +328,106 @@ impl<'a> DocumentsPolicy<'a> {
 }
 
 impl SlotPolicy for DocumentsPolicy<'_> {
-    fn choose(&mut self, slots: &[SlotState], ram: &mut RamTier) -> (usize, SlotContents) {
+    fn choose(&mut self, input: ChoiceInput<'_>) -> Choice {
+        let ChoiceInput {
+            slots,
+            ram,
+            cost,
+            now,
+        } = input;
+        let ram_tier = ram.enabled();
         let index: HashMap<u64, usize> = self
             .docs
             .iter()
             .enumerate()
             .map(|(i, d)| (d.hash, i))
             .collect();
+        let prompt = self.prompt_tokens();
         let from_ram = self.best_in_ram(ram, &index);
-        // Per free slot: what it reuses by itself, or, when it would keep
-        // less than half of what it holds (llama-server then consults its
-        // RAM cache; an empty slot never does), the best RAM entry.
-        let (slot, (tokens, run, ram_entry)) = slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| !s.busy)
-            .map(|(i, s)| {
-                let held = s.holds.blocks.as_deref();
-                let (tokens, run) = self.reusable(held, &index);
-                let holds_something = held.is_some() || !s.holds.key.is_empty();
-                let keeps_little = held.is_none_or(|h| u64::from(tokens) * 2 < h.tokens());
-                match &from_ram {
-                    Some((e, ram_tokens, ram_run))
-                        if holds_something && keeps_little && *ram_tokens > tokens =>
-                    {
-                        (i, (*ram_tokens, ram_run.clone(), Some(*e)))
+        let mut reordered: Vec<Layout> = Vec::new();
+        let mut client: Vec<Layout> = Vec::new();
+        for (i, s) in slots.iter().enumerate().filter(|(_, s)| !s.busy) {
+            let held = s.holds.blocks.as_deref();
+            let (tokens, run) = self.reusable(held, &index);
+            let candidate = |reused: u32, restored: u32, kept: u32| {
+                Candidate::new(
+                    slots,
+                    i,
+                    prompt,
+                    u64::from(reused),
+                    u64::from(restored),
+                    u64::from(kept),
+                    ram_tier,
+                    cost,
+                    now,
+                )
+            };
+            // When the slot would keep less than half of what it holds,
+            // llama-server consults its RAM cache (an empty slot never
+            // does) and loads the best entry first.
+            let holds_something = !s.holds.is_empty();
+            let keeps_little = held.is_none_or(|h| u64::from(tokens) * 2 < h.tokens());
+            let layout = match &from_ram {
+                Some((e, ram_tokens, ram_run))
+                    if holds_something && keeps_little && *ram_tokens > tokens =>
+                {
+                    Layout {
+                        candidate: candidate(*ram_tokens, *ram_tokens, tokens),
+                        run: ram_run.clone(),
+                        ram_entry: Some(*e),
                     }
-                    _ => (i, (tokens, run, None)),
                 }
-            })
-            .max_by(|(ia, (ta, ..)), (ib, (tb, ..))| {
-                ta.cmp(tb)
-                    .then_with(|| slots[*ib].last_used.cmp(&slots[*ia].last_used))
-            })
-            .unwrap_or((0, (0, Vec::new(), None)));
-        if let Some(e) = ram_entry {
+                _ => Layout {
+                    candidate: candidate(tokens, 0, tokens),
+                    run,
+                    ram_entry: None,
+                },
+            };
+            reordered.push(layout);
+            let (same_tokens, same) = self.reusable_in_client_order(held);
+            client.push(Layout {
+                candidate: candidate(same_tokens, 0, same_tokens),
+                run: (0..same).collect(),
+                ram_entry: None,
+            });
+        }
+        let free = reordered.len();
+        let best = |layouts: Vec<Layout>| {
+            let candidates: Vec<Candidate> = layouts.iter().map(|l| l.candidate).collect();
+            let chosen = Candidate::best(&candidates, slots)?;
+            layouts
+                .into_iter()
+                .find(|l| l.candidate.slot == chosen.slot)
+        };
+        let fallback = || Layout {
+            candidate: Candidate::new(slots, 0, prompt, 0, 0, 0, ram_tier, cost, now),
+            run: Vec::new(),
+            ram_entry: None,
+        };
+        let with_reorder = best(reordered).unwrap_or_else(fallback);
+        let in_client_order = best(client).unwrap_or_else(fallback);
+        // Quality wins ties: the client's (relevance) order stays unless
+        // reordering is predicted to save real time.
+        let gain_ms = in_client_order.candidate.score_ms() - with_reorder.candidate.score_ms();
+        let pays = gain_ms >= self.threshold.min_ms
+            && gain_ms >= self.threshold.min_share * in_client_order.candidate.prompt_ms;
+        let chosen = if pays { with_reorder } else { in_client_order };
+        if let Some(e) = chosen.ram_entry {
             ram.take(e);
         }
-        let mut in_run = vec![false; self.docs.len()];
-        for &i in &run {
-            in_run[i] = true;
-        }
-        let mut order = run.clone();
-        let mut rest: Vec<usize> = (0..self.docs.len()).filter(|&i| !in_run[i]).collect();
-        rest.sort_by_key(|&i| self.ranks[i]);
-        order.extend(rest);
+        let order: Vec<usize> = if pays {
+            let mut in_run = vec![false; self.docs.len()];
+            for &i in &chosen.run {
+                in_run[i] = true;
+            }
+            let mut order = chosen.run.clone();
+            let mut rest: Vec<usize> = (0..self.docs.len()).filter(|&i| !in_run[i]).collect();
+            rest.sort_by_key(|&i| self.ranks[i]);
+            order.extend(rest);
+            order
+        } else {
+            (0..self.docs.len()).collect()
+        };
         let moved = order
             .iter()
             .enumerate()
@@ -328,27 +444,37 @@ impl SlotPolicy for DocumentsPolicy<'_> {
                 })
                 .collect(),
         });
+        let c = chosen.candidate;
+        let slot_choice = match (chosen.run.is_empty(), c.reused_tokens > 0) {
+            (false, _) if chosen.ram_entry.is_some() => "ram-cache",
+            (false, _) => "cached-prefix",
+            (true, true) => "header",
+            (true, false) => "lru",
+        };
+        let decision_choice = match slot_choice {
+            "lru" | "header" => crate::slots::empty_or_least_valuable(&slots[c.slot]),
+            other => other,
+        };
         self.info = Some(ReorderInfo {
             documents: self.docs.len(),
             moved,
             deduped: 0,
-            predicted_reused_tokens: tokens,
-            slot_choice: match (run.is_empty(), tokens > 0) {
-                (false, _) if ram_entry.is_some() => "ram-cache",
-                (false, _) => "cached-prefix",
-                (true, true) => "header",
-                (true, false) => "lru",
-            },
+            predicted_reused_tokens: c.reused_tokens.min(u64::from(u32::MAX)) as u32,
+            slot_choice,
+            reordered: pays,
+            predicted_gain_ms: (gain_ms.max(0.0) * 100.0).round() / 100.0,
         });
         self.order = order;
         self.blocks = Some(blocks.clone());
-        (
-            slot,
-            SlotContents {
+        Choice {
+            slot: c.slot,
+            contents: SlotContents {
                 key: Arc::from(""),
                 blocks: Some(blocks),
             },
-        )
+            decision: SlotDecision::from_candidate(decision_choice, &c, free),
+            hit: !chosen.run.is_empty(),
+        }
     }
 }
 
@@ -409,7 +535,24 @@ pub fn take_caller_system(messages: &mut Vec<Value>) -> Result<Option<String>, S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::slots::SlotContents;
+    use crate::cost::CostView;
+    use crate::slots::{SlotContents, SlotState};
+
+    /// Runs a policy's choice with the tests' cost figures (1 ms a token).
+    fn pick(policy: &mut impl SlotPolicy, slots: &[SlotState], ram: &mut RamTier) -> Choice {
+        policy.choose(ChoiceInput {
+            slots,
+            ram,
+            cost: &CostView::for_tests(),
+            now: std::time::Instant::now(),
+        })
+    }
+
+    /// Reorder whenever it saves anything, to test the mechanics.
+    const ALWAYS: GainThreshold = GainThreshold {
+        min_ms: 0.0,
+        min_share: 0.0,
+    };
 
     fn docs(texts: &[&str]) -> Vec<Document> {
         parse_documents(&serde_json::json!(texts)).unwrap().docs
@@ -482,6 +625,7 @@ mod tests {
                 })),
             },
             last_used: std::time::Instant::now().checked_sub(std::time::Duration::from_secs(age)),
+            hits: 0,
         }
     }
 
@@ -510,7 +654,9 @@ mod tests {
         ];
         let ranks = vec![4, 1, 0, 3];
         let mut policy = DocumentsPolicy::new(header, header_tokens, &request, &ranks);
-        let (slot, contents) = policy.choose(&slots, &mut RamTier::default());
+        policy.threshold = ALWAYS;
+        let choice = pick(&mut policy, &slots, &mut RamTier::default());
+        let (slot, contents) = (choice.slot, choice.contents);
         assert_eq!(slot, 0);
         // alpha, beta (slot 0's run), then delta, epsilon by canonical rank.
         assert_eq!(policy.order, vec![2, 1, 3, 0]);
@@ -524,6 +670,44 @@ mod tests {
         assert_eq!(contents.blocks.unwrap().blocks.len(), 4);
     }
 
+    /// Quality wins ties: with nothing reusable, or a saving under the
+    /// threshold, the documents keep the client's relevance order.
+    #[test]
+    fn the_client_order_stays_unless_reordering_pays() {
+        let all = docs(&["alpha text", "beta text", "gamma text"]);
+        let (header, header_tokens) = header_of(None);
+        // Nothing held anywhere: no reason to move anything.
+        let request = vec![all[2].clone(), all[0].clone(), all[1].clone()];
+        let ranks = vec![2, 0, 1];
+        let mut policy = DocumentsPolicy::new(header, header_tokens, &request, &ranks);
+        pick(
+            &mut policy,
+            &[SlotState::default()],
+            &mut RamTier::default(),
+        );
+        assert_eq!(policy.order, vec![0, 1, 2]);
+        let info = policy.info.unwrap();
+        assert!(!info.reordered);
+        assert_eq!(info.moved, 0);
+        // A slot holds alpha, beta: reordering saves their few tokens, under
+        // a 1 s threshold but over none.
+        let slots = vec![slot_holding(header, &all[0..2], 5)];
+        let mut policy = DocumentsPolicy::new(header, header_tokens, &request, &ranks);
+        policy.threshold = GainThreshold {
+            min_ms: 1000.0,
+            min_share: 0.0,
+        };
+        pick(&mut policy, &slots, &mut RamTier::default());
+        assert_eq!(policy.order, vec![0, 1, 2], "the saving is under 1 s");
+        let mut policy = DocumentsPolicy::new(header, header_tokens, &request, &ranks);
+        policy.threshold = ALWAYS;
+        let choice = pick(&mut policy, &slots, &mut RamTier::default());
+        assert_eq!(policy.order, vec![1, 2, 0]);
+        let info = policy.info.unwrap();
+        assert!(info.reordered && info.predicted_gain_ms > 0.0);
+        assert_eq!(choice.decision.choice, "cached-prefix");
+    }
+
     #[test]
     fn a_different_header_reuses_nothing_and_lru_decides() {
         let all = docs(&["alpha text", "beta text"]);
@@ -534,7 +718,7 @@ mod tests {
         ];
         let ranks = vec![0, 1];
         let mut policy = DocumentsPolicy::new(header, header_tokens, &all, &ranks);
-        let (slot, _) = policy.choose(&slots, &mut RamTier::default());
+        let slot = pick(&mut policy, &slots, &mut RamTier::default()).slot;
         assert_eq!(slot, 1, "least recently used");
         assert_eq!(
             policy.order,
@@ -558,7 +742,7 @@ mod tests {
         ];
         let ranks = vec![0, 1];
         let mut policy = DocumentsPolicy::new(header, header_tokens, &all, &ranks);
-        let (slot, _) = policy.choose(&slots, &mut RamTier::default());
+        let slot = pick(&mut policy, &slots, &mut RamTier::default()).slot;
         assert_eq!(slot, 1);
         assert_eq!(policy.info.unwrap().slot_choice, "header");
     }
@@ -603,7 +787,8 @@ mod tests {
         let request = vec![all[1].clone(), all[0].clone(), all[3].clone()];
         let ranks = vec![1, 0, 3];
         let mut policy = DocumentsPolicy::new(header, header_tokens, &request, &ranks);
-        let (slot, _) = policy.choose(&slots, &mut ram);
+        policy.threshold = ALWAYS;
+        let slot = pick(&mut policy, &slots, &mut ram).slot;
         assert_eq!(slot, 0);
         assert_eq!(
             policy.order,
@@ -622,7 +807,8 @@ mod tests {
         let mut ram = RamTier::new(1_000_000);
         ram.save(&seq(header, header_tokens, &all[0..3]));
         let mut policy = DocumentsPolicy::new(header, header_tokens, &request, &ranks);
-        policy.choose(&[SlotState::default()], &mut ram);
+        policy.threshold = ALWAYS;
+        pick(&mut policy, &[SlotState::default()], &mut ram);
         assert_eq!(policy.info.unwrap().slot_choice, "lru");
         assert_eq!(ram.entries().len(), 1);
 
@@ -640,7 +826,8 @@ mod tests {
         let shared = header_tokens + long[0].tokens;
         assert!(u64::from(shared) * 4 < seq(header, header_tokens, &long).tokens());
         let mut policy = DocumentsPolicy::new(header, header_tokens, &request, &ranks);
-        policy.choose(&slots, &mut ram);
+        policy.threshold = ALWAYS;
+        pick(&mut policy, &slots, &mut ram);
         assert_ne!(policy.info.unwrap().slot_choice, "ram-cache");
     }
 

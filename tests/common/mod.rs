@@ -174,6 +174,9 @@ restart_backoff_max_ms = 1000
 
 [log]
 dir = "logs"
+
+[cost]
+measure = false
 {extra}"#,
         binary = parts.llama_server.display(),
         model = parts.model.display(),
