@@ -77,6 +77,10 @@ pub struct ReorderConfig {
     pub min_gain_ms: f64,
     /// ...and at least this share of the request's predicted prompt time.
     pub min_gain_share: f64,
+    /// A conversation with documents keeps earlier turns' documents in its
+    /// prompt up to this many tokens, then starts over with the current
+    /// turn's; 0 means three quarters of a slot's context.
+    pub conversation_max_tokens: u64,
 }
 
 impl Default for ReorderConfig {
@@ -88,6 +92,7 @@ impl Default for ReorderConfig {
             live_ttl_s: 3600,
             min_gain_ms: 5.0,
             min_gain_share: 0.05,
+            conversation_max_tokens: 0,
         }
     }
 }

@@ -458,6 +458,7 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
                 .unwrap_or_else(|| "model".to_string())
         });
     let slots = prepared.plan.slots as usize;
+    let ctx_per_slot = prepared.plan.ctx_per_slot;
     let ram_tokens =
         crate::plan::planned_ram_cache_tokens(&prepared.plan, &prepared.config.llama.extra_args);
     let cost_model = CostModel::new(
@@ -466,6 +467,14 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
             .clone()
             .unwrap_or_else(|| CostProfile::fallback(&prepared.hardware)),
     );
+    let spec = LaunchSpec {
+        binary,
+        model: prepared.model.path.clone(),
+        plan: prepared.plan.clone(),
+        llama: prepared.config.llama.clone(),
+    };
+    let supervisor = supervisor::start(spec, prepared.config.supervisor.clone(), watchdog);
+    let config = &prepared.config;
     let tuner = Tuner {
         key: prepared.cost_key.clone(),
         ctx_per_slot: prepared.plan.ctx_per_slot,
@@ -474,16 +483,9 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
         hardware: prepared.hardware.clone(),
         model: prepared.model.clone(),
         llama: prepared.config.llama.clone(),
-        planned_cache_ram: prepared.plan.cache_ram_mib,
+        plan: prepared.plan.clone(),
+        replanner: supervisor.replanner(),
     };
-    let spec = LaunchSpec {
-        binary,
-        model: prepared.model.path.clone(),
-        plan: prepared.plan,
-        llama: prepared.config.llama.clone(),
-    };
-    let supervisor = supervisor::start(spec, prepared.config.supervisor.clone(), watchdog);
-    let config = &prepared.config;
     let query_log = config.query_log_path();
     match &query_log {
         Some(path) => tracing::info!("query log: {}", path.display()),
@@ -522,6 +524,10 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
         conversations: Default::default(),
         compat: crate::gateway::CompatState::new(&config.reorder),
         infer_documents: config.reorder.infer_documents,
+        conversation_max_tokens: match config.reorder.conversation_max_tokens {
+            0 => u64::from(ctx_per_slot) * 3 / 4,
+            n => n,
+        },
         reorder_threshold: crate::reorder::GainThreshold {
             min_ms: config.reorder.min_gain_ms,
             min_share: config.reorder.min_gain_share,
@@ -563,8 +569,14 @@ struct Tuner {
     hardware: Hardware,
     model: ModelFacts,
     llama: crate::config::LlamaConfig,
-    planned_cache_ram: Option<i64>,
+    /// The plan the child runs with now.
+    plan: LaunchPlan,
+    replanner: supervisor::Replanner,
 }
+
+/// How long a new plan waits for the daemon to be idle before the child is
+/// restarted with it anyway.
+const REPLAN_IDLE_WAIT: Duration = Duration::from_secs(600);
 
 impl Tuner {
     async fn run(
@@ -640,9 +652,22 @@ impl Tuner {
                     if let Some((_, why)) = cost::ram_tier_decision(Some(&profile)) {
                         message.push_str(&format!("; {why}"));
                     }
-                    if replanned.cache_ram_mib != self.planned_cache_ram {
+                    let flags_change = plan::command_line(
+                        Path::new(""),
+                        Path::new(""),
+                        0,
+                        &replanned,
+                        &self.llama,
+                    ) != plan::command_line(
+                        Path::new(""),
+                        Path::new(""),
+                        0,
+                        &self.plan,
+                        &self.llama,
+                    );
+                    if flags_change {
                         message.push_str(
-                            "; llama-server's flags change from its next start (contextpilotd restart)",
+                            "; llama-server restarts with the measured flags when no request is in flight",
                         );
                     }
                     tracing::info!("cost model: {message}");
@@ -652,6 +677,15 @@ impl Tuner {
                     }
                     cost.replace(profile);
                     cost.set_note(false, Some(message));
+                    cost.set_decisions(crate::status::cost_decisions(&replanned));
+                    if flags_change {
+                        wait_idle(&scheduler, REPLAN_IDLE_WAIT).await;
+                        scheduler.set_ram_tokens(plan::planned_ram_cache_tokens(
+                            &replanned,
+                            &self.llama.extra_args,
+                        ));
+                        self.replanner.replan(replanned);
+                    }
                     return;
                 }
                 Err(e) => {
@@ -660,6 +694,14 @@ impl Tuner {
                 }
             }
         }
+    }
+}
+
+/// Returns once no request is in flight or waiting, or after `limit`.
+async fn wait_idle(scheduler: &Scheduler, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while (scheduler.busy() > 0 || scheduler.queued() > 0) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

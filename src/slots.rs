@@ -601,6 +601,16 @@ impl Scheduler {
         table.ram = RamTier::new(tokens);
     }
 
+    /// The longest prefix of `key` (bytes) any slot holds, busy or not.
+    pub fn longest_held_prefix(&self, key: &str) -> usize {
+        self.lock()
+            .slots
+            .iter()
+            .map(|s| common_prefix_len(&s.holds.key, key))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// What each slot holds, in short, for `/status`.
     pub fn summary(&self) -> Vec<SlotSummary> {
         let cost = self.cost.view();

@@ -313,6 +313,9 @@ pub struct TuneNote {
     pub measuring: bool,
     /// What it found or why it failed, and what that decided.
     pub message: Option<String>,
+    /// The plan's settings decided by the measurement (`flag value: why`);
+    /// empty until one lands.
+    pub decisions: Vec<String>,
 }
 
 /// Weight of one observation in the token-scale average.
@@ -332,7 +335,13 @@ impl CostModel {
     }
 
     pub fn set_note(&self, measuring: bool, message: Option<String>) {
-        *self.note.lock().unwrap_or_else(|e| e.into_inner()) = TuneNote { measuring, message };
+        let mut note = self.note.lock().unwrap_or_else(|e| e.into_inner());
+        note.measuring = measuring;
+        note.message = message;
+    }
+
+    pub fn set_decisions(&self, decisions: Vec<String>) {
+        self.note.lock().unwrap_or_else(|e| e.into_inner()).decisions = decisions;
     }
 
     pub fn profile(&self) -> Arc<CostProfile> {

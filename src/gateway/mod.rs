@@ -69,6 +69,9 @@ pub struct Gateway {
     pub infer_documents: bool,
     /// When reordering documents is worth leaving the client's order.
     pub reorder_threshold: crate::reorder::GainThreshold,
+    /// The longest prompt (tokens) a conversation grows to before it starts
+    /// over with only the current turn's documents.
+    pub conversation_max_tokens: u64,
     pub sessions: crate::reorder::infer::Sessions,
     pub next_query: AtomicU64,
 }
@@ -268,7 +271,11 @@ impl Gateway {
             token_scale: (cost.token_scale() * 1000.0).round() / 1000.0,
             measuring: note.measuring,
             note: note.message,
-            decisions: self.status.cost_decisions.clone(),
+            decisions: if note.decisions.is_empty() {
+                self.status.cost_decisions.clone()
+            } else {
+                note.decisions
+            },
         });
         status.slots = self.scheduler.summary();
         status

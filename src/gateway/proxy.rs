@@ -997,6 +997,27 @@ pub(super) async fn passthrough(
     out
 }
 
+/// Whether a later conversation turn keeps its history (earlier documents
+/// included) or starts over with only this turn's documents: it keeps them
+/// while the prompt stays within `[reorder] conversation_max_tokens` and a
+/// slot still holds enough of it that continuing is predicted faster than
+/// computing the shorter prompt from nothing.
+fn keep_conversation(
+    gateway: &Gateway,
+    path: &str,
+    messages: &[Value],
+    restart_tokens: u64,
+) -> bool {
+    let key = prompt_key(path, &serde_json::json!({ "messages": messages }));
+    let keep_tokens = crate::slots::tokens_of_bytes(key.len());
+    let held = crate::slots::tokens_of_bytes(gateway.scheduler.longest_held_prefix(&key));
+    let cost = gateway.scheduler.cost().view();
+    if cost.tokens(keep_tokens) > gateway.conversation_max_tokens {
+        return false;
+    }
+    cost.prompt_ms(keep_tokens, held) <= cost.prompt_ms(restart_tokens, 0)
+}
+
 /// A chat request that carries `documents`: parsed once, rendered per
 /// attempt (the order depends on the slot).
 struct DocumentRequest {
@@ -1084,14 +1105,27 @@ impl DocumentRequest {
             .unwrap_or_default();
         let caller_system = reorder::take_caller_system(&mut messages)?;
         let (header, header_tokens) = reorder::header_of(caller_system.as_deref());
-        let turn = conversation.as_deref().and_then(|id| {
-            gateway.conversations.continue_turn(
-                id,
-                caller_system.as_deref(),
-                &messages,
-                &documents.docs,
-            )
-        });
+        let turn = conversation
+            .as_deref()
+            .and_then(|id| {
+                gateway.conversations.continue_turn(
+                    id,
+                    caller_system.as_deref(),
+                    &messages,
+                    &documents.docs,
+                )
+            })
+            .filter(|turn| {
+                // Started over, the prompt holds this turn's documents and
+                // the client's own history, without earlier documents.
+                let restart_bytes: usize = messages.iter().map(|m| m.to_string().len()).sum();
+                let restart_tokens = u64::from(header_tokens)
+                    + documents.docs.iter().map(|d| u64::from(d.tokens)).sum::<u64>()
+                    + crate::slots::tokens_of_bytes(restart_bytes)
+                    + 3 * documents.docs.len() as u64
+                    + 16;
+                keep_conversation(gateway, path, &turn.messages, restart_tokens)
+            });
         if let Some(turn) = &turn {
             object.insert("messages".into(), Value::Array(turn.messages.clone()));
         }

@@ -100,10 +100,28 @@ pub struct SupervisorHandle {
     pub view: watch::Receiver<SupervisorView>,
     pub tail: OutputTail,
     phase: watch::Sender<Phase>,
+    replan: watch::Sender<Option<LaunchPlan>>,
     task: JoinHandle<()>,
 }
 
+/// Asks the supervisor to run the child with another plan.
+#[derive(Clone)]
+pub struct Replanner(watch::Sender<Option<LaunchPlan>>);
+
+impl Replanner {
+    /// The current child is stopped and a new one started with `plan` (a
+    /// planned restart: no backoff, not counted as a failure). The caller
+    /// picks a quiet moment.
+    pub fn replan(&self, plan: LaunchPlan) {
+        let _ = self.0.send(Some(plan));
+    }
+}
+
 impl SupervisorHandle {
+    pub fn replanner(&self) -> Replanner {
+        Replanner(self.replan.clone())
+    }
+
     /// No more restarts: the daemon is shutting down and the current child
     /// only finishes in-flight work.
     pub fn drain(&self) {
@@ -138,8 +156,10 @@ pub fn start(
         command: spec.argv(spec.llama.port),
     });
     let (phase, phase_rx) = watch::channel(Phase::Run);
+    let (replan, replan_rx) = watch::channel(None);
     let tail = OutputTail::default();
     let supervisor = Supervisor {
+        replan: replan_rx,
         spec,
         cfg,
         view: view_tx,
@@ -153,6 +173,7 @@ pub fn start(
         view,
         tail,
         phase,
+        replan,
         task,
     }
 }
@@ -163,6 +184,8 @@ struct Supervisor {
     view: watch::Sender<SupervisorView>,
     tail: OutputTail,
     phase: watch::Receiver<Phase>,
+    /// A new plan to run the child with (see [`Replanner`]).
+    replan: watch::Receiver<Option<LaunchPlan>>,
     watchdog: Option<Watchdog>,
     http: HttpClient,
 }
@@ -172,6 +195,8 @@ enum Outcome {
     Exited(ExitStatus),
     /// Killed by us; the string says why.
     Killed(String),
+    /// Stopped by us to start again with a new plan.
+    Replanned(LaunchPlan),
     Shutdown,
 }
 
@@ -215,6 +240,18 @@ impl Supervisor {
             };
 
             let last_exit = match outcome {
+                Outcome::Replanned(plan) => {
+                    tracing::info!("starting llama-server again with the measured plan");
+                    self.tail.push(
+                        "--- contextpilotd: restarting llama-server with the measured plan".into(),
+                    );
+                    self.spec.plan = plan;
+                    self.view.send_modify(|v| {
+                        v.state = State::Restarting;
+                        v.pid = None;
+                    });
+                    continue;
+                }
                 Outcome::Shutdown => {
                     return self.view.send_modify(|v| {
                         v.state = State::Stopping;
@@ -304,6 +341,8 @@ impl Supervisor {
         let mut ready_at: Option<Instant> = None;
         let mut last_ok = Instant::now();
         let mut phase = self.phase.clone();
+        let mut replan = self.replan.clone();
+        replan.mark_unchanged();
 
         loop {
             let (pause, probe_timeout) = match ready_at {
@@ -339,6 +378,19 @@ impl Supervisor {
                         Err(e) => tracing::warn!("stopping llama-server: {e}"),
                     }
                     return (Outcome::Shutdown, ready_at.map(|t| t.elapsed()));
+                }
+                Ok(()) = replan.changed(), if ready_at.is_some() => {
+                    let Some(plan) = replan.borrow_and_update().clone() else {
+                        continue;
+                    };
+                    if plan == self.spec.plan {
+                        continue;
+                    }
+                    tracing::info!(pid = child.pid(), "stopping llama-server for a new plan");
+                    if let Err(e) = child.stop(stop_grace).await {
+                        tracing::warn!("stopping llama-server: {e}");
+                    }
+                    return (Outcome::Replanned(plan), ready_at.map(|t| t.elapsed()));
                 }
                 ok = probe => ok,
             };
