@@ -20,7 +20,11 @@
 //!   `documents` ordering and rendering, conversations, inferred mode
 //!   (document lists found in the prompt), block dedup, ContextPilot's
 //!   clustering and its live index.
-//! * [`slots`]: the slot table, slot-choice policies and FIFO admission.
+//! * [`cost`]: the cost model: prompt times measured on this machine
+//!   ([`cost::tune`]), cached per setup, that slot choice, reordering and
+//!   llama-server's flags are decided by.
+//! * [`slots`]: the slot table, slot choice by predicted time (prompt time
+//!   plus the value of what a request overwrites) and FIFO admission.
 //! * [`meter`]: the meter thread (JSONL query log, `/stats`, Prometheus) and
 //!   the GPU sampler.
 //! * [`status`]: the status document and its human rendering.
