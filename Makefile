@@ -22,18 +22,24 @@ test: provision test-tools
 	  PY="$$(bash scripts/python-env.sh | tail -n 1)" && \
 	  CONTEXTPILOTD_BIN="$$PWD/target/debug/contextpilotd" "$$PY" -m pytest tests/python -q
 
+## Formatting, clippy on Linux, and clippy for Apple Silicon (the macOS build
+## must type-check; the target's standard library is added when missing).
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets --locked -- -D warnings
+	rustup target list --installed | grep -q '^aarch64-apple-darwin$$' || rustup target add aarch64-apple-darwin
+	$(CARGO) clippy --target aarch64-apple-darwin --all-targets --locked -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all
 
 ## Criterion benches of the planning path, then the gateway's added latency
 ## against llama-server direct and the daemon's memory (real llama-server),
-## then the A/B/C comparison (bench/abc): plain llama-server, ContextPilot's
-## library, contextpilotd, on the same requests. Flags for it go in ARGS, e.g.
+## then the A0/A/B/C comparison (bench/abc): llama-server at its own defaults,
+## llama-server with the daemon's flags, ContextPilot's library, contextpilotd,
+## on the same requests. Flags for it go in ARGS, e.g.
 ##   make bench ARGS="--model X.gguf --queries 60 --concurrency 4"
+## (--preset gpu for prompts whose prefill a GPU notices).
 bench: provision
 	$(CARGO) build --release --locked
 	eval "$$(bash scripts/provision.sh paths)" && \
@@ -41,14 +47,16 @@ bench: provision
 	  $(CARGO) bench --locked --bench plan --bench reorder --bench cluster --bench live --bench gateway
 	$(MAKE) --no-print-directory bench-abc ARGS="$(ARGS)"
 
-## The A/B/C comparison alone at small sizes (a few minutes on two cores).
-bench-quick: provision build
+## The A0/A/B/C comparison alone at small sizes (a few minutes on two cores).
+## CONTEXTPILOTD=path uses that daemon binary instead of building target/release.
+bench-quick: provision $(if $(CONTEXTPILOTD),,build)
 	$(MAKE) --no-print-directory bench-abc ARGS="--quick $(ARGS)"
 
 bench-abc:
 	eval "$$(bash scripts/provision.sh paths)" && \
 	  PY="$$(bash scripts/python-env.sh bench/abc/requirements.txt | tail -n 1)" && \
-	  LLAMA_SERVER="$$LLAMA_SERVER" MODEL="$$MODEL" "$$PY" bench/abc/run.py $(ARGS)
+	  LLAMA_SERVER="$$LLAMA_SERVER" MODEL="$$MODEL" "$$PY" bench/abc/run.py \
+	    $(if $(CONTEXTPILOTD),--contextpilotd "$(CONTEXTPILOTD)") $(ARGS)
 
 build:
 	$(CARGO) build --release --locked

@@ -162,8 +162,7 @@ pub fn prepare(
         PlanInputs { caps, cost: None },
     );
     let binary_path = binary
-        .as_ref()
-        .map(|p| p.clone())
+        .clone()
         .unwrap_or_else(|_| PathBuf::from(&config.llama.binary));
     let cost_key = cost::profile_key(
         &binary_path,

@@ -100,48 +100,62 @@ pub struct Candidate {
     pub lost_value_ms: f64,
 }
 
-impl Candidate {
-    /// Evaluates `slot` for a prompt of `prompt_tokens` of which
-    /// `reused_tokens` are reused (`restored_tokens` of them restored from
-    /// the RAM cache) and `kept_tokens` of the slot's contents stay.
-    pub fn new(
-        slots: &[SlotState],
-        slot: usize,
-        prompt_tokens: u64,
-        reused_tokens: u64,
-        restored_tokens: u64,
-        kept_tokens: u64,
-        ram_tier: bool,
-        cost: &CostView,
-        now: Instant,
-    ) -> Candidate {
-        let state = &slots[slot];
+/// How much of a prompt a slot would provide (estimated tokens).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reuse {
+    /// The request's whole prompt.
+    pub prompt: u64,
+    /// Of it, what the slot (or a RAM-cache restore) provides.
+    pub reused: u64,
+    /// Of that, what is restored from llama-server's RAM cache first.
+    pub restored: u64,
+    /// Of what the slot holds, what the request keeps.
+    pub kept: u64,
+}
+
+/// Prices candidate slots for one choice.
+#[derive(Clone, Copy)]
+pub struct Pricing<'a> {
+    pub slots: &'a [SlotState],
+    /// Whether llama-server runs its RAM prompt cache.
+    pub ram_tier: bool,
+    pub cost: &'a CostView,
+    pub now: Instant,
+}
+
+impl Pricing<'_> {
+    /// Evaluates `slot` for a request that reuses `reuse` of it.
+    pub fn price(&self, slot: usize, reuse: Reuse) -> Candidate {
+        let cost = self.cost;
+        let state = &self.slots[slot];
         let held = state.holds.tokens();
         let lost_share = if held == 0 {
             0.0
         } else {
-            1.0 - (kept_tokens.min(held) as f64 / held as f64)
+            1.0 - (reuse.kept.min(held) as f64 / held as f64)
         };
         // llama-server saves a slot's prompt to its RAM cache when the new
         // one keeps less than half of it.
-        let save_ms = if ram_tier && held > 0 && kept_tokens * 2 < held {
+        let save_ms = if self.ram_tier && held > 0 && reuse.kept * 2 < held {
             cost.profile.save_ms(cost.tokens(held))
         } else {
             0.0
         };
         Candidate {
             slot,
-            prompt_tokens,
-            reused_tokens,
-            restored_tokens,
-            kept_tokens,
-            prompt_ms: cost.prompt_ms(prompt_tokens, reused_tokens),
-            restore_ms: cost.profile.restore_ms(cost.tokens(restored_tokens)),
+            prompt_tokens: reuse.prompt,
+            reused_tokens: reuse.reused,
+            restored_tokens: reuse.restored,
+            kept_tokens: reuse.kept,
+            prompt_ms: cost.prompt_ms(reuse.prompt, reuse.reused),
+            restore_ms: cost.profile.restore_ms(cost.tokens(reuse.restored)),
             save_ms,
-            lost_value_ms: slot_value_ms(state, cost, now) * lost_share,
+            lost_value_ms: slot_value_ms(state, cost, self.now) * lost_share,
         }
     }
+}
 
+impl Candidate {
     /// What choosing this slot costs: this request's time, and the future
     /// time of the requests that would have reused what it overwrites.
     pub fn score_ms(&self) -> f64 {
@@ -366,7 +380,12 @@ pub struct PrefixPolicy {
 
 impl SlotPolicy for PrefixPolicy {
     fn choose(&mut self, input: ChoiceInput<'_>) -> Choice {
-        let ram_tier = input.ram.enabled();
+        let pricing = Pricing {
+            slots: input.slots,
+            ram_tier: input.ram.enabled(),
+            cost: input.cost,
+            now: input.now,
+        };
         let prompt_tokens = tokens_of_bytes(self.prompt.len());
         let candidates: Vec<(Candidate, usize)> = input
             .slots
@@ -376,16 +395,14 @@ impl SlotPolicy for PrefixPolicy {
             .map(|(i, s)| {
                 let shared = common_prefix_len(&s.holds.key, &self.prompt);
                 let reused = tokens_of_bytes(shared).min(prompt_tokens);
-                let c = Candidate::new(
-                    input.slots,
+                let c = pricing.price(
                     i,
-                    prompt_tokens,
-                    reused,
-                    0,
-                    reused,
-                    ram_tier,
-                    input.cost,
-                    input.now,
+                    Reuse {
+                        prompt: prompt_tokens,
+                        reused,
+                        restored: 0,
+                        kept: reused,
+                    },
                 );
                 (c, shared)
             })
@@ -393,16 +410,12 @@ impl SlotPolicy for PrefixPolicy {
         let free = candidates.len();
         let plain: Vec<Candidate> = candidates.iter().map(|(c, _)| *c).collect();
         let best = Candidate::best(&plain, input.slots).unwrap_or_else(|| {
-            Candidate::new(
-                input.slots,
+            pricing.price(
                 0,
-                prompt_tokens,
-                0,
-                0,
-                0,
-                ram_tier,
-                input.cost,
-                input.now,
+                Reuse {
+                    prompt: prompt_tokens,
+                    ..Reuse::default()
+                },
             )
         });
         let shared = candidates
@@ -442,16 +455,21 @@ pub struct ReservePolicy;
 
 impl SlotPolicy for ReservePolicy {
     fn choose(&mut self, input: ChoiceInput<'_>) -> Choice {
+        let pricing = Pricing {
+            slots: input.slots,
+            ram_tier: false,
+            cost: input.cost,
+            now: input.now,
+        };
         let candidates: Vec<Candidate> = input
             .slots
             .iter()
             .enumerate()
             .filter(|(_, s)| !s.busy)
-            .map(|(i, _)| Candidate::new(input.slots, i, 0, 0, 0, 0, false, input.cost, input.now))
+            .map(|(i, _)| pricing.price(i, Reuse::default()))
             .collect();
-        let best = Candidate::best(&candidates, input.slots).unwrap_or_else(|| {
-            Candidate::new(input.slots, 0, 0, 0, 0, 0, false, input.cost, input.now)
-        });
+        let best = Candidate::best(&candidates, input.slots)
+            .unwrap_or_else(|| pricing.price(0, Reuse::default()));
         Choice {
             slot: best.slot,
             contents: SlotContents::default(),

@@ -131,19 +131,26 @@ fn with_four_slots_requests_spread_come_back_and_spare_valuable_slots() {
 
     let log = query_log(&dir, 6);
     let slot = |i: usize| log[i]["slot_id"].as_u64().unwrap();
-    let choice = |i: usize| log[i]["slot_decision"]["choice"].as_str().unwrap().to_string();
+    let choice = |i: usize| {
+        log[i]["slot_decision"]["choice"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
     assert_eq!(choice(0), "empty");
     assert_eq!(slot(1), slot(0), "a held prompt's slot is chosen again");
     assert_eq!(choice(1), "cached-prefix");
     assert_eq!(log[1]["reorder"]["slot_choice"], "cached-prefix");
     let reused = log[1]["cache_reuse"]["reused_tokens"].as_u64().unwrap();
-    let total = log[1]["cache_reuse"]["total_prompt_tokens"].as_u64().unwrap();
+    let total = log[1]["cache_reuse"]["total_prompt_tokens"]
+        .as_u64()
+        .unwrap();
     assert!(
         reused * 2 > total,
         "the documents came from the cache: {reused} of {total}"
     );
-    for i in 2..5 {
-        assert_eq!(choice(i), "empty", "request {i}: {}", log[i]);
+    for (i, record) in log.iter().enumerate().take(5).skip(2) {
+        assert_eq!(choice(i), "empty", "request {i}: {record}");
         assert_ne!(slot(i), slot(0), "request {i} overwrote the reused slot");
     }
     let used: std::collections::HashSet<u64> = (0..5).map(slot).collect();
@@ -176,11 +183,9 @@ fn the_cost_model_is_measured_once_cached_and_shown() {
         &envs,
     );
     daemon.wait_ready();
-    let status = daemon.wait_status(
-        Duration::from_secs(120),
-        "a measured cost model",
-        |s| s["cost"]["profile"]["source"] == "measured",
-    );
+    let status = daemon.wait_status(Duration::from_secs(120), "a measured cost model", |s| {
+        s["cost"]["profile"]["source"] == "measured"
+    });
     let cost = &status["cost"];
     let profile = &cost["profile"];
     assert!(profile["prefill"].as_array().unwrap().len() >= 3, "{cost}");
@@ -280,7 +285,11 @@ fn cache_ram_follows_the_measured_restore_cost() {
             .arg(&config)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
         let argv: Vec<String> = doc["command"]
             .as_array()
@@ -291,7 +300,10 @@ fn cache_ram_follows_the_measured_restore_cost() {
         (argv, doc)
     };
     let (argv, doc) = command(&expensive);
-    let at = argv.iter().position(|a| a == "--cache-ram").expect("--cache-ram");
+    let at = argv
+        .iter()
+        .position(|a| a == "--cache-ram")
+        .expect("--cache-ram");
     assert_eq!(argv[at + 1], "0");
     assert_eq!(doc["cost"]["source"], "configured");
     let decision = doc["cost_decisions"]
@@ -306,7 +318,10 @@ fn cache_ram_follows_the_measured_restore_cost() {
         "{decision}"
     );
     // With its RAM cache off, llama-server is not told about idle slots.
-    assert!(!argv.iter().any(|a| a == "--no-cache-idle-slots"), "{argv:?}");
+    assert!(
+        !argv.iter().any(|a| a == "--no-cache-idle-slots"),
+        "{argv:?}"
+    );
 
     let (argv, _) = command(&cheap);
     assert!(!argv.iter().any(|a| a == "--cache-ram"), "{argv:?}");

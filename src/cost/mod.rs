@@ -341,7 +341,10 @@ impl CostModel {
     }
 
     pub fn set_decisions(&self, decisions: Vec<String>) {
-        self.note.lock().unwrap_or_else(|e| e.into_inner()).decisions = decisions;
+        self.note
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .decisions = decisions;
     }
 
     pub fn profile(&self) -> Arc<CostProfile> {

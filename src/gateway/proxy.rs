@@ -1120,7 +1120,11 @@ impl DocumentRequest {
                 // the client's own history, without earlier documents.
                 let restart_bytes: usize = messages.iter().map(|m| m.to_string().len()).sum();
                 let restart_tokens = u64::from(header_tokens)
-                    + documents.docs.iter().map(|d| u64::from(d.tokens)).sum::<u64>()
+                    + documents
+                        .docs
+                        .iter()
+                        .map(|d| u64::from(d.tokens))
+                        .sum::<u64>()
                     + crate::slots::tokens_of_bytes(restart_bytes)
                     + 3 * documents.docs.len() as u64
                     + 16;

@@ -29,8 +29,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::slots::{
-    Block, BlockSeq, Candidate, Choice, ChoiceInput, RamTier, SlotContents, SlotDecision,
-    SlotPolicy,
+    Block, BlockSeq, Candidate, Choice, ChoiceInput, Pricing, RamTier, Reuse, SlotContents,
+    SlotDecision, SlotPolicy,
 };
 
 /// The fixed instruction line before the documents.
@@ -335,7 +335,12 @@ impl SlotPolicy for DocumentsPolicy<'_> {
             cost,
             now,
         } = input;
-        let ram_tier = ram.enabled();
+        let pricing = Pricing {
+            slots,
+            ram_tier: ram.enabled(),
+            cost,
+            now,
+        };
         let index: HashMap<u64, usize> = self
             .docs
             .iter()
@@ -350,16 +355,14 @@ impl SlotPolicy for DocumentsPolicy<'_> {
             let held = s.holds.blocks.as_deref();
             let (tokens, run) = self.reusable(held, &index);
             let candidate = |reused: u32, restored: u32, kept: u32| {
-                Candidate::new(
-                    slots,
+                pricing.price(
                     i,
-                    prompt,
-                    u64::from(reused),
-                    u64::from(restored),
-                    u64::from(kept),
-                    ram_tier,
-                    cost,
-                    now,
+                    Reuse {
+                        prompt,
+                        reused: u64::from(reused),
+                        restored: u64::from(restored),
+                        kept: u64::from(kept),
+                    },
                 )
             };
             // When the slot would keep less than half of what it holds,
@@ -400,7 +403,13 @@ impl SlotPolicy for DocumentsPolicy<'_> {
                 .find(|l| l.candidate.slot == chosen.slot)
         };
         let fallback = || Layout {
-            candidate: Candidate::new(slots, 0, prompt, 0, 0, 0, ram_tier, cost, now),
+            candidate: pricing.price(
+                0,
+                Reuse {
+                    prompt,
+                    ..Reuse::default()
+                },
+            ),
             run: Vec::new(),
             ram_entry: None,
         };
