@@ -1,6 +1,8 @@
 """The bench's report: a summary per workload and system, the terminal
-table with ratios against A and B, and an SVG chart written by hand.
-Everything here is computed from the run's records; nothing is estimated."""
+table with ratios of C against A0 (llama-server's defaults), A (the same
+flags as C's llama-server) and B, C's slot use and prediction error from
+its query log, and an SVG chart written by hand. Everything here is
+computed from the run's records; nothing is estimated."""
 
 from __future__ import annotations
 
@@ -9,8 +11,9 @@ import re
 import unicodedata
 from typing import Any
 
-NAMES = {"A": "A llama-server", "B": "B ContextPilot lib", "C": "C contextpilotd"}
-COLORS = {"A": "#9aa5b1", "B": "#f0a35e", "C": "#2f7ed8"}
+NAMES = {"A0": "A0 llama defaults", "A": "A llama-server", "B": "B ContextPilot lib", "C": "C contextpilotd"}
+COLORS = {"A0": "#d5dae0", "A": "#9aa5b1", "B": "#f0a35e", "C": "#2f7ed8"}
+NONE = "–"  # no figure: e.g. a daemon that does not log slot decisions yet
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -28,6 +31,24 @@ def normalize(answer: str) -> str:
     text = unicodedata.normalize("NFKC", answer).lower()
     text = re.sub(r"[^\w\s]", " ", text)
     return " ".join(text.split())
+
+
+def query_log_figures(log: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """From C's query log: how many distinct slots its requests went to,
+    and how far the daemon's predicted prompt time for its slot choice was
+    from llama-server's measured one (median of |predicted - measured| /
+    measured, over records with both and a measured time of at least 1 ms,
+    below which the ratio is noise). None where the log has no such figure
+    (no log, or a daemon that does not write `slot_decision`)."""
+    if log is None:
+        return {"slots_used": None, "predicted_ms_error_p50": None, "predicted_records": None}
+    slots = {r["slot_id"] for r in log if r.get("slot_id") is not None}
+    errors = [abs(r["predicted_ms"] - r["prompt_ms"]) / r["prompt_ms"] for r in log
+              if isinstance(r.get("predicted_ms"), (int, float)) and isinstance(r.get("prompt_ms"), (int, float))
+              and r["prompt_ms"] >= 1]
+    return {"slots_used": len(slots) if slots else None,
+            "predicted_ms_error_p50": percentile(errors, 0.5),
+            "predicted_records": len(errors)}
 
 
 def summarize(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -54,6 +75,7 @@ def summarize(doc: dict[str, Any]) -> list[dict[str, Any]]:
             "wall_s": r["wall_s"],
             "requests_per_s": len(recs) / r["wall_s"] if r["wall_s"] else None,
             "same_answer_as_A": None,
+            **query_log_figures(r.get("query_log")),
         }
         base = baseline.get((r["workload"], r["concurrency"]))
         if base is not None:
@@ -79,17 +101,28 @@ def _ratio(num, den):
     return None if num is None or den in (None, 0) else num / den
 
 
+# The ratio rows: (first, other, label). C against llama-server at its own
+# defaults (what a user who runs it by hand has) and against the same flags
+# as C's child (what the daemon's requests alone buy), then the library.
+PAIRS = [("C", "A0", "C vs A0 defaults"), ("C", "A", "C vs A same flags"), ("C", "B", "C vs B"), ("B", "A", "B vs A")]
+
+
 def table(doc: dict[str, Any]) -> str:
     summary = doc["summary"]
     levels = doc["concurrency_levels"]
     hi = levels[-1]
     workloads = list(dict.fromkeys(e["workload"] for e in summary))
     systems = list(doc["systems"])
+    ran = [s for s in systems if s not in doc["unavailable"]]
     lines = []
     hw = doc["hardware"]
     lines.append(f"model {doc['model']} | {doc['slots']} slot(s) | {hw['cpu']}, {hw['cores']} cores, {hw['memory_gib']} GiB | "
                  f"load avg at start {', '.join(f'{x:.1f}' for x in hw['load_avg_at_start'] or [])}")
-    lines.append(f"llama-server flags (all systems): {' '.join(doc['llama_server']['argv'][1:] if doc['llama_server']['argv'] else [])}")
+    ls = doc["llama_server"]
+    if ls.get("argv"):
+        lines.append(f"llama-server flags ({', '.join(s for s in ran if s != 'A0')}): {' '.join(ls['argv'][1:])}")
+    if ls.get("argv_A0"):
+        lines.append(f"llama-server flags (A0, the rest at its defaults): {' '.join(ls['argv_A0'][1:])}")
     lines.append("")
     two = hi != 1
     head = (f"{'workload':<7} {'system':<19} {'reqs':>4} {'cached':>7} {'computed':>9} {'TTFT p50':>9} {'p95':>7} "
@@ -115,15 +148,16 @@ def table(doc: dict[str, Any]) -> str:
             )
         lines.append("")
     # Ratios: how many times fewer prompt tokens computed, how many times faster.
-    pairs = [(x, y) for x, y in (("C", "A"), ("C", "B"), ("B", "A")) if x in systems and y in systems
-             and x not in doc["unavailable"] and y not in doc["unavailable"]]
+    pairs = [(x, y, label) for x, y, label in PAIRS if x in ran and y in ran]
     if pairs:
-        lines.append("ratios (>1 means the first is better): prompt tokens computed, TTFT p50, latency p50 (the other's / this one's), req/s (this one's / the other's)")
-        head = f"{'workload':<7} {'':<7} {'computed':>9} {'TTFT p50':>9} {'lat p50':>8} {'req/s c1':>9}" + (f" {f'req/s c{hi}':>9}" if two else "")
+        lines.append("ratios (>1 means the first is better): prompt tokens computed, TTFT and latency at c1 (the other's / this one's), "
+                     "req/s (this one's / the other's)")
+        head = (f"{'workload':<7} {'':<17} {'computed':>9} {'TTFT p50':>9} {'TTFT p95':>9} {'lat p50':>8} {'req/s c1':>9}"
+                + (f" {f'req/s c{hi}':>9}" if two else ""))
         lines.append(head)
         lines.append("-" * len(head))
         for w in workloads:
-            for x, y in pairs:
+            for x, y, label in pairs:
                 a1, b1 = _get(summary, w, x, 1), _get(summary, w, y, 1)
                 ah, bh = _get(summary, w, x, hi), _get(summary, w, y, hi)
                 if not a1 or not b1:
@@ -131,18 +165,38 @@ def table(doc: dict[str, Any]) -> str:
                 cells = [
                     _ratio(b1["prompt_tokens_computed"], a1["prompt_tokens_computed"]),
                     _ratio(b1["ttft_ms_p50"], a1["ttft_ms_p50"]),
+                    _ratio(b1["ttft_ms_p95"], a1["ttft_ms_p95"]),
                     _ratio(b1["latency_ms_p50"], a1["latency_ms_p50"]),
                     _ratio(a1["requests_per_s"], b1["requests_per_s"]),
                     _ratio(ah and ah["requests_per_s"], bh and bh["requests_per_s"]),
-                ][: 5 if two else 4]
-                lines.append(f"{w:<7} {x + ' vs ' + y:<7} " + " ".join(
-                    f"{_fmt(c, '.2f', 'x'):>{width}}" for c, width in zip(cells, (9, 9, 8, 9, 9))))
+                ][: 6 if two else 5]
+                lines.append(f"{w:<7} {label:<17} " + " ".join(
+                    f"{_fmt(c, '.2f', 'x'):>{width}}" for c, width in zip(cells, (9, 9, 9, 8, 9, 9))))
+        lines.append("")
+    if "C" in ran:
+        lines.append("C's query log: slots used = distinct slot_id; predicted-ms error p50 = median |predicted_ms - prompt_ms| / prompt_ms "
+                     "(slot_decision.predicted_ms against cache_reuse.prompt_eval_ms)")
+        head = f"{'workload':<7} " + " ".join(f"{f'slots used c{c}':>14} {f'predicted-ms error p50 c{c}':>27}" for c in levels)
+        lines.append(head)
+        lines.append("-" * len(head))
+        for w in workloads:
+            cells = []
+            for c in levels:
+                e = _get(summary, w, "C", c) or {}
+                used = NONE if e.get("slots_used") is None else str(e["slots_used"])
+                err = e.get("predicted_ms_error_p50")
+                # The share, and over how many records it is the median.
+                err = NONE if err is None else f"{err * 100:.0f}% (n={e['predicted_records']})"
+                cells.append(f"{used:>14} {err:>27}")
+            lines.append(f"{w:<7} " + " ".join(cells))
         lines.append("")
     lines.append("cached = share of prompt tokens llama.cpp served from its KV cache (sum cache_n / sum of cache_n + prompt_n);")
     lines.append("computed = prompt tokens it had to compute (sum prompt_n); TTFT = time to the first streamed token;")
     lines.append("latency = whole request; TTFT, latency, cached and =A at concurrency 1; =A = same normalised answer as A at temperature 0")
+    if "A0" in ran:
+        lines.append("A0 = llama-server with only the model, slots, context, -ngl, -t and --metrics (its host-RAM prompt cache on), A's requests")
     if doc.get("interleaved_at_concurrency_1"):
-        lines.append("at concurrency 1 the systems ran side by side on their own fresh llama-servers, each request to A, B and C in turn;")
+        lines.append("at concurrency 1 the systems ran side by side on their own fresh llama-servers, each request to every system in turn;")
         lines.append("req/s c1 = requests / the sum of their latencies")
     if not two:
         lines.append(f"llama-server has {doc['slots']} slot(s) here, so concurrency = slots = 1: one run per system and workload")
@@ -175,12 +229,12 @@ def svg(doc: dict[str, Any]) -> str:
            f'<rect width="{width}" height="{height}" fill="white"/>',
            f'<text x="{margin}" y="28" font-size="18" font-weight="bold">What contextpilotd buys: {html.escape(doc["model"])}</text>',
            f'<text x="{margin}" y="48" fill="#555">{html.escape(doc["hardware"]["cpu"])}, {doc["hardware"]["cores"]} cores, '
-           f'{doc["slots"]} slot(s); {html.escape(doc["started"])}; same llama-server, model, flags and requests for every system</text>']
+           f'{doc["slots"]} slot(s); {html.escape(doc["started"])}</text>']
     lx = margin
     for s in systems:
         out.append(f'<rect x="{lx}" y="60" width="12" height="12" fill="{COLORS[s]}"/>'
                    f'<text x="{lx + 18}" y="71">{html.escape(NAMES[s])}</text>')
-        lx += 170
+        lx += 165
     for i, (title, get, fmt, level, hint) in enumerate(panels):
         x0 = margin + (i % 2) * (pw + margin)
         y0 = 90 + (i // 2) * (ph + 60)
@@ -204,6 +258,8 @@ def svg(doc: dict[str, Any]) -> str:
                            f'<title>{html.escape(NAMES[s])}, {w}: {fmt.format(v)}</title></rect>'
                            f'<text x="{bx + bar_w / 2:.1f}" y="{base_y - h - 4:.1f}" text-anchor="middle" font-size="10">{fmt.format(v)}</text>')
             out.append(f'<text x="{x0 + g * group_w + group_w / 2:.1f}" y="{base_y + 16}" text-anchor="middle">{w}</text>')
+    out.append(f'<text x="{margin}" y="{height - 32}" fill="#777">Same llama-server binary, model and requests for every system; '
+               f'{"A0 at llama-server&#8217;s defaults, the others " if "A0" in systems else ""}with the flags contextpilotd plans.</text>')
     out.append(f'<text x="{margin}" y="{height - 14}" fill="#777">Every figure is read from llama-server timings or the bench client\'s '
                f'clock in this run ({html.escape(doc["command"])}).</text>')
     out.append("</svg>")

@@ -1,9 +1,15 @@
-"""The three systems of the bench, and the one client that measures them.
+"""The systems of the bench, and the one client that measures them.
 
-Every system runs on a llama-server started by a fresh contextpilotd with the
+A, B and C run on a llama-server started by a fresh contextpilotd with the
 same configuration, so all three use the same binary, model and flags (the
-ones contextpilotd plans; `/status` gives the child's port and argv):
+ones contextpilotd plans; `/status` gives the child's port and argv). A0 is
+the baseline of a user who runs llama-server by hand:
 
+- A0, llama-server with its own defaults: started by the bench itself with
+  the model, the address, the same slots and total context as the daemon's
+  child, -ngl, -t and --metrics, nothing else; so its host-RAM prompt cache
+  (`--cache-ram`) is on and `--cache-reuse`, batch sizes and every flag the
+  daemon plans are llama-server's defaults. Its requests are A's.
 - A, plain llama-server: requests go straight to the child, documents in
   retrieval order, in the prompt layout contextpilotd renders.
 - B, ContextPilot's library (PyPI `contextpilot`), as its docs show for
@@ -15,8 +21,8 @@ ones contextpilotd plans; `/status` gives the child's port and argv):
   `conversation_id` per chat user); agent requests are sent as they are.
 
 The daemons of A and B idle while their child is called directly. Each
-system gets a fresh daemon (so a fresh llama-server and KV cache) for each
-workload and concurrency level.
+system gets a fresh daemon (A0 a fresh llama-server; so a fresh KV cache)
+for each workload and concurrency level.
 """
 
 from __future__ import annotations
@@ -67,7 +73,7 @@ class Daemon:
     """One `contextpilotd run` in a directory of its own, with a fresh
     llama-server child (so a fresh KV cache)."""
 
-    def __init__(self, binary: Path, workdir: Path, llama: dict[str, Any]):
+    def __init__(self, binary: Path, workdir: Path, llama: dict[str, Any], extra_toml: str = ""):
         self.binary = binary
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -82,6 +88,8 @@ class Daemon:
                 "[llama]", *llama_lines, "",
                 "[meter]", f"query_log = {_toml(str(self.dir / 'query_log.jsonl'))}", "",
                 "[log]", f"dir = {_toml(str(self.dir / 'logs'))}", "",
+                # The caller's own tables (e.g. [cost]), as given.
+                *([extra_toml.rstrip("\n"), ""] if extra_toml.strip() else []),
             ])
         )
         self.process: subprocess.Popen | None = None
@@ -93,6 +101,32 @@ class Daemon:
         if r.returncode != 0:
             raise SystemExit(f"contextpilotd print-command failed ({r.returncode}): {r.stderr.strip()}")
         return r.stdout.strip()
+
+    def tune(self, timeout_s: float = 600.0) -> dict[str, Any]:
+        """`contextpilotd tune` with this config, where the binary has it:
+        a daemon that plans llama-server's flags from a measurement of this
+        machine measures once and caches it. Done before any run, every
+        daemon of the bench plans from the same measurement (the same
+        flags), and none measures in the background while requests are
+        timed. What happened, for the JSON; a failure is reported, not
+        fatal (the daemon then plans without a measurement)."""
+        try:
+            usage = subprocess.run([str(self.binary), "--help"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return {"ran": False, "why": f"{self.binary} --help: {e}"}
+        if not any(line.split()[:1] == ["tune"] for line in usage.stdout.splitlines()):
+            return {"ran": False, "why": "this contextpilotd has no tune subcommand"}
+        env = dict(os.environ, XDG_RUNTIME_DIR=str(self.dir))
+        t0 = time.monotonic()
+        try:
+            r = subprocess.run([str(self.binary), "tune", "--config", str(self.config)], env=env, cwd=self.dir,
+                               stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"ran": True, "ok": False, "why": f"did not finish within {timeout_s:.0f} s"}
+        out = {"ran": True, "ok": r.returncode == 0, "seconds": round(time.monotonic() - t0, 1)}
+        if r.returncode != 0:
+            out["why"] = f"exit status {r.returncode}: {(r.stderr or r.stdout).strip()[-500:]}"
+        return out
 
     def start(self, timeout_s: float = 180.0) -> "Daemon":
         env = dict(os.environ, XDG_RUNTIME_DIR=str(self.dir))
@@ -123,6 +157,23 @@ class Daemon:
     def stats(self) -> dict[str, Any]:
         return httpx.get(f"{self.root}/stats", timeout=10).json()
 
+    def query_log(self) -> list[dict[str, Any]]:
+        """Every record of this daemon's query log, oldest first (rotated
+        files included). Call it after `stats()`: the meter answers a
+        question only after writing every record sent before it."""
+        path = self.dir / "query_log.jsonl"
+        files = sorted(self.dir.glob("query_log.jsonl.*"), key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
+        records = []
+        for f in [*files, path]:
+            if not f.is_file():
+                continue
+            for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash: not a record
+        return records
+
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -131,6 +182,69 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+class DirectServer:
+    """llama-server started by the bench itself (A0): argv as given, no
+    daemon in front. Offers what the systems use of a `Daemon`
+    (`child_url`, `child["command"]`)."""
+
+    def __init__(self, argv: list[str], workdir: Path, port: int):
+        self.argv = argv
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port
+        self.process: subprocess.Popen | None = None
+        self.child: dict[str, Any] = {"port": port, "command": argv}
+
+    @property
+    def child_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 180.0) -> "DirectServer":
+        # LLAMA_ARG_* variables would change flags behind the argv's back.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_")}
+        log = self.dir / "llama-server.log"
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                            stderr=subprocess.STDOUT, cwd=self.dir)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.process.poll() is not None:
+                raise SystemExit(f"llama-server (A0) exited with {self.process.returncode} while starting; "
+                                 f"see {log}:\n{log.read_text(errors='replace')[-2000:]}")
+            try:
+                # 503 while the model loads, 200 once it serves.
+                if httpx.get(f"{self.child_url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise SystemExit(f"llama-server (A0) was not ready within {timeout_s:.0f} s; see {log}")
+            time.sleep(0.1)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def defaults_argv(binary: str, model: str, port: int, slots: int, ctx_per_slot: int,
+                  gpu_layers: int | None, threads: int | None) -> list[str]:
+    """A0's llama-server command line: what a user types by hand, every
+    other flag at llama-server's default."""
+    argv = [binary, "-m", model, "--host", "127.0.0.1", "--port", str(port),
+            "--ctx-size", str(slots * ctx_per_slot), "--parallel", str(slots)]
+    if gpu_layers is not None:
+        argv += ["-ngl", str(gpu_layers)]
+    if threads is not None:
+        argv += ["-t", str(threads)]
+    return argv + ["--metrics"]
 
 
 # --- the systems ----------------------------------------------------------------
@@ -158,6 +272,12 @@ class Plain(System):
         messages = [{"role": "system", "content": plain_system(step.docs)}, *step.history,
                     {"role": "user", "content": step.question}]
         return url, {"messages": messages}
+
+
+class Defaults(Plain):
+    """A's requests, sent to a llama-server at its own defaults."""
+
+    key, name = "A0", "llama-server, its own defaults"
 
 
 class ContextPilotLibrary(System):
@@ -201,7 +321,7 @@ class Daemonized(System):
         return url, body
 
 
-SYSTEMS = {cls.key: cls for cls in (Plain, ContextPilotLibrary, Daemonized)}
+SYSTEMS = {cls.key: cls for cls in (Defaults, Plain, ContextPilotLibrary, Daemonized)}
 
 
 def library_unavailable() -> str | None:
@@ -219,6 +339,16 @@ def library_unavailable() -> str | None:
 
 
 # --- the client -------------------------------------------------------------------
+
+
+def client() -> httpx.Client:
+    """The bench's HTTP client: a fresh connection for every request.
+    llama-server closes a connection soon after a streamed response although
+    it announced keep-alive, so a request sent right away on the reused
+    connection gets no response ("Server disconnected without sending a
+    response"; every other request at concurrency N). A loopback connect
+    costs far less than a millisecond, and every system pays it alike."""
+    return httpx.Client(timeout=httpx.Timeout(600.0, connect=10.0), limits=httpx.Limits(max_keepalive_connections=0))
 
 
 def run_step(http: httpx.Client, system: System, session: Session, index: int, max_tokens: int) -> dict[str, Any]:

@@ -3,9 +3,11 @@
 The corpus is real English text that every Python ships: the docstrings of
 the standard library's modules, read with `ast` from their source files
 (nothing is imported, so no module runs). A module is a topic; its
-docstring paragraphs are its documents. Which modules and paragraphs are
-used depends only on the seed and on the Python's standard library (its
-version and a hash of the corpus go into the JSON report).
+docstring paragraphs are its documents (or, for long documents, its and its
+submodules' paragraphs joined to the wanted length; see `build_corpus`).
+Which modules and paragraphs are used depends only on the seed and on the
+Python's standard library (its version and a hash of the corpus go into the
+JSON report).
 
 Three workloads, each a list of sessions; a session's steps run in order,
 different sessions may run at the same time:
@@ -20,8 +22,9 @@ different sessions may run at the same time:
   replies of the workload, so every system gets byte-identical requests.
 - agent: one session per loop. A task, then tool calls whose results
   repeat: `search` returns JSON `results` (documents, overlapping between
-  searches; half as many documents as a RAG query) and `read_file` returns lines of a standard library source file,
-  which the loop reads again later. Every step sends the whole history.
+  searches; by default half as many documents as a RAG query) and
+  `read_file` returns lines of a standard library source file, which the
+  loop reads again later. Every step sends the whole history.
 """
 
 from __future__ import annotations
@@ -120,12 +123,16 @@ class Corpus:
     topics: dict[str, list[str]]  # module name -> its documents, in source order
     sources: dict[str, Path]  # module name -> source file (for read_file)
     digest: str  # sha256 of the documents, for the report
+    method: str = "paragraphs"  # how documents were cut (see build_corpus)
 
     def describe(self) -> dict[str, Any]:
+        docs = [d for ds in self.topics.values() for d in ds]
         return {
             "source": f"docstrings of the Python {sys.version.split()[0]} standard library",
+            "documents_are": self.method,
             "topics": len(self.topics),
-            "documents": sum(len(d) for d in self.topics.values()),
+            "documents": len(docs),
+            "document_chars_mean": round(sum(map(len, docs)) / len(docs)) if docs else None,
             "sha256": self.digest,
         }
 
@@ -134,7 +141,15 @@ def build_corpus(seed: int, topics: int, doc_chars: int, docs_per_topic: int = 1
     """`topics` modules (chosen by the seed among those with at least
     `docs_per_topic` usable paragraphs), each with its first
     `docs_per_topic` paragraphs of about `doc_chars` characters (between
-    half and twice that)."""
+    half and twice that).
+
+    Long documents or many per topic (a GPU's prefill wants ~400-character
+    documents, 32 to a topic) are more than single paragraphs of single
+    modules give: then every topic is a top-level module or package with
+    its submodules, and its documents are consecutive docstring paragraphs
+    joined to about `doc_chars` (see `_combined`). That second way is taken
+    only when the first cannot fill the topics, so the sizes that fit keep
+    the corpus they always had."""
     rng = random.Random(seed)
     candidates = []
     for name, path in _stdlib_sources():
@@ -145,15 +160,72 @@ def build_corpus(seed: int, topics: int, doc_chars: int, docs_per_topic: int = 1
         paras = _paragraphs(source, doc_chars // 2, doc_chars * 2)
         if len(paras) >= docs_per_topic:
             candidates.append((name, path, paras[:docs_per_topic]))
+    method = "paragraphs"
     if len(candidates) < topics:
-        raise SystemExit(f"the standard library has only {len(candidates)} modules with {docs_per_topic} usable docstring paragraphs; ask for fewer topics")
+        method = "combined paragraphs of a module and its submodules"
+        combined = []
+        for name, path in _stdlib_sources():
+            docs = _combined(path, doc_chars)
+            if len(docs) >= docs_per_topic:
+                combined.append((name, path, docs[:docs_per_topic]))
+        if len(combined) < topics:
+            raise SystemExit(
+                f"the standard library has only {max(len(candidates), len(combined))} modules with {docs_per_topic} "
+                f"documents of about {doc_chars} characters; ask for fewer topics, fewer documents per topic "
+                "(--topic-docs) or shorter documents (--doc-chars)")
+        candidates = combined
     chosen = rng.sample(candidates, topics)
     digest = hashlib.sha256(json.dumps([(n, p) for n, _, p in chosen]).encode()).hexdigest()
     return Corpus(
         topics={name: paras for name, _, paras in chosen},
         sources={name: path for name, path, _ in chosen},
         digest=digest,
+        method=method,
     )
+
+
+# Package folders that hold tests or tools rather than the package's API.
+_SKIP_DIRS = {"test", "tests", "idle_test", "__pycache__"}
+
+
+def _package_files(path: Path) -> list[Path]:
+    """A module's source file, or a package's `__init__.py` followed by its
+    public submodules (recursively, sorted)."""
+    if path.name != "__init__.py":
+        return [path]
+    subs = sorted(
+        p for p in path.parent.rglob("*.py")
+        if p != path and not p.name.startswith("_") and not (_SKIP_DIRS & set(p.relative_to(path.parent).parts[:-1]))
+    )
+    return [path, *subs]
+
+
+def _combined(path: Path, doc_chars: int) -> list[str]:
+    """Documents of about `doc_chars` characters for one topic: each
+    source file's docstring paragraphs (the short ones too) in source
+    order, consecutive ones joined until the document reaches three
+    quarters of `doc_chars` (the last paragraph's overshoot brings the mean
+    near `doc_chars`), never past twice it; shorter than half is dropped."""
+    docs: list[str] = []
+    for file in _package_files(path):
+        try:
+            source = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        current = ""
+        for para in _paragraphs(source, 40, doc_chars * 2):
+            if current and len(current) + 1 + len(para) > doc_chars * 2:
+                if len(current) >= doc_chars // 2:
+                    docs.append(current)
+                current = ""
+            current = f"{current} {para}" if current else para
+            if len(current) >= doc_chars * 3 // 4:
+                docs.append(current)
+                current = ""
+        if len(current) >= doc_chars // 2:
+            docs.append(current)
+    seen: set[str] = set()
+    return [d for d in docs if not (d in seen or seen.add(d))]
 
 
 # --- helpers ------------------------------------------------------------------
@@ -287,15 +359,29 @@ def agent(corpus: Corpus, rng: random.Random, loops: int, steps: int, k: int, fi
     return sessions
 
 
+def default_sizes(sizes: dict[str, int]) -> dict[str, int]:
+    """`sizes` with the derived ones filled in where not given: chat turns
+    retrieve as many documents as a RAG query, an agent's search returns
+    half as many, and a topic holds twice as many as a query retrieves (at
+    least 16), so that queries of one topic share some documents, not all."""
+    out = dict(sizes)
+    out.setdefault("chat_docs", out["k"])
+    out.setdefault("agent_docs", max(1, out["k"] // 2))
+    out.setdefault("topic_docs", max(16, 2 * out["k"], out["chat_docs"], out["agent_docs"]))
+    return out
+
+
 def generate(seed: int, sizes: dict[str, int]) -> tuple[Corpus, dict[str, list[Session]]]:
     """The corpus and every workload for `seed` and `sizes` (keys: topics,
-    doc_chars, queries, k, users, turns, loops, steps, file_lines)."""
-    corpus = build_corpus(seed, sizes["topics"], sizes["doc_chars"])
+    doc_chars, queries, k, users, turns, loops, steps, file_lines, and the
+    optional chat_docs, agent_docs, topic_docs of `default_sizes`)."""
+    sizes = default_sizes(sizes)
+    corpus = build_corpus(seed, sizes["topics"], sizes["doc_chars"], sizes["topic_docs"])
     # One generator per workload, so changing one size leaves the others as they were.
     workloads = {
         "rag": rag(corpus, random.Random(f"{seed}-rag"), sizes["queries"], sizes["k"]),
-        "chat": chat(corpus, random.Random(f"{seed}-chat"), sizes["users"], sizes["turns"], sizes["k"]),
-        "agent": agent(corpus, random.Random(f"{seed}-agent"), sizes["loops"], sizes["steps"], max(1, sizes["k"] // 2), sizes["file_lines"]),
+        "chat": chat(corpus, random.Random(f"{seed}-chat"), sizes["users"], sizes["turns"], sizes["chat_docs"]),
+        "agent": agent(corpus, random.Random(f"{seed}-agent"), sizes["loops"], sizes["steps"], sizes["agent_docs"], sizes["file_lines"]),
     }
     return corpus, {name: sessions for name, sessions in workloads.items() if sessions}
 
