@@ -133,6 +133,20 @@ pub fn main() -> i32 {
     }
 }
 
+/// The async runtime a command runs on (multi-threaded or not), or the exit
+/// code after saying why there is none.
+fn runtime(multi_thread: bool) -> Result<tokio::runtime::Runtime, i32> {
+    let mut builder = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    builder.enable_all().build().map_err(|e| {
+        report(&format!("cannot start the async runtime: {e}"));
+        EXIT_FAILURE
+    })
+}
+
 /// Prints a start-up error the way every command does.
 fn report(error: &dyn std::fmt::Display) {
     eprintln!("contextpilotd: error: {error}");

@@ -12,15 +12,9 @@ use crate::config::{Config, ConfigSource};
 use crate::daemon;
 
 pub fn run(arg: ConfigArg) -> i32 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match super::runtime(true) {
         Ok(rt) => rt,
-        Err(e) => {
-            report(&format!("cannot start the async runtime: {e}"));
-            return EXIT_FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async {
         // First of all, so that SIGTERM during start-up is an orderly stop.

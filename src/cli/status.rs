@@ -24,15 +24,9 @@ pub fn run(arg: ConfigArg, json: bool) -> i32 {
     // absent service manager never makes `status` slow or fail.
     let service_query = std::thread::spawn(query_service);
     let url = format!("http://{listen}/status");
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match super::runtime(false) {
         Ok(rt) => rt,
-        Err(e) => {
-            report(&format!("cannot start the async runtime: {e}"));
-            return EXIT_FAILURE;
-        }
+        Err(code) => return code,
     };
     let auth = config
         .server

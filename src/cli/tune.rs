@@ -41,16 +41,9 @@ pub fn run(arg: ConfigArg, json: bool) -> i32 {
         },
     );
     let ram_tier = plan::planned_ram_cache_tokens(&unmeasured, &llama.extra_args) > 0;
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match super::runtime(true) {
         Ok(rt) => rt,
-        Err(e) => {
-            report(&format!("cannot start the async runtime: {e}"));
-            return EXIT_FAILURE;
-        }
+        Err(code) => return code,
     };
     let ready_timeout = Duration::from_secs(prepared.config.supervisor.ready_timeout_s);
     let stop_grace = Duration::from_secs(prepared.config.supervisor.stop_timeout_s);

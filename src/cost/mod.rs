@@ -122,6 +122,11 @@ impl CostProfile {
             crate::hardware::Accelerator::Cpu => 8.0,
             _ => 0.2,
         };
+        CostProfile::unmeasured(10.0 * per_token, per_token, 10.0 * per_token)
+    }
+
+    /// A profile of given figures that nothing measured.
+    pub fn unmeasured(fixed_ms: f64, per_token_ms: f64, hit_ms: f64) -> CostProfile {
         CostProfile {
             version: PROFILE_VERSION,
             source: Source::Default,
@@ -129,9 +134,9 @@ impl CostProfile {
             measured_at: None,
             build_info: None,
             prefill: Vec::new(),
-            prefill_fixed_ms: 10.0 * per_token,
-            prefill_ms_per_token: per_token,
-            hit_ms: 10.0 * per_token,
+            prefill_fixed_ms: fixed_ms,
+            prefill_ms_per_token: per_token_ms,
+            hit_ms,
             ram: None,
             took_ms: 0.0,
         }
@@ -415,21 +420,10 @@ impl CostView {
         self.profile.prefill_ms_per_token * self.tokens(estimated) as f64
     }
 
+    /// 5 ms fixed and for a hit, 1 ms a token: round figures for tests.
     pub fn for_tests() -> CostView {
         CostView {
-            profile: Arc::new(CostProfile {
-                version: PROFILE_VERSION,
-                source: Source::Default,
-                key: String::new(),
-                measured_at: None,
-                build_info: None,
-                prefill: Vec::new(),
-                prefill_fixed_ms: 5.0,
-                prefill_ms_per_token: 1.0,
-                hit_ms: 5.0,
-                ram: None,
-                took_ms: 0.0,
-            }),
+            profile: Arc::new(CostProfile::unmeasured(5.0, 1.0, 5.0)),
             token_scale: 1.0,
         }
     }

@@ -1023,6 +1023,8 @@ fn keep_conversation(
 struct DocumentRequest {
     documents: Documents,
     ranks: Vec<u64>,
+    /// Ranks below this were documents of earlier requests.
+    known_before: u64,
     caller_system: Option<String>,
     /// The caller's messages without its system message.
     messages: Vec<Value>,
@@ -1084,6 +1086,7 @@ impl DocumentRequest {
                     deduped: 0,
                 },
                 ranks: Vec::new(),
+                known_before: 0,
                 caller_system,
                 messages,
                 header,
@@ -1097,6 +1100,7 @@ impl DocumentRequest {
             return Err("`documents` is supported on /v1/chat/completions only".into());
         }
         let documents = reorder::parse_documents(&value)?;
+        let known_before = gateway.registry.next_rank();
         let ranks = gateway.registry.observe(&documents.docs)?;
         let mut messages = object
             .get("messages")
@@ -1136,6 +1140,7 @@ impl DocumentRequest {
         Ok(Some(DocumentRequest {
             documents,
             ranks,
+            known_before,
             caller_system,
             messages,
             header,
@@ -1159,6 +1164,7 @@ impl DocumentRequest {
             (crate::slots::tokens_of_bytes(rest) + 3 * self.documents.docs.len() as u64 + 16)
                 .min(u64::from(u32::MAX)) as u32;
         policy.threshold = threshold;
+        policy.known_before = self.known_before;
         policy
     }
 

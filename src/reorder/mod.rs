@@ -148,6 +148,12 @@ struct RegistryInner {
 }
 
 impl Registry {
+    /// The rank the next new document gets: documents ranked below it were
+    /// seen in earlier requests.
+    pub fn next_rank(&self) -> u64 {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).next
+    }
+
     /// Notes the documents and returns each one's canonical rank. An id seen
     /// before with different text is an error.
     pub fn observe(&self, docs: &[Document]) -> Result<Vec<u64>, String> {
@@ -236,6 +242,10 @@ pub struct DocumentsPolicy<'a> {
     pub ranks: &'a [u64],
     /// Estimated tokens after the documents (ranking, question, history).
     pub tail_tokens: u32,
+    /// Documents ranked below this were seen in earlier requests
+    /// ([`Registry::next_rank`] before this request was observed): the ones
+    /// later requests are likely to share.
+    pub known_before: u64,
     pub threshold: GainThreshold,
     /// Filled by `choose`: indices into `docs` in prompt order.
     pub order: Vec<usize>,
@@ -259,6 +269,7 @@ impl<'a> DocumentsPolicy<'a> {
             docs,
             ranks,
             tail_tokens: 0,
+            known_before: 0,
             threshold: GainThreshold::default(),
             order: Vec::new(),
             info: None,
@@ -270,6 +281,30 @@ impl<'a> DocumentsPolicy<'a> {
         u64::from(self.header_tokens)
             + self.docs.iter().map(|d| u64::from(d.tokens)).sum::<u64>()
             + u64::from(self.tail_tokens)
+    }
+
+    /// The reordered layout: `run` first, the rest in canonical order.
+    fn reordered(&self, run: &[usize]) -> Vec<usize> {
+        let mut in_run = vec![false; self.docs.len()];
+        for &i in run {
+            in_run[i] = true;
+        }
+        let mut order = run.to_vec();
+        let mut rest: Vec<usize> = (0..self.docs.len()).filter(|&i| !in_run[i]).collect();
+        rest.sort_by_key(|&i| self.ranks[i]);
+        order.extend(rest);
+        order
+    }
+
+    /// Estimated tokens of the documents at the head of `order` that were
+    /// seen in earlier requests: what the slot will hold that later requests
+    /// are likely to reuse.
+    fn shared_head_tokens(&self, order: &[usize]) -> u64 {
+        order
+            .iter()
+            .take_while(|&&i| self.ranks[i] < self.known_before)
+            .map(|&i| u64::from(self.docs[i].tokens))
+            .sum()
     }
 
     /// The reusable run of a held prompt for this request when the request
@@ -416,27 +451,27 @@ impl SlotPolicy for DocumentsPolicy<'_> {
         let with_reorder = best(reordered).unwrap_or_else(fallback);
         let in_client_order = best(client).unwrap_or_else(fallback);
         // Quality wins ties: the client's (relevance) order stays unless
-        // reordering is predicted to save real time.
-        let gain_ms = in_client_order.candidate.score_ms() - with_reorder.candidate.score_ms();
+        // reordering is predicted to save real time, now (what this request
+        // reuses) or later (a head of documents seen before, in the order
+        // every request puts them in, that later requests reuse; weighted
+        // like an unproven slot's contents, see `slot_value_ms`).
+        let reordered_order = self.reordered(&with_reorder.run);
+        let client_order: Vec<usize> = (0..self.docs.len()).collect();
+        let later_ms = (cost.compute_ms(self.shared_head_tokens(&reordered_order))
+            - cost.compute_ms(self.shared_head_tokens(&client_order)))
+            / 3.0;
+        let gain_ms =
+            in_client_order.candidate.score_ms() - with_reorder.candidate.score_ms() + later_ms;
         let pays = gain_ms >= self.threshold.min_ms
             && gain_ms >= self.threshold.min_share * in_client_order.candidate.prompt_ms;
-        let chosen = if pays { with_reorder } else { in_client_order };
+        let (chosen, order) = if pays {
+            (with_reorder, reordered_order)
+        } else {
+            (in_client_order, client_order)
+        };
         if let Some(e) = chosen.ram_entry {
             ram.take(e);
         }
-        let order: Vec<usize> = if pays {
-            let mut in_run = vec![false; self.docs.len()];
-            for &i in &chosen.run {
-                in_run[i] = true;
-            }
-            let mut order = chosen.run.clone();
-            let mut rest: Vec<usize> = (0..self.docs.len()).filter(|&i| !in_run[i]).collect();
-            rest.sort_by_key(|&i| self.ranks[i]);
-            order.extend(rest);
-            order
-        } else {
-            (0..self.docs.len()).collect()
-        };
         let moved = order
             .iter()
             .enumerate()
