@@ -815,6 +815,8 @@ mod tests {
                 "llama.extra_args",
             ),
             ("[llama]\nextra_args = [\"--port=9\"]\n", "llama.extra_args"),
+            ("[reorder]\nmin_gain_share = 2\n", "reorder.min_gain_share"),
+            ("[reorder]\nmin_gain_ms = -1\n", "reorder.min_gain_ms"),
         ] {
             let err = parse(text).unwrap_err();
             assert_eq!(err.key.as_deref(), Some(key), "{err}");

@@ -457,6 +457,8 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
                 .unwrap_or_else(|| "model".to_string())
         });
     let slots = prepared.plan.slots as usize;
+    let concurrency = prepared.plan.concurrency as usize;
+    let unified_pool = prepared.plan.kv_unified.then_some(prepared.plan.ctx_size);
     let ctx_per_slot = prepared.plan.ctx_per_slot;
     let ram_tokens =
         crate::plan::planned_ram_cache_tokens(&prepared.plan, &prepared.config.llama.extra_args);
@@ -508,6 +510,7 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
         model_id,
         scheduler: Scheduler::new(
             slots,
+            concurrency,
             config.server.max_queue,
             ram_tokens,
             cost_model.clone(),
@@ -534,6 +537,7 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
         sessions: Default::default(),
         next_query: AtomicU64::new(0),
     });
+    gateway.scheduler.set_unified_pool(unified_pool);
     let header_timeout = Duration::from_secs(config.server.header_timeout_s);
     let tuning = (config.cost.measure && prepared.cost.is_none())
         .then(|| tokio::spawn(tuner.run(supervisor.view.clone(), gateway.scheduler.clone())));

@@ -94,6 +94,10 @@ pub struct PlanInputs<'a> {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LaunchPlan {
     pub slots: u32,
+    /// Requests in flight at once (admission); fewer than `slots` when a
+    /// shared KV pool keeps more prompts resident than the chip decodes in
+    /// parallel.
+    pub concurrency: u32,
     pub ctx_per_slot: u32,
     pub ctx_size: u64,
     pub threads: u32,
@@ -152,7 +156,8 @@ pub struct MemoryBudget {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Decision {
-    /// The llama-server flag, e.g. "--parallel".
+    /// The llama-server flag, e.g. "--parallel" ("(admission)" for the
+    /// daemon's own limit on requests in flight).
     pub flag: String,
     pub value: String,
     pub why: String,
@@ -328,23 +333,68 @@ pub fn plan_with(
         }
     };
 
-    // Slots.
-    let (slots, slots_why) = match cfg.slots.value() {
-        Some(slots) => (slots, "set in the configuration".to_string()),
+    let kv_unified = match cfg.kv_unified {
+        Some(on) => on && inputs.caps.kv_unified,
+        None => inputs.caps.kv_unified,
+    };
+    let user_cache_ram = extra_flag_value(&cfg.extra_args, &["--cache-ram", "-cram"]);
+    let ram_decision = crate::cost::ram_tier_decision(inputs.cost);
+    // Without llama-server's RAM cache (measured to cost more than it saves,
+    // or turned off), the KV cache alone holds the working set.
+    let ram_tier_off = match &user_cache_ram {
+        Some(mib) => mib.trim() == "0",
+        None => !inputs.caps.cache_ram || matches!(ram_decision, Some((false, _))),
+    };
+
+    // Slots: each holds one prompt in the KV cache, and at most
+    // `concurrency` of them decode at once.
+    let (slots, slots_why, concurrency) = match cfg.slots.value() {
+        Some(slots) => (slots, "set in the configuration".to_string(), slots),
         None => {
             let (cap, cap_why) = compute_slot_cap(hw);
             let fit = (tokens_in_budget / ctx_per_slot as u64).min(MAX_SLOTS as u64) as u32;
-            if fit >= cap {
-                (cap.max(1), format!("{cap_why}; memory fits {fit}"))
+            let decode = cap.min(fit).max(1);
+            if kv_unified && ram_tier_off {
+                // One shared pool: an idle slot costs nothing until it holds
+                // a prompt, so plan resident prompts for the working set (at
+                // half a context each) and decode only `decode` at a time.
+                // With a RAM cache that pays, that cache holds the working
+                // set instead, without reserving the KV memory.
+                let resident = (tokens_in_budget / (ctx_per_slot as u64 / 2).max(1))
+                    .min(MAX_SLOTS as u64) as u32;
+                let slots = resident.max(decode);
+                (
+                    slots,
+                    format!(
+                        "{slots} resident prompts: a shared KV pool fits {resident} of half a context ({} tokens) each; {cap_why}, so {decode} run at once",
+                        ctx_per_slot / 2
+                    ),
+                    decode,
+                )
+            } else if fit >= cap {
+                (
+                    cap.max(1),
+                    format!("{cap_why}; memory fits {fit}"),
+                    cap.max(1),
+                )
             } else {
                 (
                     fit.max(1),
                     format!("memory fits {fit} of {ctx_per_slot} tokens (compute allows {cap})"),
+                    fit.max(1),
                 )
             }
         }
     };
-    let ctx_size = slots as u64 * ctx_per_slot as u64;
+    // A unified pool is capped by the budget (slots may hold less than a
+    // whole context each); split contexts are slots × ctx_per_slot.
+    let ctx_size = if kv_unified && ram_tier_off && cfg.slots.value().is_none() {
+        (slots as u64 * ctx_per_slot as u64)
+            .min(tokens_in_budget / 256 * 256)
+            .max(ctx_per_slot as u64)
+    } else {
+        slots as u64 * ctx_per_slot as u64
+    };
     let kv_planned_bytes = ctx_size.saturating_mul(kv_bytes_per_token);
     let over_budget = kv_planned_bytes > kv_budget_bytes;
     if over_budget {
@@ -405,9 +455,8 @@ pub fn plan_with(
         None => false,
     };
 
-    let user_cache_ram = extra_flag_value(&cfg.extra_args, &["--cache-ram", "-cram"]).is_some();
-    let cache_ram_mib = match crate::cost::ram_tier_decision(inputs.cost) {
-        _ if user_cache_ram => None,
+    let cache_ram_mib = match ram_decision {
+        _ if user_cache_ram.is_some() => None,
         _ if !inputs.caps.cache_ram => None,
         Some((keep, why)) => {
             decisions_push(
@@ -421,10 +470,6 @@ pub fn plan_with(
         None => None,
     };
     let ram_tier_on = inputs.caps.cache_ram && cache_ram_mib != Some(0);
-    let kv_unified = match cfg.kv_unified {
-        Some(on) => on && inputs.caps.kv_unified,
-        None => inputs.caps.kv_unified,
-    };
     if kv_unified {
         decisions_push(
             &mut decisions,
@@ -460,10 +505,17 @@ pub fn plan_with(
         Decision {
             flag: "--ctx-size".into(),
             value: ctx_size.to_string(),
-            why: format!(
-                "{slots} slots × {ctx_per_slot} tokens; {ctx_why}; {:.2} GiB of KV",
-                gib(kv_planned_bytes)
-            ),
+            why: if ctx_size == slots as u64 * ctx_per_slot as u64 {
+                format!(
+                    "{slots} slots × {ctx_per_slot} tokens; {ctx_why}; {:.2} GiB of KV",
+                    gib(kv_planned_bytes)
+                )
+            } else {
+                format!(
+                    "one pool for {slots} slots of up to {ctx_per_slot} tokens ({ctx_why}), as much as the budget holds; {:.2} GiB of KV",
+                    gib(kv_planned_bytes)
+                )
+            },
         },
         Decision {
             flag: "--parallel".into(),
@@ -509,8 +561,20 @@ pub fn plan_with(
     ];
     ordered.append(&mut decisions);
 
+    if concurrency < slots {
+        decisions_push(
+            &mut ordered,
+            "(admission)",
+            &concurrency.to_string(),
+            format!(
+                "requests in flight at once; the other {} slots keep prompts warm",
+                slots - concurrency
+            ),
+        );
+    }
     LaunchPlan {
         slots,
+        concurrency,
         ctx_per_slot,
         ctx_size,
         threads,

@@ -504,11 +504,15 @@ pub enum AdmitError {
 struct Table {
     slots: Vec<SlotState>,
     ram: RamTier,
+    /// With a unified KV: the pool's size in tokens. llama-server empties
+    /// every idle slot when a prompt does not fit in what is left.
+    unified_pool: Option<u64>,
     /// The child the contents belong to; a new child starts empty.
     child_pid: Option<u32>,
 }
 
 pub struct Scheduler {
+    concurrency: usize,
     permits: Arc<Semaphore>,
     waiting: AtomicUsize,
     max_queue: usize,
@@ -517,10 +521,12 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// `ram_tokens`: the size of llama-server's RAM prompt cache in tokens
-    /// (0: it has none). Slot choice predicts with `cost`.
+    /// `slots` hold prompts, `concurrency` of them run at once. `ram_tokens`:
+    /// the size of llama-server's RAM prompt cache in tokens (0: it has
+    /// none). Slot choice predicts with `cost`.
     pub fn new(
         slots: usize,
+        concurrency: usize,
         max_queue: usize,
         ram_tokens: u64,
         cost: Arc<CostModel>,
@@ -528,12 +534,14 @@ impl Scheduler {
         let slots = slots.max(1);
         Arc::new(Scheduler {
             cost,
-            permits: Arc::new(Semaphore::new(slots)),
+            concurrency: concurrency.clamp(1, slots),
+            permits: Arc::new(Semaphore::new(concurrency.clamp(1, slots))),
             waiting: AtomicUsize::new(0),
             max_queue,
             table: Mutex::new(Table {
                 slots: vec![SlotState::default(); slots],
                 ram: RamTier::new(ram_tokens),
+                unified_pool: None,
                 child_pid: None,
             }),
         })
@@ -598,6 +606,18 @@ impl Scheduler {
         if let Some(old) = &replaced.blocks {
             table.ram.save(old);
         }
+        if let Some(pool) = table.unified_pool {
+            // Past the shared pool llama-server purges every idle slot.
+            let held: u64 = table.slots.iter().map(|s| s.holds.tokens()).sum();
+            if held > pool {
+                for (i, other) in table.slots.iter_mut().enumerate() {
+                    if i != slot && !other.busy {
+                        other.holds = SlotContents::default();
+                        other.hits = 0;
+                    }
+                }
+            }
+        }
         Ok(SlotLease {
             scheduler: self.clone(),
             slot,
@@ -605,6 +625,16 @@ impl Scheduler {
             decision: choice.decision,
             _permit: permit,
         })
+    }
+
+    /// The child runs one KV pool of `tokens` shared by all slots.
+    pub fn set_unified_pool(&self, tokens: Option<u64>) {
+        self.lock().unified_pool = tokens;
+    }
+
+    /// Requests that may run at once.
+    pub fn concurrency(&self) -> usize {
+        self.concurrency
     }
 
     /// The cost model slot choice predicts with.
@@ -867,7 +897,7 @@ mod tests {
     /// hit.
     #[tokio::test]
     async fn distinct_prompts_spread_and_repeats_come_back() {
-        let scheduler = Scheduler::new(4, 4, 0, cost());
+        let scheduler = Scheduler::new(4, 4, 4, 0, cost());
         let prompts: Vec<String> = (0..4).map(|i| format!("{i}{}", "x".repeat(1500))).collect();
         let mut used = std::collections::HashSet::new();
         for p in &prompts {
@@ -892,7 +922,7 @@ mod tests {
 
     #[tokio::test]
     async fn admission_is_bounded_and_frees_on_drop() {
-        let scheduler = Scheduler::new(1, 1, 0, cost());
+        let scheduler = Scheduler::new(1, 1, 1, 0, cost());
         let first = scheduler
             .acquire(&mut policy("a"), 1, Duration::from_secs(5))
             .await
@@ -929,7 +959,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn waiting_times_out() {
-        let scheduler = Scheduler::new(1, 4, 0, cost());
+        let scheduler = Scheduler::new(1, 1, 4, 0, cost());
         let _held = scheduler
             .acquire(&mut policy("a"), 1, Duration::from_secs(5))
             .await
@@ -944,7 +974,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_new_child_starts_with_empty_slots() {
-        let scheduler = Scheduler::new(2, 4, 0, cost());
+        let scheduler = Scheduler::new(2, 2, 4, 0, cost());
         let docs = "d".repeat(1000);
         let lease = scheduler
             .acquire(&mut policy(&docs), 7, Duration::from_secs(1))

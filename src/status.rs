@@ -82,6 +82,9 @@ pub struct ModelStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlanStatus {
     pub slots: u32,
+    /// Requests in flight at once (fewer than `slots` with a shared KV pool).
+    #[serde(default)]
+    pub concurrency: u32,
     pub ctx_per_slot: u32,
     pub ctx_size: u64,
     pub threads: u32,
@@ -143,6 +146,7 @@ impl StaticStatus {
             },
             plan: PlanStatus {
                 slots: plan.slots,
+                concurrency: plan.concurrency,
                 ctx_per_slot: plan.ctx_per_slot,
                 ctx_size: plan.ctx_size,
                 threads: plan.threads,

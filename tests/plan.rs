@@ -459,3 +459,89 @@ fn doctor_explains_and_its_hardware_json_round_trips() {
         );
     }
 }
+
+/// With a binary that has `--kv-unified` and llama-server's RAM cache
+/// measured to cost more than it saves, slots are planned for the working
+/// set: as many resident prompts of half a context as the budget holds, in
+/// one pool no larger than the budget, with only what the chip decodes in
+/// parallel admitted at once. With a RAM cache that pays (it holds the
+/// working set), or without the flag, slots stay the decode count.
+#[test]
+fn a_unified_kv_without_the_ram_cache_plans_resident_prompts() {
+    use contextpilotd::cost::{CostProfile, RamCost};
+    use contextpilotd::plan::{plan_with, BinaryCaps, PlanInputs};
+    let caps = BinaryCaps {
+        kv_unified: true,
+        cache_ram: true,
+        cache_idle_slots: true,
+    };
+    let with_ram = |restore_ms: f64| CostProfile {
+        ram: Some(RamCost {
+            tokens: 4080,
+            recompute_ms: 420.0,
+            restore_ms,
+            save_ms: restore_ms,
+        }),
+        ..CostProfile::unmeasured(8.7, 0.101, 11.0)
+    };
+    let costly = with_ram(124.0);
+    let cheap = with_ram(10.0);
+    let hw = hardware("macos-m3max-128gb");
+    let cfg = LlamaConfig::default();
+    let split = plan(&hw, &llama_8b(), &cfg);
+    let inputs = |cost| PlanInputs { caps, cost };
+    let unified = plan_with(&hw, &llama_8b(), &cfg, inputs(Some(&costly)));
+    assert_eq!(split.slots, split.concurrency);
+    assert!(!split.kv_unified);
+    assert!(unified.kv_unified);
+    assert_eq!(
+        unified.concurrency, split.slots,
+        "decoding is still bounded by the chip"
+    );
+    assert!(unified.slots > split.slots, "{} resident", unified.slots);
+    assert_eq!(unified.cache_ram_mib, Some(0));
+    assert!(unified.memory.kv_planned_bytes <= unified.memory.kv_budget_bytes);
+    let argv = command_line(
+        Path::new("llama-server"),
+        Path::new("/m.gguf"),
+        8080,
+        &unified,
+        &cfg,
+    );
+    assert!(argv.iter().any(|a| a == "--kv-unified"), "{argv:?}");
+    assert!(
+        !argv.iter().any(|a| a == "--no-cache-idle-slots"),
+        "{argv:?}"
+    );
+    let why: Vec<&str> = unified.decisions.iter().map(|d| d.why.as_str()).collect();
+    assert!(
+        why.iter().any(|w| w.contains("resident prompts")),
+        "{why:?}"
+    );
+
+    for cost in [Some(&cheap), None] {
+        let kept = plan_with(&hw, &llama_8b(), &cfg, inputs(cost));
+        assert_eq!((kept.slots, kept.concurrency), (split.slots, split.slots));
+        assert!(kept.kv_unified && kept.no_cache_idle_slots);
+    }
+    // On the 8 GiB M1 the pool is the budget, and admission follows the chip.
+    let small = plan_with(
+        &hardware("macos-m1-8gb"),
+        &llama_8b(),
+        &cfg,
+        inputs(Some(&costly)),
+    );
+    assert!(small.memory.kv_planned_bytes <= small.memory.kv_budget_bytes);
+    assert!(small.concurrency <= small.slots);
+    // Explicit slots are the user's: all of them run at once.
+    let explicit = plan_with(
+        &hw,
+        &llama_8b(),
+        &LlamaConfig {
+            slots: Auto::Value(8),
+            ..LlamaConfig::default()
+        },
+        inputs(Some(&costly)),
+    );
+    assert_eq!((explicit.slots, explicit.concurrency), (8, 8));
+}

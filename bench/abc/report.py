@@ -199,7 +199,7 @@ def table(doc: dict[str, Any]) -> str:
         lines.append("at concurrency 1 the systems ran side by side on their own fresh llama-servers, each request to every system in turn;")
         lines.append("req/s c1 = requests / the sum of their latencies")
     if not two:
-        lines.append(f"llama-server has {doc['slots']} slot(s) here, so concurrency = slots = 1: one run per system and workload")
+        lines.append(f"llama-server has {doc['slots']} slot(s) here and contextpilotd runs one request at a time: one run per system and workload")
     return "\n".join(lines)
 
 

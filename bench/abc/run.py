@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         if not first:
             first["argv"] = child_argv
             first["slots"] = _flag_int(child_argv, "--parallel", "-np") or 1
+            first["concurrency"] = getattr(daemon, "plan", {}).get("concurrency") or first["slots"]
         elif _flags(child_argv) != _flags(first["argv"]):
             daemon.stop()
             raise SystemExit(f"contextpilotd started llama-server with other flags than in the first run of this bench, "
@@ -368,7 +369,10 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     daemon.stop()
     slots = first.get("slots") or (a0_shape()[0] if a0_argvs else 1)
-    levels = [1] + ([args.concurrency or slots] if (args.concurrency or slots) != 1 else [])
+    # The second level is what the daemon admits at once (its slots, or
+    # fewer when a shared KV pool keeps more prompts resident than it runs).
+    parallel = args.concurrency or first.get("concurrency") or slots
+    levels = [1] + ([parallel] if parallel != 1 else [])
     # Concurrency N: one system at a time (throughput needs the machine to itself).
     if len(levels) > 1:
         concurrency = levels[1]

@@ -147,7 +147,10 @@ class Daemon:
                 self.stop()
                 raise SystemExit(f"contextpilotd was not ready within {timeout_s:.0f} s; see {self.dir / 'stderr.log'}")
             time.sleep(0.1)
-        self.child = httpx.get(f"{self.root}/status", timeout=10).json()["child"]
+        status = httpx.get(f"{self.root}/status", timeout=10).json()
+        self.child = status["child"]
+        # Slots hold prompts; `concurrency` of them run at once (fewer with a shared KV pool).
+        self.plan = status.get("plan", {})
         return self
 
     @property

@@ -108,7 +108,7 @@ pub(super) async fn batch(gateway: &Arc<Gateway>, request: Request<Incoming>) ->
 
     // At most `slots` in flight; permits are handed out in schedule order.
     // The JoinSet aborts whatever still runs if the client goes away.
-    let running = Arc::new(Semaphore::new(gateway.scheduler.slot_count()));
+    let running = Arc::new(Semaphore::new(gateway.scheduler.concurrency()));
     let mut tasks = tokio::task::JoinSet::new();
     for &index in &order {
         let permit = running

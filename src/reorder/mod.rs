@@ -752,6 +752,51 @@ mod tests {
         assert_eq!(choice.decision.choice, "cached-prefix");
     }
 
+    /// Documents seen in earlier requests are put in the order every
+    /// request puts them in even when nothing is reusable yet: later
+    /// requests reuse that head. Documents never seen keep the client's order.
+    #[test]
+    fn documents_seen_before_lead_in_canonical_order_for_later_requests() {
+        let texts: Vec<String> = ["alpha", "beta", "gamma", "delta"]
+            .iter()
+            .map(|w| format!("{w} {}", "long document text ".repeat(20)))
+            .collect();
+        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let all = docs(&texts);
+        let (header, header_tokens) = header_of(None);
+        // delta (rank 3) is new; alpha, beta, gamma (ranks 0-2) were seen.
+        let request = vec![
+            all[3].clone(),
+            all[2].clone(),
+            all[0].clone(),
+            all[1].clone(),
+        ];
+        let ranks = vec![3, 2, 0, 1];
+        let mut policy = DocumentsPolicy::new(header, header_tokens, &request, &ranks);
+        policy.known_before = 3;
+        pick(
+            &mut policy,
+            &[SlotState::default()],
+            &mut RamTier::default(),
+        );
+        assert_eq!(
+            policy.order,
+            vec![2, 3, 1, 0],
+            "alpha, beta, gamma, then delta"
+        );
+        let info = policy.info.unwrap();
+        assert!(info.reordered && info.predicted_gain_ms > 5.0, "{info:?}");
+        // Nothing seen before: nothing to converge on, the client's order.
+        let mut policy = DocumentsPolicy::new(header, header_tokens, &request, &ranks);
+        policy.known_before = 0;
+        pick(
+            &mut policy,
+            &[SlotState::default()],
+            &mut RamTier::default(),
+        );
+        assert_eq!(policy.order, vec![0, 1, 2, 3]);
+    }
+
     #[test]
     fn a_different_header_reuses_nothing_and_lru_decides() {
         let all = docs(&["alpha text", "beta text"]);
