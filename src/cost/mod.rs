@@ -174,7 +174,7 @@ impl CostProfile {
         let n = points.len() as f64;
         if points.len() < 2 {
             let p = points.first()?;
-            return Some((0.0, p.ms / p.tokens.max(1) as f64));
+            return Some((0.0, (p.ms / p.tokens.max(1) as f64).max(1e-6)));
         }
         let mean_x = points.iter().map(|p| p.tokens as f64).sum::<f64>() / n;
         let mean_y = points.iter().map(|p| p.ms).sum::<f64>() / n;
@@ -186,16 +186,20 @@ impl CostProfile {
             .iter()
             .map(|p| (p.tokens as f64 - mean_x) * (p.ms - mean_y))
             .sum();
-        if sxx <= 0.0 {
-            return Some((0.0, mean_y / mean_x.max(1.0)));
-        }
-        let slope = (sxy / sxx).max(0.0);
-        let intercept = mean_y - slope * mean_x;
-        if intercept < 0.0 {
-            // Through the origin instead.
+        let through_origin = || {
+            // Noise (a loaded machine) can make the line flat or negative:
+            // the line through the origin stays positive while times are.
             let sx2: f64 = points.iter().map(|p| (p.tokens as f64).powi(2)).sum();
             let sxy0: f64 = points.iter().map(|p| p.tokens as f64 * p.ms).sum();
-            return Some((0.0, sxy0 / sx2.max(1.0)));
+            Some((0.0, (sxy0 / sx2.max(1.0)).max(1e-6)))
+        };
+        if sxx <= 0.0 {
+            return through_origin();
+        }
+        let slope = sxy / sxx;
+        let intercept = mean_y - slope * mean_x;
+        if slope <= 0.0 || intercept < 0.0 {
+            return through_origin();
         }
         Some((intercept, slope))
     }
@@ -459,6 +463,24 @@ mod tests {
         let (a, b) = CostProfile::fit(&steep).unwrap();
         assert_eq!(a, 0.0);
         assert!(b > 0.0);
+        // Noisy points whose line slopes down still give a positive cost.
+        let noisy = [
+            PrefillPoint {
+                tokens: 16,
+                ms: 300.0,
+            },
+            PrefillPoint {
+                tokens: 32,
+                ms: 120.0,
+            },
+            PrefillPoint {
+                tokens: 64,
+                ms: 200.0,
+            },
+        ];
+        let (a, b) = CostProfile::fit(&noisy).unwrap();
+        assert_eq!(a, 0.0);
+        assert!(b > 0.0, "{b}");
         assert!(CostProfile::fit(&[]).is_none());
     }
 

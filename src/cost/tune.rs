@@ -165,8 +165,10 @@ pub async fn measure(target: TuneTarget) -> Result<CostProfile, String> {
     let probe = p.prompt(probe_len);
     let probed = p.complete(&probe).await?;
     let per_token = (probed.prompt_ms / probe_len as f64).max(1e-3);
+    // At least four times the probe, so the lengths spread enough for the
+    // fit to see the slope through a loaded machine's noise.
     let longest = ((LONGEST_PROMPT_MS / per_token) as u64)
-        .clamp(probe_len, MAX_PROMPT_TOKENS)
+        .clamp(4 * probe_len, MAX_PROMPT_TOKENS)
         .min(ctx_limit);
     let mut lengths: Vec<u64> = [longest / 4, longest / 2, longest]
         .into_iter()
