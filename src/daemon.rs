@@ -159,7 +159,11 @@ pub fn prepare(
         &hardware,
         &model,
         &config.llama,
-        PlanInputs { caps, cost: None },
+        PlanInputs {
+            caps,
+            cost: None,
+            keep_shape: None,
+        },
     );
     let binary_path = binary
         .clone()
@@ -184,6 +188,7 @@ pub fn prepare(
         PlanInputs {
             caps,
             cost: cost.as_ref(),
+            keep_shape: None,
         },
     );
     Ok(Prepared {
@@ -205,7 +210,6 @@ pub fn prepare(
 pub fn read_caps(binary: &Path) -> BinaryCaps {
     let child = std::process::Command::new(binary)
         .arg("--help")
-        .env_remove("LLAMA_ARG_HOST")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -643,6 +647,7 @@ impl Tuner {
                         PlanInputs {
                             caps: self.caps,
                             cost: Some(&profile),
+                            keep_shape: Some(&self.plan),
                         },
                     );
                     let mut message = format!(

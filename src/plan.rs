@@ -88,6 +88,9 @@ impl BinaryCaps {
 pub struct PlanInputs<'a> {
     pub caps: BinaryCaps,
     pub cost: Option<&'a crate::cost::CostProfile>,
+    /// A running plan whose slots and context to keep: a child restarted
+    /// with measured flags keeps the slot table the daemon already has.
+    pub keep_shape: Option<&'a LaunchPlan>,
 }
 
 /// The settings the daemon gives llama-server, and why.
@@ -394,6 +397,16 @@ pub fn plan_with(
             .max(ctx_per_slot as u64)
     } else {
         slots as u64 * ctx_per_slot as u64
+    };
+    let (slots, slots_why, concurrency, ctx_size) = match inputs.keep_shape {
+        Some(running) => (
+            running.slots,
+            "kept from the running llama-server: the next start plans slots from the measurement"
+                .to_string(),
+            running.concurrency,
+            running.ctx_size,
+        ),
+        None => (slots, slots_why, concurrency, ctx_size),
     };
     let kv_planned_bytes = ctx_size.saturating_mul(kv_bytes_per_token);
     let over_budget = kv_planned_bytes > kv_budget_bytes;

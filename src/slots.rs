@@ -12,8 +12,8 @@
 //! them). So a request whose only match is the chat header goes to an empty
 //! or the least valuable slot, not onto a slot others keep hitting. Busy
 //! slots are never candidates: a request never queues behind one while
-//! another is free. At most `slots` requests are in flight; the rest wait in
-//! FIFO order, up to `max_queue` of them.
+//! another is free. At most `concurrency` requests (at most one per slot)
+//! are in flight; the rest wait in FIFO order, up to `max_queue` of them.
 //!
 //! Behind the slots, llama-server keeps a host-RAM prompt cache
 //! (`--cache-ram`): a slot's prompt is saved there before it is replaced,
@@ -69,14 +69,20 @@ pub fn slot_value_ms(slot: &SlotState, cost: &CostView, now: Instant) -> f64 {
     if held == 0 {
         return 0.0;
     }
-    let hits = f64::from(slot.hits);
-    let reuse = (hits + 1.0) / (hits + 3.0);
+    let reuse = reuse_chance(slot.hits);
     let age_s = slot
         .last_used
         .map(|t| now.saturating_duration_since(t).as_secs_f64())
         .unwrap_or(f64::INFINITY);
     let fade = 0.5f64.powf(age_s / VALUE_HALF_LIFE_S);
     cost.compute_ms(held) * reuse * fade
+}
+
+/// The chance that contents with `hits` reuses so far are reused again:
+/// a third for contents nobody came back to yet, rising toward one.
+pub fn reuse_chance(hits: u32) -> f64 {
+    let hits = f64::from(hits);
+    (hits + 1.0) / (hits + 3.0)
 }
 
 /// One free slot as a place for a request: what it would reuse and lose.
@@ -124,6 +130,34 @@ pub struct Pricing<'a> {
 }
 
 impl Pricing<'_> {
+    /// Prices every free slot with what `reuse` says the request would get
+    /// there, and returns the cheapest (ties to the least recently used)
+    /// with what `reuse` returned beside it, and how many slots were free.
+    /// `None` when none is free.
+    pub fn cheapest<T>(
+        &self,
+        mut reuse: impl FnMut(usize, &SlotState) -> (Reuse, T),
+    ) -> (Option<(Candidate, T)>, usize) {
+        let mut free = 0;
+        let mut best: Option<(Candidate, T)> = None;
+        for (i, state) in self.slots.iter().enumerate().filter(|(_, s)| !s.busy) {
+            free += 1;
+            let (r, extra) = reuse(i, state);
+            let candidate = self.price(i, r);
+            let better = best.as_ref().is_none_or(|(b, _)| {
+                candidate
+                    .score_ms()
+                    .total_cmp(&b.score_ms())
+                    .then_with(|| state.last_used.cmp(&self.slots[b.slot].last_used))
+                    .is_lt()
+            });
+            if better {
+                best = Some((candidate, extra));
+            }
+        }
+        (best, free)
+    }
+
     /// Evaluates `slot` for a request that reuses `reuse` of it.
     pub fn price(&self, slot: usize, reuse: Reuse) -> Candidate {
         let cost = self.cost;
@@ -160,15 +194,6 @@ impl Candidate {
     /// time of the requests that would have reused what it overwrites.
     pub fn score_ms(&self) -> f64 {
         self.prompt_ms + self.restore_ms + self.save_ms + self.lost_value_ms
-    }
-
-    /// The cheapest of `candidates`; ties to the least recently used slot.
-    pub fn best(candidates: &[Candidate], slots: &[SlotState]) -> Option<Candidate> {
-        candidates.iter().copied().min_by(|a, b| {
-            a.score_ms()
-                .total_cmp(&b.score_ms())
-                .then_with(|| slots[a.slot].last_used.cmp(&slots[b.slot].last_used))
-        })
     }
 }
 
@@ -387,41 +412,25 @@ impl SlotPolicy for PrefixPolicy {
             now: input.now,
         };
         let prompt_tokens = tokens_of_bytes(self.prompt.len());
-        let candidates: Vec<(Candidate, usize)> = input
-            .slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| !s.busy)
-            .map(|(i, s)| {
-                let shared = common_prefix_len(&s.holds.key, &self.prompt);
-                let reused = tokens_of_bytes(shared).min(prompt_tokens);
-                let c = pricing.price(
-                    i,
-                    Reuse {
-                        prompt: prompt_tokens,
-                        reused,
-                        restored: 0,
-                        kept: reused,
-                    },
-                );
-                (c, shared)
-            })
-            .collect();
-        let free = candidates.len();
-        let plain: Vec<Candidate> = candidates.iter().map(|(c, _)| *c).collect();
-        let best = Candidate::best(&plain, input.slots).unwrap_or_else(|| {
-            pricing.price(
-                0,
-                Reuse {
-                    prompt: prompt_tokens,
-                    ..Reuse::default()
-                },
-            )
+        let (best, free) = pricing.cheapest(|_, s| {
+            let shared = common_prefix_len(&s.holds.key, &self.prompt);
+            let reused = tokens_of_bytes(shared).min(prompt_tokens);
+            let reuse = Reuse {
+                prompt: prompt_tokens,
+                reused,
+                restored: 0,
+                kept: reused,
+            };
+            (reuse, shared)
         });
-        let shared = candidates
-            .iter()
-            .find(|(c, _)| c.slot == best.slot)
-            .map_or(0, |(_, n)| *n);
+        // The scheduler guarantees a free slot; slot 0 keeps this total.
+        let (best, shared) = best.unwrap_or_else(|| {
+            let reuse = Reuse {
+                prompt: prompt_tokens,
+                ..Reuse::default()
+            };
+            (pricing.price(0, reuse), 0)
+        });
         let hit = shared >= MIN_USEFUL_PREFIX;
         let choice = if hit {
             "prefix"
@@ -461,19 +470,12 @@ impl SlotPolicy for ReservePolicy {
             cost: input.cost,
             now: input.now,
         };
-        let candidates: Vec<Candidate> = input
-            .slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| !s.busy)
-            .map(|(i, _)| pricing.price(i, Reuse::default()))
-            .collect();
-        let best = Candidate::best(&candidates, input.slots)
-            .unwrap_or_else(|| pricing.price(0, Reuse::default()));
+        let (best, free) = pricing.cheapest(|_, _| (Reuse::default(), ()));
+        let best = best.map_or_else(|| pricing.price(0, Reuse::default()), |(c, ())| c);
         Choice {
             slot: best.slot,
             contents: SlotContents::default(),
-            decision: SlotDecision::from_candidate("reserved", &best, candidates.len()),
+            decision: SlotDecision::from_candidate("reserved", &best, free),
             hit: false,
         }
     }
@@ -578,7 +580,7 @@ impl Scheduler {
             }
             table.ram.clear();
         }
-        // A permit guarantees a free slot (permits == slots); a policy that
+        // A permit guarantees a free slot (permits <= slots); a policy that
         // names a busy one anyway gets the first free one.
         let table = &mut *table;
         let cost = self.cost.view();
@@ -609,7 +611,7 @@ impl Scheduler {
         if let Some(pool) = table.unified_pool {
             // Past the shared pool llama-server purges every idle slot.
             let held: u64 = table.slots.iter().map(|s| s.holds.tokens()).sum();
-            if held > pool {
+            if cost.tokens(held) > pool {
                 for (i, other) in table.slots.iter_mut().enumerate() {
                     if i != slot && !other.busy {
                         other.holds = SlotContents::default();

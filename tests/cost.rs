@@ -268,7 +268,8 @@ fn cache_ram_follows_the_measured_restore_cost() {
     };
     let expensive = write("cuda.json", 558.0, 530.0, 541.0);
     let cheap = write("unified.json", 30.0, 20.0, 541.0);
-    let command = |profile: &Path| {
+    // A configuration with the real binary and model, planned from `profile`.
+    let config_with = |profile: &Path| {
         let config = dir.path().join("config.toml");
         std::fs::write(
             &config,
@@ -280,6 +281,10 @@ fn cache_ram_follows_the_measured_restore_cost() {
             ),
         )
         .unwrap();
+        config
+    };
+    let command = |profile: &Path| {
+        let config = config_with(profile);
         let out = Command::new(BIN)
             .args(["doctor", "--json", "--config"])
             .arg(&config)
@@ -333,17 +338,7 @@ fn cache_ram_follows_the_measured_restore_cost() {
     // A profile file that is not one is a configuration error naming it.
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, "{\"prefill_ms_per_token\": -1}").unwrap();
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[llama]\nbinary = \"{}\"\nmodel = \"{}\"\n\n[cost]\nprofile = \"{}\"\n",
-            parts.llama_server.display(),
-            parts.model.display(),
-            bad.display()
-        ),
-    )
-    .unwrap();
+    let config = config_with(&bad);
     let out = Command::new(BIN)
         .args(["print-command", "--config"])
         .arg(&config)

@@ -489,7 +489,11 @@ fn a_unified_kv_without_the_ram_cache_plans_resident_prompts() {
     let hw = hardware("macos-m3max-128gb");
     let cfg = LlamaConfig::default();
     let split = plan(&hw, &llama_8b(), &cfg);
-    let inputs = |cost| PlanInputs { caps, cost };
+    let inputs = |cost| PlanInputs {
+        caps,
+        cost,
+        keep_shape: None,
+    };
     let unified = plan_with(&hw, &llama_8b(), &cfg, inputs(Some(&costly)));
     assert_eq!(split.slots, split.concurrency);
     assert!(!split.kv_unified);
@@ -518,6 +522,23 @@ fn a_unified_kv_without_the_ram_cache_plans_resident_prompts() {
         why.iter().any(|w| w.contains("resident prompts")),
         "{why:?}"
     );
+
+    // A child restarted with the measured flags keeps the running slots.
+    let restarted = plan_with(
+        &hw,
+        &llama_8b(),
+        &cfg,
+        PlanInputs {
+            caps,
+            cost: Some(&costly),
+            keep_shape: Some(&split),
+        },
+    );
+    assert_eq!(
+        (restarted.slots, restarted.concurrency, restarted.ctx_size),
+        (split.slots, split.concurrency, split.ctx_size)
+    );
+    assert_eq!(restarted.cache_ram_mib, Some(0));
 
     for cost in [Some(&cheap), None] {
         let kept = plan_with(&hw, &llama_8b(), &cfg, inputs(cost));

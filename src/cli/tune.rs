@@ -38,6 +38,7 @@ pub fn run(arg: ConfigArg, json: bool) -> i32 {
         PlanInputs {
             caps: prepared.caps,
             cost: None,
+            keep_shape: None,
         },
     );
     let ram_tier = plan::planned_ram_cache_tokens(&unmeasured, &llama.extra_args) > 0;
@@ -85,6 +86,7 @@ pub fn run(arg: ConfigArg, json: bool) -> i32 {
         PlanInputs {
             caps: prepared.caps,
             cost: Some(&profile),
+            keep_shape: None,
         },
     );
     if json {

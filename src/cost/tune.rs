@@ -181,7 +181,7 @@ pub async fn measure(target: TuneTarget) -> Result<CostProfile, String> {
         ms: probed.prompt_ms,
     }];
     let mut last = Vec::new();
-    let mut recompute_wall = 0.0;
+    let mut recompute_ms = 0.0;
     for &n in &lengths {
         last = p.prompt(n);
         let cold = p.complete(&last).await?;
@@ -189,7 +189,7 @@ pub async fn measure(target: TuneTarget) -> Result<CostProfile, String> {
             tokens: n,
             ms: cold.prompt_ms,
         });
-        recompute_wall = cold.prompt_ms;
+        recompute_ms = cold.prompt_ms;
     }
     points.sort_by_key(|pt| pt.tokens);
     let (fixed, per_token) = CostProfile::fit(&points).ok_or("no prefill was measured")?;
@@ -221,7 +221,7 @@ pub async fn measure(target: TuneTarget) -> Result<CostProfile, String> {
         if restored {
             ram = Some(RamCost {
                 tokens: longest,
-                recompute_ms: recompute_wall,
+                recompute_ms,
                 restore_ms: median(restores),
                 save_ms: median(saves),
             });

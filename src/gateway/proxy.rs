@@ -1122,16 +1122,13 @@ impl DocumentRequest {
             .filter(|turn| {
                 // Started over, the prompt holds this turn's documents and
                 // the client's own history, without earlier documents.
-                let restart_bytes: usize = messages.iter().map(|m| m.to_string().len()).sum();
                 let restart_tokens = u64::from(header_tokens)
                     + documents
                         .docs
                         .iter()
                         .map(|d| u64::from(d.tokens))
                         .sum::<u64>()
-                    + crate::slots::tokens_of_bytes(restart_bytes)
-                    + 3 * documents.docs.len() as u64
-                    + 16;
+                    + reorder::tail_tokens(&messages, documents.docs.len());
                 keep_conversation(gateway, path, &turn.messages, restart_tokens)
             });
         if let Some(turn) = &turn {
@@ -1157,12 +1154,8 @@ impl DocumentRequest {
             &self.documents.docs,
             &self.ranks,
         );
-        // The question and history after the documents, and the ranking
-        // line (a few tokens per document).
-        let rest: usize = self.messages.iter().map(|m| m.to_string().len()).sum();
-        policy.tail_tokens =
-            (crate::slots::tokens_of_bytes(rest) + 3 * self.documents.docs.len() as u64 + 16)
-                .min(u64::from(u32::MAX)) as u32;
+        policy.tail_tokens = reorder::tail_tokens(&self.messages, self.documents.docs.len())
+            .min(u64::from(u32::MAX)) as u32;
         policy.threshold = threshold;
         policy.known_before = self.known_before;
         policy

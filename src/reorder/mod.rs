@@ -10,10 +10,12 @@
 //!
 //! The order is chosen together with the slot ([`DocumentsPolicy`]): for
 //! every free slot, the longest run of documents at the start of what that
-//! slot holds that this request also has is reusable as-is; the slot with
-//! the most reusable tokens wins, its run goes first in the slot's order, and
-//! the other documents follow in one canonical order (first seen first), so
-//! later requests over the same documents converge on the same prefix.
+//! slot holds that this request also has is reusable as-is. Each slot is
+//! priced in predicted time (`slots::Pricing`) twice: with its run first and
+//! the other documents in one canonical order (first seen first, so later
+//! requests over the same documents converge on the same prefix), and in the
+//! client's order. The reordered layout is used only when it saves at least
+//! [`GainThreshold`], counting what its canonical head saves later requests.
 
 pub mod cluster;
 pub mod conversation;
@@ -29,8 +31,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::slots::{
-    Block, BlockSeq, Candidate, Choice, ChoiceInput, Pricing, RamTier, Reuse, SlotContents,
-    SlotDecision, SlotPolicy,
+    Block, BlockSeq, Choice, ChoiceInput, Pricing, RamTier, Reuse, SlotContents, SlotDecision,
+    SlotPolicy,
 };
 
 /// The fixed instruction line before the documents.
@@ -255,7 +257,6 @@ pub struct DocumentsPolicy<'a> {
 
 /// One way to lay out the request's documents on one slot.
 struct Layout {
-    candidate: Candidate,
     /// The documents reused from the slot (or RAM cache), in their order.
     run: Vec<usize>,
     ram_entry: Option<usize>,
@@ -384,87 +385,71 @@ impl SlotPolicy for DocumentsPolicy<'_> {
             .collect();
         let prompt = self.prompt_tokens();
         let from_ram = self.best_in_ram(ram, &index);
-        let mut reordered: Vec<Layout> = Vec::new();
-        let mut client: Vec<Layout> = Vec::new();
-        for (i, s) in slots.iter().enumerate().filter(|(_, s)| !s.busy) {
+        let reuse = |reused: u32, restored: u32, kept: u32| Reuse {
+            prompt,
+            reused: u64::from(reused),
+            restored: u64::from(restored),
+            kept: u64::from(kept),
+        };
+        // Reordered: the run the slot holds first, or, when the slot would
+        // keep less than half of what it holds (llama-server then consults
+        // its RAM cache; an empty slot never does), the best entry there.
+        let (with_reorder, free) = pricing.cheapest(|_, s| {
             let held = s.holds.blocks.as_deref();
             let (tokens, run) = self.reusable(held, &index);
-            let candidate = |reused: u32, restored: u32, kept: u32| {
-                pricing.price(
-                    i,
-                    Reuse {
-                        prompt,
-                        reused: u64::from(reused),
-                        restored: u64::from(restored),
-                        kept: u64::from(kept),
-                    },
-                )
-            };
-            // When the slot would keep less than half of what it holds,
-            // llama-server consults its RAM cache (an empty slot never
-            // does) and loads the best entry first.
-            let holds_something = !s.holds.is_empty();
             let keeps_little = held.is_none_or(|h| u64::from(tokens) * 2 < h.tokens());
-            let layout = match &from_ram {
+            match &from_ram {
                 Some((e, ram_tokens, ram_run))
-                    if holds_something && keeps_little && *ram_tokens > tokens =>
+                    if !s.holds.is_empty() && keeps_little && *ram_tokens > tokens =>
                 {
-                    Layout {
-                        candidate: candidate(*ram_tokens, *ram_tokens, tokens),
+                    let layout = Layout {
                         run: ram_run.clone(),
                         ram_entry: Some(*e),
-                    }
+                    };
+                    (reuse(*ram_tokens, *ram_tokens, tokens), layout)
                 }
-                _ => Layout {
-                    candidate: candidate(tokens, 0, tokens),
-                    run,
-                    ram_entry: None,
-                },
-            };
-            reordered.push(layout);
-            let (same_tokens, same) = self.reusable_in_client_order(held);
-            client.push(Layout {
-                candidate: candidate(same_tokens, 0, same_tokens),
+                _ => {
+                    let layout = Layout {
+                        run,
+                        ram_entry: None,
+                    };
+                    (reuse(tokens, 0, tokens), layout)
+                }
+            }
+        });
+        // In the client's order: what the slot holds at the same positions.
+        let (in_client_order, _) = pricing.cheapest(|_, s| {
+            let (tokens, same) = self.reusable_in_client_order(s.holds.blocks.as_deref());
+            let layout = Layout {
                 run: (0..same).collect(),
                 ram_entry: None,
-            });
-        }
-        let free = reordered.len();
-        let best = |layouts: Vec<Layout>| {
-            let candidates: Vec<Candidate> = layouts.iter().map(|l| l.candidate).collect();
-            let chosen = Candidate::best(&candidates, slots)?;
-            layouts
-                .into_iter()
-                .find(|l| l.candidate.slot == chosen.slot)
+            };
+            (reuse(tokens, 0, tokens), layout)
+        });
+        // The scheduler guarantees a free slot; slot 0 keeps this total.
+        let fallback = || {
+            let layout = Layout {
+                run: Vec::new(),
+                ram_entry: None,
+            };
+            (pricing.price(0, reuse(0, 0, 0)), layout)
         };
-        let fallback = || Layout {
-            candidate: pricing.price(
-                0,
-                Reuse {
-                    prompt,
-                    ..Reuse::default()
-                },
-            ),
-            run: Vec::new(),
-            ram_entry: None,
-        };
-        let with_reorder = best(reordered).unwrap_or_else(fallback);
-        let in_client_order = best(client).unwrap_or_else(fallback);
+        let with_reorder = with_reorder.unwrap_or_else(fallback);
+        let in_client_order = in_client_order.unwrap_or_else(fallback);
         // Quality wins ties: the client's (relevance) order stays unless
         // reordering is predicted to save real time, now (what this request
         // reuses) or later (a head of documents seen before, in the order
         // every request puts them in, that later requests reuse; weighted
         // like an unproven slot's contents, see `slot_value_ms`).
-        let reordered_order = self.reordered(&with_reorder.run);
+        let reordered_order = self.reordered(&with_reorder.1.run);
         let client_order: Vec<usize> = (0..self.docs.len()).collect();
         let later_ms = (cost.compute_ms(self.shared_head_tokens(&reordered_order))
             - cost.compute_ms(self.shared_head_tokens(&client_order)))
-            / 3.0;
-        let gain_ms =
-            in_client_order.candidate.score_ms() - with_reorder.candidate.score_ms() + later_ms;
+            * crate::slots::reuse_chance(0);
+        let gain_ms = in_client_order.0.score_ms() - with_reorder.0.score_ms() + later_ms;
         let pays = gain_ms >= self.threshold.min_ms
-            && gain_ms >= self.threshold.min_share * in_client_order.candidate.prompt_ms;
-        let (chosen, order) = if pays {
+            && gain_ms >= self.threshold.min_share * in_client_order.0.prompt_ms;
+        let ((c, chosen), order) = if pays {
             (with_reorder, reordered_order)
         } else {
             (in_client_order, client_order)
@@ -488,7 +473,6 @@ impl SlotPolicy for DocumentsPolicy<'_> {
                 })
                 .collect(),
         });
-        let c = chosen.candidate;
         let slot_choice = match (chosen.run.is_empty(), c.reused_tokens > 0) {
             (false, _) if chosen.ram_entry.is_some() => "ram-cache",
             (false, _) => "cached-prefix",
@@ -544,6 +528,13 @@ pub fn render_system(caller_system: Option<&str>, docs: &[Document], order: &[us
     out.push_str(&ranking.join(" > "));
     out.push_str("\nPrioritize information from higher-ranked documents.");
     out
+}
+
+/// Estimated tokens after the documents of a rendered request: the
+/// caller's other messages, and the ranking line (a few tokens a document).
+pub fn tail_tokens(messages: &[Value], documents: usize) -> u64 {
+    let bytes: usize = messages.iter().map(|m| m.to_string().len()).sum();
+    crate::slots::tokens_of_bytes(bytes) + 3 * documents as u64 + 16
 }
 
 /// What precedes the documents in the prompt: its identity and size.

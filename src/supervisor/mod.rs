@@ -195,8 +195,8 @@ enum Outcome {
     Exited(ExitStatus),
     /// Killed by us; the string says why.
     Killed(String),
-    /// Stopped by us to start again with a new plan.
-    Replanned(LaunchPlan),
+    /// Stopped by us to start again with the plan asked for.
+    Replanned,
     Shutdown,
 }
 
@@ -209,6 +209,11 @@ impl Supervisor {
                 0 => process::free_loopback_port().unwrap_or(0),
                 p => p,
             };
+            // Every child runs the latest plan asked for, also one asked for
+            // while the previous child was going away.
+            if let Some(plan) = self.replan.borrow_and_update().clone() {
+                self.spec.plan = plan;
+            }
             let argv = self.spec.argv(port);
             self.tail.push(format!(
                 "--- contextpilotd: starting {}",
@@ -240,12 +245,11 @@ impl Supervisor {
             };
 
             let last_exit = match outcome {
-                Outcome::Replanned(plan) => {
+                Outcome::Replanned => {
                     tracing::info!("starting llama-server again with the measured plan");
                     self.tail.push(
                         "--- contextpilotd: restarting llama-server with the measured plan".into(),
                     );
-                    self.spec.plan = plan;
                     self.view.send_modify(|v| {
                         v.state = State::Restarting;
                         v.pid = None;
@@ -342,7 +346,6 @@ impl Supervisor {
         let mut last_ok = Instant::now();
         let mut phase = self.phase.clone();
         let mut replan = self.replan.clone();
-        replan.mark_unchanged();
 
         loop {
             let (pause, probe_timeout) = match ready_at {
@@ -380,17 +383,15 @@ impl Supervisor {
                     return (Outcome::Shutdown, ready_at.map(|t| t.elapsed()));
                 }
                 Ok(()) = replan.changed(), if ready_at.is_some() => {
-                    let Some(plan) = replan.borrow_and_update().clone() else {
-                        continue;
-                    };
-                    if plan == self.spec.plan {
+                    let asked = replan.borrow_and_update().clone();
+                    if asked.is_none_or(|plan| plan == self.spec.plan) {
                         continue;
                     }
                     tracing::info!(pid = child.pid(), "stopping llama-server for a new plan");
                     if let Err(e) = child.stop(stop_grace).await {
                         tracing::warn!("stopping llama-server: {e}");
                     }
-                    return (Outcome::Replanned(plan), ready_at.map(|t| t.elapsed()));
+                    return (Outcome::Replanned, ready_at.map(|t| t.elapsed()));
                 }
                 ok = probe => ok,
             };
