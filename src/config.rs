@@ -58,13 +58,31 @@ pub enum IndexMode {
     Stateless,
 }
 
+/// How far a rewritten prompt may move from the client's layout
+/// (`[reorder] quality`): the known-answer eval (bench/abc/quality.py)
+/// measures what each layout costs in answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quality {
+    /// Only layouts the eval found to keep answers (the default).
+    Strict,
+    /// The layouts that reuse the most cache, also where the eval found
+    /// them to cost answers on small models.
+    Balanced,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ReorderConfig {
+    /// `strict` (default) or `balanced`: see [`Quality`].
+    pub quality: Quality,
     /// Find document lists inside system messages and tool results of
     /// requests without `documents` and reorder them (a request turns it off
     /// with `X-ContextPilot-Enabled: false`).
     pub infer_documents: bool,
+    /// Block dedup: a block of a tool result or long message that already
+    /// appeared earlier in the request is replaced by a pointer to it.
+    pub dedup: bool,
     /// The ContextPilot-compatible `/reorder`: `live` or `stateless`.
     pub index: IndexMode,
     /// Bound on the live index's leaves; the least recently used go first.
@@ -86,7 +104,9 @@ pub struct ReorderConfig {
 impl Default for ReorderConfig {
     fn default() -> Self {
         ReorderConfig {
+            quality: Quality::Strict,
             infer_documents: true,
+            dedup: true,
             index: IndexMode::Live,
             live_max_leaves: 100_000,
             live_ttl_s: 3600,

@@ -530,6 +530,8 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
         conversations: Default::default(),
         compat: crate::gateway::CompatState::new(&config.reorder),
         infer_documents: config.reorder.infer_documents,
+        dedup: config.reorder.dedup,
+        quality: config.reorder.quality,
         conversation_max_tokens: match config.reorder.conversation_max_tokens {
             0 => u64::from(ctx_per_slot) * 3 / 4,
             n => n,

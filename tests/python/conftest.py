@@ -54,13 +54,15 @@ def daemon(real_parts, tmp_path_factory) -> Daemon:
 
 @pytest.fixture
 def make_daemon(real_parts, tmp_path_factory):
-    """Factory for a test's own daemon: `make_daemon(server={"api_key": "k"})`.
+    """Factory for a test's own daemon: `make_daemon(server={"api_key": "k"})`,
+    `make_daemon(reorder={"quality": "balanced"})`.
     Each is started, and stopped (exit code 0 unless the test killed it) at
     the end of the test."""
     made: list[Daemon] = []
 
-    def make(server: dict[str, Any] | None = None, start: bool = True) -> Daemon:
-        d = Daemon(tmp_path_factory.mktemp("daemon"), server=server)
+    def make(server: dict[str, Any] | None = None, start: bool = True,
+             reorder: dict[str, Any] | None = None) -> Daemon:
+        d = Daemon(tmp_path_factory.mktemp("daemon"), server=server, reorder=reorder)
         made.append(d)
         return d.start() if start else d
 

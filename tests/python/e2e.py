@@ -113,10 +113,12 @@ class Daemon:
     """One `contextpilotd run` in a directory of its own.
 
     `server` adds keys to [server] (api_key, max_body_bytes, max_queue,
-    queue_timeout_s, ...). Nothing runs until `start()`.
+    queue_timeout_s, ...), `reorder` to [reorder] (quality, ...). Nothing
+    runs until `start()`.
     """
 
-    def __init__(self, workdir: Path, server: dict[str, Any] | None = None):
+    def __init__(self, workdir: Path, server: dict[str, Any] | None = None,
+                 reorder: dict[str, Any] | None = None):
         self.bin = required_path("CONTEXTPILOTD_BIN")
         self.llama_server = required_path("CONTEXTPILOTD_TEST_LLAMA_SERVER")
         self.model = required_path("CONTEXTPILOTD_TEST_MODEL")
@@ -131,6 +133,7 @@ class Daemon:
         self.config_path = self.dir / "config.toml"
         self.stderr_path = self.dir / "stderr.log"
         self.server_extra = dict(server or {})
+        self.reorder_extra = dict(reorder or {})
         self.api_key = self.server_extra.get("api_key")
         self.process: subprocess.Popen | None = None
         self.killed = False
@@ -165,6 +168,8 @@ class Daemon:
                 "[cost]",
                 "measure = false",
                 "",
+                *(["[reorder]", *(f"{k} = {toml_value(v)}" for k, v in self.reorder_extra.items()), ""]
+                  if self.reorder_extra else []),
                 "[meter]",
                 f"query_log = {toml_value(str(self.query_log))}",
                 "",
