@@ -11,8 +11,10 @@ documents states. For each model, the same questions go, one at a time, to
       default, and `quality = "balanced"`);
 
 and, with --ablations, prompt layouts that change one thing at a time
-(rendered here, sent to a plain llama-server of their own; see LAYOUTS),
-which says what in a rewritten prompt costs answers. Each system's
+(rendered here, sent to a plain llama-server of their own; see LAYOUTS;
+`L:plain` sends A's own prompts there, a control that shows how many
+answers change with the cache's history alone), which says what in a
+rewritten prompt costs answers. Each system's
 accuracy has a 95 % Wilson interval; each is paired with A on the same
 questions (exact McNemar test: the questions A got right and it got wrong,
 and the reverse). The runs also report what the cache held (share of prompt
@@ -56,15 +58,18 @@ FULL = dict(topics=10, topic_docs=16, doc_chars=120, queries=200, k=5, users=40,
             loops=40, steps=5, agent_docs=4)
 
 # The daemon's settings under test: name -> TOML appended to its config.
+# strict (the default) and balanced differ in inferred mode only, so on
+# rag and chat (requests with `documents`) they behave alike: two runs of
+# one configuration, which shows the eval's noise.
 SETTINGS = {
     "strict": '[reorder]\nquality = "strict"\n',
     "balanced": '[reorder]\nquality = "balanced"\n',
 }
-# Daemon settings of the ablations (the agent workload, whose requests the
-# daemon rewrites by block dedup and inferred-mode reordering only).
+# Daemon settings of the ablations: block dedup, on the agent workload,
+# whose requests the daemon rewrites by dedup and (balanced) inferred mode.
 DAEMON_ABLATIONS = {
-    "no-dedup": ("block dedup off", ("agent",), '[reorder]\nquality = "balanced"\ndedup = false\n'),
-    "no-infer": ("inferred-mode reordering off", ("agent",), '[reorder]\nquality = "balanced"\ninfer_documents = false\n'),
+    "balanced-no-dedup": ("inferred mode without block dedup", ("agent",),
+                          '[reorder]\nquality = "balanced"\ndedup = false\n'),
 }
 
 # --- statistics -----------------------------------------------------------------
@@ -168,8 +173,8 @@ def _conversation(mode: str, order_by: str = "relevance"):
     documents; later turns forward the history as it was sent (so earlier
     turns' documents stay where they were) and put this turn's documents in
     the last user message. mode "reference": documents sent earlier are
-    named by label, new ones added (contextpilotd before the quality
-    setting); "repeat": every document of the turn written in full again;
+    named by label, new ones added (contextpilotd's layout); "repeat":
+    every document of the turn written in full again;
     "plain-turn": the system message holds only the instruction and the
     last user message this turn's documents (no earlier documents at all)."""
     def render(layout: Layout, session: Session, step) -> list[dict]:
@@ -265,6 +270,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="one client thread per llama-server instead of every request in turn (much faster where "
                         "the machine has the cores or a GPU; TTFT is then not comparable across systems)")
     p.add_argument("--seed", type=int, default=20261201)
+    p.add_argument("--sessions", type=int, help="only the first N sessions of each workload (a smoke test)")
     p.add_argument("--extra-daemon-toml", default="", help="TOML appended to every daemon's config")
     p.add_argument("--out", help="JSON file (default target/bench/quality-<timestamp>.json)")
     args = p.parse_args(argv)
@@ -275,6 +281,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"{what} must name a file (got {path!r})")
     if not args.models:
         p.error("no model: give --model (or set $MODEL)")
+    # Absolute: the daemons run in directories of their own.
+    args.models = [str(Path(m).resolve()) for m in args.models]
+    args.llama_server, args.contextpilotd = (str(Path(x).resolve()) for x in (args.llama_server, args.contextpilotd))
     unknown = [s for s in args.settings.split(",") if s and s not in SETTINGS]
     if unknown:
         p.error(f"--settings: unknown {', '.join(unknown)}")
@@ -301,7 +310,7 @@ def model_extra(model: str) -> list[str]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = QUICK if args.quick else FULL
     corpus, all_workloads = facts.generate(args.seed, sizes)
-    chosen = {w: all_workloads[w] for w in args.workloads.split(",") if w in all_workloads}
+    chosen = {w: all_workloads[w][: args.sessions] for w in args.workloads.split(",") if w in all_workloads}
     scratch = Path(tempfile.mkdtemp(prefix="contextpilotd-quality-"))
     started = datetime.now(timezone.utc)
     doc: dict[str, Any] = {"started": started.isoformat(timespec="seconds"), "sizes": sizes, "seed": args.seed,

@@ -71,8 +71,6 @@ pub struct Gateway {
     pub dedup: bool,
     /// When reordering documents is worth leaving the client's order.
     pub reorder_threshold: crate::reorder::GainThreshold,
-    /// Which prompt layouts the daemon may use (`[reorder] quality`).
-    pub quality: crate::config::Quality,
     /// The longest prompt (tokens) a conversation grows to before it starts
     /// over with only the current turn's documents.
     pub conversation_max_tokens: u64,

@@ -84,15 +84,6 @@ struct Target {
 }
 
 impl Gateway {
-    /// How a later conversation turn writes its documents: in full next to
-    /// the question unless the user chose `quality = "balanced"`.
-    fn turn_layout(&self) -> reorder::conversation::TurnLayout {
-        match self.quality {
-            crate::config::Quality::Strict => reorder::conversation::TurnLayout::Repeat,
-            crate::config::Quality::Balanced => reorder::conversation::TurnLayout::Reference,
-        }
-    }
-
     /// Waits until the child is ready (and, after a failure, is not the one
     /// that failed), or returns the state it was stuck in at the deadline.
     async fn wait_ready(&self, avoid_pid: Option<u32>, deadline: Instant) -> Result<Target, State> {
@@ -1084,13 +1075,11 @@ impl DocumentRequest {
                 .cloned()
                 .unwrap_or_default();
             let caller_system = reorder::take_caller_system(&mut messages)?;
-            let Some(turn) = gateway.conversations.continue_turn(
-                id,
-                caller_system.as_deref(),
-                &messages,
-                &[],
-                gateway.turn_layout(),
-            ) else {
+            let Some(turn) =
+                gateway
+                    .conversations
+                    .continue_turn(id, caller_system.as_deref(), &messages, &[])
+            else {
                 return Ok(None);
             };
             object.insert("messages".into(), Value::Array(turn.messages.clone()));
@@ -1132,7 +1121,6 @@ impl DocumentRequest {
                     caller_system.as_deref(),
                     &messages,
                     &documents.docs,
-                    gateway.turn_layout(),
                 )
             })
             .filter(|turn| {

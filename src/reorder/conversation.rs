@@ -5,12 +5,10 @@
 //! every message as forwarded, and which documents went out under which
 //! label. On later turns the history is forwarded byte-identical to what was
 //! sent before, so the whole earlier conversation stays a cached prefix, and
-//! only the new last message is rewritten, in one of two layouts
-//! ([`TurnLayout`]): every document of the turn written in full next to the
-//! question (the default), or documents sent earlier named by their label
-//! and only new ones added. A client whose history no longer matches (an
-//! edited or different conversation under the same id) starts the
-//! conversation over.
+//! only the new last message is rewritten: documents sent earlier are named
+//! by their label instead of being repeated, new ones are added under new
+//! labels. A client whose history no longer matches (an edited or different
+//! conversation under the same id) starts the conversation over.
 //!
 //! A turn changes what is remembered only once llama-server has answered
 //! it ([`Conversations::commit`]): a turn that failed and is sent again (or
@@ -63,21 +61,6 @@ pub struct Turn {
     pub pending: Option<Pending>,
 }
 
-/// How a later turn's documents are written into its last message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TurnLayout {
-    /// Every document of the turn, in the client's order and in full, under
-    /// its conversation label, then the ranking: the question stands next
-    /// to the documents it needs. The history is still a cached prefix;
-    /// only the turn's documents are computed again.
-    Repeat,
-    /// Documents sent earlier are named by label ("Documents [2], [5] from
-    /// earlier in this conversation also apply"), new ones written in full:
-    /// the fewest new tokens, but the model must look far back, which the
-    /// quality eval measured to cost small models answers.
-    Reference,
-}
-
 #[derive(Default)]
 pub struct Conversations {
     inner: Mutex<Inner>,
@@ -108,7 +91,6 @@ impl Conversations {
         caller_system: Option<&str>,
         messages: &[Value],
         docs: &[Document],
-        layout: TurnLayout,
     ) -> Option<Turn> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.clock += 1;
@@ -160,24 +142,18 @@ impl Conversations {
                 None => new.push(doc),
             }
         }
-        for doc in &new {
-            let label = conversation.labels.len() + 1;
-            conversation.labels.insert(doc.hash, label);
-        }
-        let label = |doc: &Document| conversation.labels[&doc.hash];
+        let mut next_label = conversation.labels.len() + 1;
         let mut block = String::new();
-        let written: Vec<&Document> = match layout {
-            TurnLayout::Repeat => docs.iter().collect(),
-            TurnLayout::Reference => new.clone(),
-        };
-        if !written.is_empty() {
+        if !new.is_empty() {
             block.push_str("<documents>\n");
-            for doc in &written {
-                block.push_str(&format!("[{}] {}\n", label(doc), doc.text));
+            for doc in &new {
+                block.push_str(&format!("[{next_label}] {}\n", doc.text));
+                conversation.labels.insert(doc.hash, next_label);
+                next_label += 1;
             }
             block.push_str("</documents>\n");
         }
-        if layout == TurnLayout::Reference && !referenced.is_empty() {
+        if !referenced.is_empty() {
             let list: Vec<String> = referenced.iter().map(|l| format!("[{l}]")).collect();
             block.push_str(&format!(
                 "Documents {} from earlier in this conversation also apply.\n",
@@ -185,16 +161,15 @@ impl Conversations {
             ));
         }
         if !docs.is_empty() {
-            let ranking: Vec<String> = docs.iter().map(|d| label(d).to_string()).collect();
+            let ranking: Vec<String> = docs
+                .iter()
+                .map(|d| conversation.labels[&d.hash].to_string())
+                .collect();
             block.push_str(&format!(
                 "Read the documents in this importance ranking: {}\nPrioritize information from higher-ranked documents.\n\n",
                 ranking.join(" > ")
             ));
         }
-        let referenced = match layout {
-            TurnLayout::Repeat => Vec::new(),
-            TurnLayout::Reference => referenced,
-        };
         let mut forwarded: Vec<Value> = conversation.sent.iter().map(|(_, m)| m.clone()).collect();
         for (i, original) in messages.iter().enumerate().skip(history_len) {
             let mut message = original.clone();
@@ -335,13 +310,7 @@ mod tests {
         let q2 = json!({"role": "user", "content": "q2"});
         let second = docs(&["AUTH text", "OAUTH text", "CACHE text", "DEPLOY text"]);
         let mut turn = conversations
-            .continue_turn(
-                "c1",
-                None,
-                &[q1.clone(), a1.clone(), q2.clone()],
-                &second,
-                TurnLayout::Reference,
-            )
+            .continue_turn("c1", None, &[q1.clone(), a1.clone(), q2.clone()], &second)
             .unwrap();
         conversations.commit(turn.pending.take().unwrap());
         assert_eq!((turn.new_documents, turn.referenced), (2, 2));
@@ -372,49 +341,10 @@ mod tests {
                 None,
                 &[q1.clone(), a1.clone(), q2.clone(), a2, q3],
                 &[],
-                TurnLayout::Repeat,
             )
             .unwrap();
         assert_eq!(turn3.messages[..4], turn.messages[..]);
         assert_eq!(turn3.messages[5]["content"], "q3");
-    }
-
-    /// The default layout: the turn's documents in full, in the client's
-    /// order, under their conversation labels, next to the question.
-    #[test]
-    fn a_repeat_turn_writes_every_document_next_to_the_question() {
-        let conversations = Conversations::default();
-        let first = docs(&["AUTH text", "DB text", "OAUTH text"]);
-        let system = json!({"role": "system", "content": render_system(None, &first, &[0, 1, 2])});
-        let q1 = json!({"role": "user", "content": "q1"});
-        conversations.commit(Conversations::start(
-            "c1",
-            None,
-            system.clone(),
-            std::slice::from_ref(&q1),
-            &first,
-            &[0, 1, 2],
-        ));
-        let a1 = json!({"role": "assistant", "content": "a1"});
-        let q2 = json!({"role": "user", "content": "q2"});
-        let second = docs(&["OAUTH text", "CACHE text", "AUTH text"]);
-        let turn = conversations
-            .continue_turn(
-                "c1",
-                None,
-                &[q1.clone(), a1.clone(), q2],
-                &second,
-                TurnLayout::Repeat,
-            )
-            .unwrap();
-        assert_eq!((turn.new_documents, turn.referenced), (1, 0));
-        assert_eq!(&turn.messages[..3], &[system, q1, a1], "history as sent");
-        assert_eq!(
-            turn.messages[3]["content"],
-            "<documents>\n[3] OAUTH text\n[4] CACHE text\n[1] AUTH text\n</documents>\n\
-             Read the documents in this importance ranking: 3 > 4 > 1\n\
-             Prioritize information from higher-ranked documents.\n\nq2"
-        );
     }
 
     #[test]
@@ -433,17 +363,11 @@ mod tests {
         let a1 = json!({"role": "assistant", "content": "a1"});
         let q2 = json!({"role": "user", "content": "q2"});
         let mut turn = conversations
-            .continue_turn(
-                "c",
-                None,
-                &[q1.clone(), a1.clone(), q2.clone()],
-                &[],
-                TurnLayout::Repeat,
-            )
+            .continue_turn("c", None, &[q1.clone(), a1.clone(), q2.clone()], &[])
             .unwrap();
         conversations.commit(turn.pending.take().unwrap());
         let again = conversations
-            .continue_turn("c", None, &[q1, a1, q2], &[], TurnLayout::Repeat)
+            .continue_turn("c", None, &[q1, a1, q2], &[])
             .unwrap();
         assert_eq!(again.messages, turn.messages);
         assert!(again.pending.is_none());
@@ -465,46 +389,22 @@ mod tests {
         let edited = json!({"role": "user", "content": "q1 edited"});
         let q2 = json!({"role": "user", "content": "q2"});
         assert!(conversations
-            .continue_turn(
-                "c",
-                Some("sys"),
-                &[edited, q2.clone()],
-                &d,
-                TurnLayout::Repeat
-            )
+            .continue_turn("c", Some("sys"), &[edited, q2.clone()], &d)
             .is_none());
         assert!(conversations
-            .continue_turn(
-                "c",
-                Some("other"),
-                &[q1.clone(), q2.clone()],
-                &d,
-                TurnLayout::Repeat
-            )
+            .continue_turn("c", Some("other"), &[q1.clone(), q2.clone()], &d)
             .is_none());
         assert!(conversations
-            .continue_turn(
-                "unknown",
-                Some("sys"),
-                &[q1.clone(), q2.clone()],
-                &d,
-                TurnLayout::Repeat
-            )
+            .continue_turn("unknown", Some("sys"), &[q1.clone(), q2.clone()], &d)
             .is_none());
         assert!(
             conversations
-                .continue_turn(
-                    "c",
-                    Some("sys"),
-                    std::slice::from_ref(&q1),
-                    &d,
-                    TurnLayout::Repeat
-                )
+                .continue_turn("c", Some("sys"), std::slice::from_ref(&q1), &d)
                 .is_none(),
             "nothing new"
         );
         assert!(conversations
-            .continue_turn("c", Some("sys"), &[q1, q2], &d, TurnLayout::Repeat)
+            .continue_turn("c", Some("sys"), &[q1, q2], &d)
             .is_some());
     }
 
@@ -547,18 +447,11 @@ mod tests {
                 None,
                 &[q1.clone(), a1.clone(), q2.clone()],
                 &docs(&["B text"]),
-                TurnLayout::Repeat,
             )
             .unwrap();
         drop(failed);
         let retried = conversations
-            .continue_turn(
-                "c",
-                None,
-                &[q1, a1, q2],
-                &docs(&["B text"]),
-                TurnLayout::Repeat,
-            )
+            .continue_turn("c", None, &[q1, a1, q2], &docs(&["B text"]))
             .unwrap();
         assert_eq!(
             retried.new_documents, 1,

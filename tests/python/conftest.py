@@ -1,6 +1,7 @@
 """Fixtures of the end-to-end suite (helpers in e2e.py).
 
-`daemon`: the default daemon, one per test module.
+`daemon`: the default daemon, one per test module (a module's
+`DAEMON_REORDER` dict, when it has one, adds keys to its [reorder]).
 `make_daemon`: a test's own daemon with extra [server] keys, stopped at the
 end of the test; its exit code must be 0 unless the test killed it.
 """
@@ -42,9 +43,9 @@ def real_parts() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def daemon(real_parts, tmp_path_factory) -> Daemon:
+def daemon(real_parts, tmp_path_factory, request) -> Daemon:
     """The default daemon, shared by the tests of one module."""
-    d = Daemon(tmp_path_factory.mktemp("daemon"))
+    d = Daemon(tmp_path_factory.mktemp("daemon"), reorder=getattr(request.module, "DAEMON_REORDER", None))
     try:
         d.start()
         yield d

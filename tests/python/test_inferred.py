@@ -2,7 +2,9 @@
 `documents` whose tool results hold document lists. Known documents are put
 first, documents already in the prompt are not sent again, and a later turn
 forwards the earlier ones byte-identical, which the child's own cache counter
-(`cached_tokens` = `timings.cache_n`) shows."""
+(`cached_tokens` = `timings.cache_n`) shows. Inferred mode runs with
+`quality = "balanced"` (or `infer_documents = true`); the default, strict,
+leaves such requests as the client wrote them."""
 
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ import json
 import httpx
 
 from e2e import Daemon
+
+# The module's shared daemon runs inferred mode.
+DAEMON_REORDER = {"quality": "balanced"}
 
 
 def doc(name: str) -> str:
@@ -40,8 +45,22 @@ def ask(client, messages: list[dict], **headers: str):
     return raw.parse(), (json.loads(result) if result else None)
 
 
-def test_tool_results_are_reordered_deduplicated_and_stay_a_cached_prefix(make_daemon):
+def test_by_default_tool_results_are_forwarded_as_the_client_wrote_them(make_daemon):
+    """strict (the default) runs no inferred mode: the same requests that
+    balanced reorders get no report and no reorder record."""
     d: Daemon = make_daemon()
+    client = d.client()
+    base = [{"role": "user", "content": "Summarise."}]
+    _, report = ask(client, base + tool_turn("s0", ["SIGMA", "TAU"]))
+    assert report is None
+    _, report = ask(client, base + tool_turn("s1", ["TAU", "SIGMA"]))
+    assert report is None
+    lines = d.wait_query_log(2)
+    assert all(line.get("reorder") is None for line in lines), lines
+
+
+def test_tool_results_are_reordered_deduplicated_and_stay_a_cached_prefix(make_daemon):
+    d: Daemon = make_daemon(reorder=DAEMON_REORDER)
     client = d.client()
     system = {"role": "system", "content": "You are a research agent. Answer briefly."}
 
