@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import facts  # noqa: E402
 import report  # noqa: E402
 import systems  # noqa: E402
+from run import Progress, run_interleaved  # noqa: E402
 from workloads import Session  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -350,6 +351,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if args.parallel_servers:
                         per = run_per_server(sysobjs, sessions, args.max_tokens, label)
                     else:
+                        # Each step to every system in turn, as the time bench does.
                         per = run_interleaved(sysobjs, sessions, args.max_tokens, label)
                 query_logs = {k: d.query_log() for k, d in daemons.items() if k.startswith("C-")}
             finally:
@@ -374,34 +376,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return doc
 
 
-def run_interleaved(sysobjs: dict[str, systems.System], sessions: list[Session], max_tokens: int,
-                    label: str) -> dict[str, list[dict]]:
-    """Each step to every system in turn (the first one rotating), so a
-    change in the machine's load hits all of them alike."""
-    keys = list(sysobjs)
-    out: dict[str, list[dict]] = {k: [] for k in keys}
-    from run import Progress  # the same progress line as the time bench
-
-    progress = Progress(label, len(keys) * sum(len(s.steps) for s in sessions))
-    n = 0
-    with systems.client() as http:
-        for session in sessions:
-            for index in range(len(session.steps)):
-                for j in range(len(keys)):
-                    key = keys[(n + j) % len(keys)]
-                    out[key].append(systems.run_step(http, sysobjs[key], session, index, max_tokens))
-                    progress.step()
-                n += 1
-    return out
-
-
 def run_per_server(sysobjs: dict[str, systems.System], sessions: list[Session], max_tokens: int,
                    label: str) -> dict[str, list[dict]]:
     """One thread per llama-server (systems sharing one take turns on it),
     each sending its systems' steps in workload order."""
     import threading
-
-    from run import Progress
 
     groups: dict[int, list[str]] = {}
     for key, system in sysobjs.items():
