@@ -541,6 +541,7 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
         },
         sessions: Default::default(),
         next_query: AtomicU64::new(0),
+        streams: Default::default(),
     });
     gateway.scheduler.set_unified_pool(unified_pool);
     let header_timeout = Duration::from_secs(config.server.header_timeout_s);
@@ -552,13 +553,24 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
         // From here on a child that dies is not replaced.
         supervisor.drain();
     };
+    let streams = gateway.streams.clone();
     gateway::serve(listener, gateway, stop, DRAIN_GRACE, header_timeout).await;
     tracing::info!("shutting down: stopping llama-server");
     if let Some(task) = tuning {
         task.abort();
     }
     supervisor.shutdown().await;
-    // Streams the stop cut have recorded themselves by now; write it all.
+    // A stream the stop cut records itself when it notices: wait for the
+    // last one before writing it all.
+    if tokio::time::timeout(DRAIN_GRACE, streams.idle())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "{} streams had not ended {DRAIN_GRACE:?} after llama-server stopped; their records are lost",
+            streams.in_flight()
+        );
+    }
     meter.flush().await;
     tracing::info!("contextpilotd stopped");
     drop(lock);

@@ -34,6 +34,8 @@
 //!   user unit generated from one spec, the `launchctl`/`systemctl` command
 //!   lines, and parsers for what those say about the service.
 //! * [`http_client`]: the loopback HTTP client used for probes and `status`.
+//! * [`sync`]: the lock helpers every shared table uses (usable after a
+//!   panic elsewhere, and why that is sound).
 //! * [`cli`]: the command line, one file per command.
 //!
 //! # Data flow
@@ -59,3 +61,4 @@ pub mod service;
 pub mod slots;
 pub mod status;
 pub mod supervisor;
+pub mod sync;

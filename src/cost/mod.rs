@@ -340,31 +340,25 @@ impl CostModel {
     }
 
     pub fn note(&self) -> TuneNote {
-        self.note.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        crate::sync::lock(&self.note).clone()
     }
 
     pub fn set_note(&self, measuring: bool, message: Option<String>) {
-        let mut note = self.note.lock().unwrap_or_else(|e| e.into_inner());
+        let mut note = crate::sync::lock(&self.note);
         note.measuring = measuring;
         note.message = message;
     }
 
     pub fn set_decisions(&self, decisions: Vec<String>) {
-        self.note
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .decisions = decisions;
+        crate::sync::lock(&self.note).decisions = decisions;
     }
 
     pub fn profile(&self) -> Arc<CostProfile> {
-        self.profile
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        crate::sync::read(&self.profile).clone()
     }
 
     pub fn replace(&self, profile: CostProfile) {
-        *self.profile.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(profile);
+        *crate::sync::write(&self.profile) = Arc::new(profile);
     }
 
     /// The daemon's estimates times this are llama-server's token counts.

@@ -11,7 +11,7 @@
 //! (`reordered_contexts[i]` is input `original_indices[i]`), in both modes
 //! and on every call. All index work runs on the blocking pool.
 
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, TryLockError};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -23,6 +23,7 @@ use super::{error, json, Body, Gateway};
 use crate::config::{IndexMode, ReorderConfig};
 use crate::reorder::cluster::{self, IndexResult};
 use crate::reorder::live::{self, DedupResult, Key, LiveIndex, SlotOccupancy};
+use crate::sync::lock;
 
 /// The compatibility API's state: the live index and which request each
 /// slot answered last.
@@ -100,12 +101,6 @@ impl CompatState {
         .await
         .unwrap_or_default()
     }
-}
-
-/// The index stays usable after a panic elsewhere: its operations leave it
-/// consistent between calls.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn stats_json(index: &LiveIndex) -> Value {

@@ -76,6 +76,47 @@ pub struct Gateway {
     pub conversation_max_tokens: u64,
     pub sessions: crate::reorder::infer::Sessions,
     pub next_query: AtomicU64,
+    /// Streaming responses still being relayed (each records itself when
+    /// it ends), so that shutdown flushes the meter after the last one.
+    pub streams: StreamTasks,
+}
+
+/// A count of the stream tasks in flight.
+#[derive(Clone)]
+pub struct StreamTasks(Arc<watch::Sender<usize>>);
+
+/// Held by one stream task; dropping it (after the task recorded its
+/// request) counts the task out.
+pub struct StreamTask(Arc<watch::Sender<usize>>);
+
+impl Default for StreamTasks {
+    fn default() -> Self {
+        StreamTasks(Arc::new(watch::Sender::new(0)))
+    }
+}
+
+impl StreamTasks {
+    pub fn enter(&self) -> StreamTask {
+        self.0.send_modify(|n| *n += 1);
+        StreamTask(self.0.clone())
+    }
+
+    pub fn in_flight(&self) -> usize {
+        *self.0.borrow()
+    }
+
+    /// Resolves once no stream task is left.
+    pub async fn idle(&self) {
+        let mut count = self.0.subscribe();
+        // The sender lives in `self`, so the channel cannot close here.
+        let _ = count.wait_for(|n| *n == 0).await;
+    }
+}
+
+impl Drop for StreamTask {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 /// Routes that run a model request through admission, slot choice and the
@@ -410,5 +451,41 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("connections still open after {grace:?}; closing them");
+    }
+}
+
+#[cfg(test)]
+mod stream_tasks_tests {
+    use super::StreamTasks;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn idle_waits_for_the_last_stream_task() {
+        let streams = StreamTasks::default();
+        streams.idle().await; // none: resolves at once
+        let first = streams.enter();
+        let second = streams.enter();
+        assert_eq!(streams.in_flight(), 2);
+        let waiting = tokio::spawn({
+            let streams = streams.clone();
+            async move { streams.idle().await }
+        });
+        drop(first);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), async {
+                while !waiting.is_finished() {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .is_err(),
+            "idle resolved with a stream task still in flight"
+        );
+        drop(second);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("idle resolves once the last task is done")
+            .unwrap();
+        assert_eq!(streams.in_flight(), 0);
     }
 }

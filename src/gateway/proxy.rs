@@ -828,7 +828,10 @@ fn start_stream(
     outer.recorded = true;
     let openai = ctx.path.starts_with("/v1/");
     let mut observer = StreamObserver::new(ctx.gateway.meter.log_prompts);
+    // Dropped last, after the task has recorded the request.
+    let in_flight = ctx.gateway.streams.enter();
     tokio::spawn(async move {
+        let _in_flight = in_flight;
         let mut lease = Some(lease);
         let mut ttft_ms = None;
         let mut chunk = Some(first);

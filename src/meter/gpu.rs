@@ -25,7 +25,7 @@
 
 use std::collections::VecDeque;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use plist::{Dictionary, Value};
@@ -376,7 +376,7 @@ impl GpuSampler {
     /// Stops background sampling now (the `powermetrics` child is killed).
     /// Readings taken so far stay available.
     pub fn shutdown(&self) {
-        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(PoisonError::into_inner));
+        let tasks = std::mem::take(&mut *crate::sync::lock(&self.tasks));
         for task in tasks {
             task.abort();
         }
@@ -399,16 +399,12 @@ impl GpuSampler {
                 runtime.spawn(run_nvidia_smi(weak, nvidia_smi, interval))
             }
         };
-        sampler
-            .tasks
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(task.abort_handle());
+        crate::sync::lock(&sampler.tasks).push(task.abort_handle());
         sampler
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::sync::lock(&self.state)
     }
 
     fn push_from(&self, at: Instant, sample: GpuSample, source: &'static str) {

@@ -92,7 +92,7 @@ impl Conversations {
         messages: &[Value],
         docs: &[Document],
     ) -> Option<Turn> {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = crate::sync::lock(&self.inner);
         inner.clock += 1;
         let clock = inner.clock;
         let stored = inner.map.get_mut(id)?;
@@ -233,7 +233,7 @@ impl Conversations {
         if conversation.bytes > MAX_BYTES {
             return;
         }
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = crate::sync::lock(&self.inner);
         inner.clock += 1;
         conversation.last_used = inner.clock;
         if let Some(old) = inner.map.remove(&id) {
@@ -261,19 +261,11 @@ impl Conversations {
 
     /// Whether a conversation with this id is remembered.
     pub fn contains(&self, id: &str) -> bool {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .map
-            .contains_key(id)
+        crate::sync::lock(&self.inner).map.contains_key(id)
     }
 
     pub fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .map
-            .len()
+        crate::sync::lock(&self.inner).map.len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -216,7 +216,7 @@ impl Sessions {
 
         // Replay the longest run of messages sent exactly as before.
         let earlier: Option<Arc<Vec<Sent>>> = {
-            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let mut inner = crate::sync::lock(&self.inner);
             inner.clock += 1;
             let clock = inner.clock;
             inner.map.get_mut(&key).map(|session| {
@@ -385,7 +385,7 @@ impl Sessions {
         if bytes > MAX_SESSION_BYTES {
             return;
         }
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = crate::sync::lock(&self.inner);
         inner.clock += 1;
         let clock = inner.clock;
         if let Some(old) = inner.map.remove(&pending.key) {
@@ -413,11 +413,7 @@ impl Sessions {
     }
 
     pub fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .map
-            .len()
+        crate::sync::lock(&self.inner).map.len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -153,13 +153,13 @@ impl Registry {
     /// The rank the next new document gets: documents ranked below it were
     /// seen in earlier requests.
     pub fn next_rank(&self) -> u64 {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).next
+        crate::sync::lock(&self.inner).next
     }
 
     /// Notes the documents and returns each one's canonical rank. An id seen
     /// before with different text is an error.
     pub fn observe(&self, docs: &[Document]) -> Result<Vec<u64>, String> {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = crate::sync::lock(&self.inner);
         // Check every id before storing any, so a refused request leaves
         // nothing behind.
         for doc in docs {

@@ -36,7 +36,7 @@ pub struct OutputTail(Arc<Mutex<VecDeque<String>>>);
 
 impl OutputTail {
     pub fn push(&self, line: String) {
-        let mut lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut lines = crate::sync::lock(&self.0);
         if lines.len() == TAIL_LINES {
             lines.pop_front();
         }
@@ -44,12 +44,7 @@ impl OutputTail {
     }
 
     pub fn lines(&self) -> Vec<String> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .cloned()
-            .collect()
+        crate::sync::lock(&self.0).iter().cloned().collect()
     }
 }
 

@@ -110,3 +110,24 @@ def test_sigkill_during_stream_ends_with_error(make_daemon):
 
     wait_restarted(d, pid)
     wait_until(60, "/health 200 after the restart", lambda: d.get("/health").status_code == 200, interval_s=0.1)
+
+
+def test_a_stream_cut_by_sigterm_is_recorded_before_the_daemon_exits(make_daemon):
+    """SIGTERM in the middle of a stream: the daemon exits 0, and its query
+    log, read only after the exit (nothing waits for a late write), holds the
+    stream's record: shutdown waits for every stream task before the meter
+    flushes."""
+    d = make_daemon()
+    client = d.client(max_retries=0, timeout=60)
+    before = len(d.query_log_lines())
+    stream = client.chat.completions.create(**LONG, stream=True)
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
+    else:
+        pytest.fail("the stream ended before its first content delta")
+    assert d.stop() == 0
+    stream.close()
+    new = d.query_log_lines()[before:]
+    assert len(new) == 1, new
+    assert new[0].get("stream") is True, new[0]
