@@ -7,6 +7,7 @@
 
 mod batch;
 mod compat;
+mod headers;
 mod proxy;
 pub use compat::CompatState;
 pub use proxy::Upstream;

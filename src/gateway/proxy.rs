@@ -16,6 +16,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use serde_json::Value;
 
+pub(super) use super::headers::RequestOptions;
 use super::sse::StreamObserver;
 use super::{error, error_body, full, json, with_retry_after, Body, ChannelBody, Gateway};
 use crate::meter::{round2, CacheReuse, QueryRecord};
@@ -391,38 +392,6 @@ fn infer_documents(gateway: &Gateway, options: &RequestOptions, ctx: &mut Ctx, b
         });
     }
     ctx.result_header = serde_json::to_string(&report).ok();
-}
-
-/// Per-request options from the HTTP headers.
-#[derive(Debug, Clone)]
-pub(super) struct RequestOptions {
-    /// `X-Conversation-Id`.
-    pub conversation: Option<String>,
-    /// The `X-ContextPilot-*` settings; with `X-ContextPilot-Enabled: false`
-    /// (or 0, no) the payload is left alone.
-    pub intercept: reorder::extract::InterceptConfig,
-    /// Who is calling (a hash of its credentials), so sessions never mix
-    /// callers.
-    pub client: String,
-}
-
-impl RequestOptions {
-    pub(super) fn from_headers(headers: &hyper::HeaderMap) -> RequestOptions {
-        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        let intercept = reorder::extract::InterceptConfig::from_headers(
-            headers
-                .iter()
-                .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?))),
-        );
-        let client = header("authorization")
-            .map(|auth| format!("{:016x}", reorder::text_hash(auth)))
-            .unwrap_or_default();
-        RequestOptions {
-            conversation: header("x-conversation-id").map(str::to_string),
-            intercept,
-            client,
-        }
-    }
 }
 
 impl Ctx {

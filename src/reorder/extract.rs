@@ -18,18 +18,15 @@
 //! The last two are opt-in because ordinary prompts are full of `---` lines
 //! (YAML front matter) and `#` headings that are not document boundaries.
 //!
-//! Behaviour is tuned per request with `X-ContextPilot-*` headers, which are
-//! consumed here and must never reach llama-server ([`is_control_header`]).
+//! Behaviour is tuned per request by [`InterceptConfig`], which the gateway
+//! reads from `X-ContextPilot-*` headers (`gateway::headers`).
 
 use std::fmt::Write as _;
 
 use serde_json::{Map, Value};
 
-const HEADER_PREFIX: &str = "x-contextpilot-";
-const DEFAULT_TAG: &str = "document";
-const DEFAULT_SEPARATOR: &str = "---";
-const DEFAULT_ALPHA: f64 = 0.001;
-const DEFAULT_LINKAGE: &str = "average";
+pub const DEFAULT_TAG: &str = "document";
+pub const DEFAULT_SEPARATOR: &str = "---";
 
 /// Fixed priority orders. A reference implementation iterated a hash set here,
 /// which made the chosen tag differ from run to run when several were present.
@@ -65,7 +62,8 @@ pub enum Mode {
 }
 
 impl Mode {
-    fn parse(value: &str) -> Self {
+    /// A mode's name, any case; anything else is `auto`.
+    pub fn parse(value: &str) -> Self {
         match value.trim().to_ascii_lowercase().as_str() {
             "xml_tag" => Mode::XmlTag,
             "numbered" => Mode::Numbered,
@@ -86,7 +84,8 @@ pub enum Scope {
 }
 
 impl Scope {
-    fn parse(value: &str) -> Self {
+    /// A scope's name, any case; anything else is `all`.
+    pub fn parse(value: &str) -> Self {
         match value.trim().to_ascii_lowercase().as_str() {
             "system" => Scope::System,
             "tool_results" => Scope::ToolResults,
@@ -103,16 +102,14 @@ impl Scope {
     }
 }
 
-/// Per-request settings. `alpha` and `linkage` are not used here; they are
-/// parsed alongside the rest so that all control headers live in one place.
+/// Per-request settings (parsed from `X-ContextPilot-*` headers by the
+/// gateway, `gateway::headers`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct InterceptConfig {
     pub enabled: bool,
     pub mode: Mode,
     pub tag: String,
     pub separator: String,
-    pub alpha: f64,
-    pub linkage: String,
     pub scope: Scope,
 }
 
@@ -123,91 +120,19 @@ impl Default for InterceptConfig {
             mode: Mode::Auto,
             tag: DEFAULT_TAG.to_string(),
             separator: DEFAULT_SEPARATOR.to_string(),
-            alpha: DEFAULT_ALPHA,
-            linkage: DEFAULT_LINKAGE.to_string(),
             scope: Scope::All,
         }
     }
 }
 
-impl InterceptConfig {
-    /// Builds the settings from request headers given as `(name, value)`
-    /// pairs. Names are matched case-insensitively; unusable values fall back
-    /// to the defaults rather than failing the request, because a typo in an
-    /// optional tuning header should not cost the client its answer.
-    pub fn from_headers<'a>(headers: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
-        let mut config = Self::default();
-        for (name, value) in headers {
-            let Some(key) = control_suffix(name) else {
-                continue;
-            };
-            let value = value.trim();
-            match key.to_ascii_lowercase().as_str() {
-                "enabled" => {
-                    config.enabled =
-                        !matches!(value.to_ascii_lowercase().as_str(), "false" | "0" | "no");
-                }
-                "mode" => config.mode = Mode::parse(value),
-                "tag" => {
-                    config.tag = if is_valid_tag(value) {
-                        value.to_string()
-                    } else {
-                        DEFAULT_TAG.to_string()
-                    };
-                }
-                "separator" => {
-                    config.separator = if value.is_empty() {
-                        DEFAULT_SEPARATOR.to_string()
-                    } else {
-                        value.to_string()
-                    };
-                }
-                "alpha" => config.alpha = parse_alpha(value),
-                "linkage" => {
-                    config.linkage = if value.is_empty() {
-                        DEFAULT_LINKAGE.to_string()
-                    } else {
-                        value.to_ascii_lowercase()
-                    };
-                }
-                "scope" => config.scope = Scope::parse(value),
-                _ => {}
-            }
-        }
-        config
-    }
-}
-
-fn parse_alpha(value: &str) -> f64 {
-    match value.parse::<f64>() {
-        Ok(alpha) if alpha.is_finite() && alpha >= 0.0 => alpha,
-        _ => DEFAULT_ALPHA,
-    }
-}
-
 /// A tag name is spliced into `<name` searches, so anything that could end or
 /// break a tag (`>`, `/`, spaces, quotes) would make the search meaningless.
-fn is_valid_tag(tag: &str) -> bool {
+pub fn is_valid_tag(tag: &str) -> bool {
     !tag.is_empty()
         && tag.len() <= 64
         && tag
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
-}
-
-fn control_suffix(name: &str) -> Option<&str> {
-    let head = name.get(..HEADER_PREFIX.len())?;
-    if head.eq_ignore_ascii_case(HEADER_PREFIX) {
-        name.get(HEADER_PREFIX.len()..)
-    } else {
-        None
-    }
-}
-
-/// True for `X-ContextPilot-*` headers (any case). They steer this daemon and
-/// mean nothing to llama-server, so they are never forwarded upstream.
-pub fn is_control_header(name: &str) -> bool {
-    control_suffix(name).is_some()
 }
 
 /// How to put the text back together; the variant also names the layout.
@@ -1205,84 +1130,6 @@ mod tests {
 
     fn ids(extraction: &Extraction) -> Vec<&str> {
         extraction.identities().iter().map(String::as_str).collect()
-    }
-
-    // --- headers ---------------------------------------------------------
-
-    #[test]
-    fn empty_headers_give_defaults() {
-        let config = InterceptConfig::from_headers([]);
-        assert_eq!(config, InterceptConfig::default());
-        assert!(config.enabled);
-        assert_eq!(config.mode, Mode::Auto);
-        assert_eq!(config.tag, "document");
-        assert_eq!(config.separator, "---");
-        assert_eq!(config.alpha, 0.001);
-        assert_eq!(config.linkage, "average");
-        assert_eq!(config.scope, Scope::All);
-    }
-
-    #[test]
-    fn enabled_header_disables_on_false_values() {
-        for value in ["false", "0", "no", "False", "NO", " no "] {
-            let config = InterceptConfig::from_headers([("X-ContextPilot-Enabled", value)]);
-            assert!(!config.enabled, "{value:?} should disable");
-        }
-        for value in ["true", "1", "yes", "whatever"] {
-            let config = InterceptConfig::from_headers([("X-ContextPilot-Enabled", value)]);
-            assert!(config.enabled, "{value:?} should keep enabled");
-        }
-    }
-
-    #[test]
-    fn header_values_are_parsed_and_invalid_ones_fall_back() {
-        let config = InterceptConfig::from_headers([
-            ("x-contextpilot-mode", "JSON_RESULTS"),
-            ("X-CONTEXTPILOT-TAG", "chunk"),
-            ("X-ContextPilot-Separator", "==="),
-            ("x-ContextPilot-Alpha", "0.5"),
-            ("X-ContextPilot-Linkage", "Complete"),
-            ("X-ContextPilot-Scope", "tool_results"),
-            ("Content-Type", "application/json"),
-        ]);
-        assert_eq!(config.mode, Mode::JsonResults);
-        assert_eq!(config.tag, "chunk");
-        assert_eq!(config.separator, "===");
-        assert_eq!(config.alpha, 0.5);
-        assert_eq!(config.linkage, "complete");
-        assert_eq!(config.scope, Scope::ToolResults);
-
-        let config = InterceptConfig::from_headers([
-            ("X-ContextPilot-Mode", "fancy"),
-            ("X-ContextPilot-Scope", "everything"),
-            ("X-ContextPilot-Alpha", "abc"),
-            ("X-ContextPilot-Tag", "bad tag>"),
-        ]);
-        assert_eq!(config.mode, Mode::Auto);
-        assert_eq!(config.scope, Scope::All);
-        assert_eq!(config.alpha, 0.001);
-        assert_eq!(config.tag, "document");
-
-        for alpha in ["-1", "NaN", "inf", ""] {
-            let config = InterceptConfig::from_headers([("X-ContextPilot-Alpha", alpha)]);
-            assert_eq!(config.alpha, 0.001, "{alpha:?}");
-        }
-        let config = InterceptConfig::from_headers([("X-ContextPilot-Scope", "SYSTEM")]);
-        assert_eq!(config.scope, Scope::System);
-        let config = InterceptConfig::from_headers([("x-contextpilot-mode", "Markdown_Header")]);
-        assert_eq!(config.mode, Mode::MarkdownHeader);
-    }
-
-    #[test]
-    fn control_headers_are_recognised_in_any_case() {
-        assert!(is_control_header("X-ContextPilot-Mode"));
-        assert!(is_control_header("x-contextpilot-anything-new"));
-        assert!(is_control_header("X-CONTEXTPILOT-"));
-        assert!(!is_control_header("X-ContextPilot"));
-        assert!(!is_control_header("x-contextpilotmode"));
-        assert!(!is_control_header("content-type"));
-        assert!(!is_control_header(""));
-        assert!(!is_control_header("é-contextpilot-éé"));
     }
 
     // --- XML ---------------------------------------------------------------
