@@ -394,6 +394,29 @@ fn infer_documents(gateway: &Gateway, options: &RequestOptions, ctx: &mut Ctx, b
     ctx.result_header = serde_json::to_string(&report).ok();
 }
 
+/// The 503 (with Retry-After) for a request that waited `waited` for a
+/// child that did not become ready; `respond` renders it (and records it,
+/// for a model request).
+fn not_ready(
+    state: State,
+    waited: Duration,
+    respond: impl FnOnce(StatusCode, &str, &str) -> Response<Body>,
+) -> Response<Body> {
+    let message = format!(
+        "llama-server is not ready ({}) after {}s; try again",
+        state.as_str(),
+        waited.as_secs()
+    );
+    with_retry_after(
+        respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &message,
+            "unavailable_error",
+        ),
+        "5",
+    )
+}
+
 impl Ctx {
     pub(super) fn new(gateway: &Arc<Gateway>, path: &str) -> Ctx {
         let number = gateway.next_query.fetch_add(1, Ordering::Relaxed);
@@ -526,18 +549,9 @@ pub(super) async fn serve_model(
         let target = match gateway.wait_ready(avoid_pid, deadline).await {
             Ok(target) => target,
             Err(state) => {
-                return with_retry_after(
-                    ctx.fail(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        &format!(
-                            "llama-server is not ready ({}) after {}s; try again",
-                            state.as_str(),
-                            gateway.queue_timeout.as_secs()
-                        ),
-                        "unavailable_error",
-                    ),
-                    "5",
-                );
+                return not_ready(state, gateway.queue_timeout, |status, message, kind| {
+                    ctx.fail(status, message, kind)
+                });
             }
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -929,16 +943,7 @@ pub(super) async fn passthrough(
     let deadline = Instant::now() + gateway.queue_timeout;
     let target = match gateway.wait_ready(None, deadline).await {
         Ok(target) => target,
-        Err(state) => {
-            return with_retry_after(
-                error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("llama-server is not ready ({})", state.as_str()),
-                    "unavailable_error",
-                ),
-                "5",
-            );
-        }
+        Err(state) => return not_ready(state, gateway.queue_timeout, error),
     };
     let response = match gateway
         .upstream
