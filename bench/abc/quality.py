@@ -50,9 +50,9 @@ from workloads import Session  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Five documents a question: with eight, the two small models answer a
-# fifth of the questions or fewer, which leaves a paired test little to
-# compare; with five they answer about half.
+# Five documents a question: with eight the two small models answered one
+# question in eight in a trial, with six under a third, which leaves a paired
+# test little to compare; with five they answer a quarter to a half.
 QUICK = dict(topics=6, topic_docs=16, doc_chars=120, queries=48, k=5, users=12, turns=4, chat_docs=5,
              loops=12, steps=4, agent_docs=4)
 FULL = dict(topics=10, topic_docs=16, doc_chars=120, queries=200, k=5, users=40, turns=5, chat_docs=5,
