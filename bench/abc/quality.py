@@ -169,7 +169,7 @@ def _reordered(ranking: bool = True, labels: str = "position", restate: int = 0)
     return render
 
 
-def _conversation(mode: str, order_by: str = "relevance"):
+def _conversation(mode: str):
     """contextpilotd's multi-turn layout: the first turn like a request with
     documents; later turns forward the history as it was sent (so earlier
     turns' documents stay where they were) and put this turn's documents in
@@ -185,7 +185,7 @@ def _conversation(mode: str, order_by: str = "relevance"):
             return [{"role": "system", "content": INSTRUCTION}, *step.history,
                     {"role": "user", "content": block + step.question}]
         if conv is None or not step.history:
-            order = layout.canonical.order(step.docs) if order_by == "canonical" else list(range(len(step.docs)))
+            order = list(range(len(step.docs)))
             system = {"role": "system", "content": _system(step.docs, order)}
             labels = {step.docs[i]: pos + 1 for pos, i in enumerate(order)}
             messages = [system, {"role": "user", "content": step.question}]
@@ -298,12 +298,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
+def has_chat_template(model: str) -> bool:
+    """Whether the GGUF's metadata (at its start, before the tensors)
+    carries `tokenizer.chat_template`."""
+    with open(model, "rb") as f:
+        return b"tokenizer.chat_template" in f.read(64 << 20)
+
+
 def model_extra(model: str) -> list[str]:
-    """llama-server arguments a model needs. Gemma 3 270M is a base model
-    whose GGUF carries no chat template: llama-server's fallback (ChatML)
-    or Gemma's turn markers get echoes of the prompt, so it is served with
-    a plain-text template of questions and answers, which it continues."""
-    if "gemma" in Path(model).name.lower():
+    """llama-server arguments a model needs. A GGUF without a chat template
+    (Gemma 3 270M, a base model) gets llama-server's fallback (ChatML), to
+    which a base model answers with echoes of the prompt, so it is served
+    with a plain-text template of questions and answers, which it continues."""
+    if not has_chat_template(model):
         return ["--chat-template-file", str(TEMPLATES / "plain-text.jinja")]
     return []
 

@@ -66,7 +66,9 @@ def _free_port() -> int:
 
 
 def _toml(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, str) else str(value)
+    """A TOML value: strings and lists of strings as JSON (which TOML reads
+    the same), numbers as they print."""
+    return json.dumps(value) if isinstance(value, (str, list)) else str(value)
 
 
 class Daemon:

@@ -472,16 +472,13 @@ mod stream_tasks_tests {
             async move { streams.idle().await }
         });
         drop(first);
-        assert!(
-            tokio::time::timeout(Duration::from_millis(50), async {
-                while !waiting.is_finished() {
-                    tokio::task::yield_now().await;
-                }
-            })
-            .await
-            .is_err(),
-            "idle resolved with a stream task still in flight"
-        );
+        // Polled first, `idle` must still be pending with one task in flight.
+        tokio::select! {
+            biased;
+            _ = streams.idle() => panic!("idle resolved with a stream task still in flight"),
+            _ = std::future::ready(()) => {}
+        }
+        assert!(!waiting.is_finished());
         drop(second);
         tokio::time::timeout(Duration::from_secs(5), waiting)
             .await
