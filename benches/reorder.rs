@@ -52,6 +52,7 @@ fn bench_reorder(c: &mut Criterion) {
                 },
                 last_used: None,
                 hits: 0,
+                answered: None,
             }
         })
         .collect();

@@ -21,6 +21,7 @@ use crate::hardware::{self, Hardware};
 use crate::meter::gpu::GpuSampler;
 use crate::meter::Meter;
 use crate::plan::{self, BinaryCaps, LaunchPlan, PlanInputs};
+use crate::reorder::prepare::{Reorder, Settings as ReorderSettings};
 use crate::slots::Scheduler;
 use crate::status::StaticStatus;
 use crate::supervisor::{self, process::Watchdog, LaunchSpec};
@@ -526,20 +527,19 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
         queue_timeout: Duration::from_secs(config.server.queue_timeout_s),
         gpu,
         query_prefix: format!("{started_ms:x}"),
-        registry: Default::default(),
-        conversations: Default::default(),
+        reorder: Reorder::new(ReorderSettings {
+            infer_documents: config.reorder.infer_documents(),
+            dedup: config.reorder.dedup,
+            threshold: crate::reorder::GainThreshold {
+                min_ms: config.reorder.min_gain_ms,
+                min_share: config.reorder.min_gain_share,
+            },
+            conversation_max_tokens: match config.reorder.conversation_max_tokens {
+                0 => u64::from(ctx_per_slot) * 3 / 4,
+                n => n,
+            },
+        }),
         compat: crate::gateway::CompatState::new(&config.reorder),
-        infer_documents: config.reorder.infer_documents(),
-        dedup: config.reorder.dedup,
-        conversation_max_tokens: match config.reorder.conversation_max_tokens {
-            0 => u64::from(ctx_per_slot) * 3 / 4,
-            n => n,
-        },
-        reorder_threshold: crate::reorder::GainThreshold {
-            min_ms: config.reorder.min_gain_ms,
-            min_share: config.reorder.min_gain_share,
-        },
-        sessions: Default::default(),
         next_query: AtomicU64::new(0),
         streams: Default::default(),
     });
@@ -648,7 +648,7 @@ impl Tuner {
             .await;
             // Whatever the measurement left in the slot is nothing anyone
             // asked for.
-            scheduler.forget(lease.id(), &lease.contents);
+            scheduler.forget(lease.id(), lease.contents());
             drop(lease);
             match result {
                 Ok(mut profile) => {

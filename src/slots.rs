@@ -52,6 +52,9 @@ pub struct SlotState {
     /// Requests that reused a useful part of these contents (or of the
     /// contents they grew from).
     pub hits: u32,
+    /// The live-index id (`rid`) of the tagged request whose prompt the
+    /// slot holds, so that overwriting the slot evicts it.
+    pub answered: Option<String>,
 }
 
 /// Estimated tokens in `bytes` of prompt text (about four bytes a token;
@@ -255,6 +258,16 @@ impl SlotContents {
 
     pub fn is_empty(&self) -> bool {
         self.key.is_empty() && self.blocks.is_none()
+    }
+
+    /// Whether these are the very contents `other` recorded (not merely
+    /// equal ones: another request may have replaced them since).
+    pub fn is_same(&self, other: &SlotContents) -> bool {
+        match (&self.blocks, &other.blocks) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => Arc::ptr_eq(&self.key, &other.key),
+            _ => false,
+        }
     }
 }
 
@@ -511,6 +524,9 @@ struct Table {
     unified_pool: Option<u64>,
     /// The child the contents belong to; a new child starts empty.
     child_pid: Option<u32>,
+    /// Live-index ids whose KV is gone (their slot was overwritten or their
+    /// child replaced) and that the next settle hands to the live index.
+    displaced: Vec<String>,
 }
 
 pub struct Scheduler {
@@ -545,6 +561,7 @@ impl Scheduler {
                 ram: RamTier::new(ram_tokens),
                 unified_pool: None,
                 child_pid: None,
+                displaced: Vec::new(),
             }),
         })
     }
@@ -575,8 +592,10 @@ impl Scheduler {
         if table.child_pid != Some(child_pid) {
             // A new child: whatever the old one cached is gone.
             table.child_pid = Some(child_pid);
+            let table = &mut *table;
             for slot in &mut table.slots {
                 slot.holds = SlotContents::default();
+                table.displaced.extend(slot.answered.take());
             }
             table.ram.clear();
         }
@@ -622,11 +641,47 @@ impl Scheduler {
         }
         Ok(SlotLease {
             scheduler: self.clone(),
-            slot,
-            contents,
-            decision: choice.decision,
+            receipt: SlotReceipt {
+                slot,
+                child_pid,
+                contents,
+                decision: choice.decision,
+            },
             _permit: permit,
         })
+    }
+
+    /// Settles what a finished request did to its slot, and returns the
+    /// live-index ids whose KV is gone since the last settle (the slot's
+    /// previous tagged request, and every id of a replaced child).
+    pub fn settle(&self, receipt: &SlotReceipt, outcome: SlotOutcome<'_>) -> Vec<String> {
+        let mut table = self.lock();
+        let mut displaced = std::mem::take(&mut table.displaced);
+        let request_id = outcome.request_id.filter(|_| outcome.succeeded);
+        if table.child_pid != Some(receipt.child_pid) {
+            // The child it ran on was replaced, and its KV with it.
+            displaced.extend(request_id.map(str::to_string));
+            return displaced;
+        }
+        let Some(state) = table.slots.get_mut(receipt.slot) else {
+            return displaced;
+        };
+        // A failed request's prompt may never have reached the slot, and a
+        // diverged one shows the daemon's picture of it is wrong.
+        if (!outcome.succeeded || !outcome.measured || outcome.diverged)
+            && state.holds.is_same(&receipt.contents)
+        {
+            state.holds = SlotContents::default();
+        }
+        // Whatever tagged request the slot held before is gone from it.
+        match (state.answered.take(), request_id) {
+            (Some(old), Some(new)) if old == new => state.answered = Some(old),
+            (old, new) => {
+                displaced.extend(old);
+                state.answered = new.map(str::to_string);
+            }
+        }
+        displaced
     }
 
     /// The child runs one KV pool of `tokens` shared by all slots.
@@ -692,12 +747,7 @@ impl Scheduler {
     ) {
         let mut table = self.lock();
         if let Some(state) = table.slots.get_mut(slot) {
-            let same = match (&state.holds.blocks, &mine.blocks) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => Arc::ptr_eq(&state.holds.key, &mine.key),
-                _ => false,
-            };
-            if same {
+            if state.holds.is_same(mine) {
                 update(&mut state.holds);
             }
         }
@@ -769,24 +819,53 @@ pub struct SlotSummary {
 /// A slot held by one request; dropping it frees the slot.
 pub struct SlotLease {
     scheduler: Arc<Scheduler>,
-    slot: usize,
-    /// What the slot was recorded to hold for this request.
-    pub contents: SlotContents,
-    /// How it was chosen.
-    pub decision: SlotDecision,
+    receipt: SlotReceipt,
     _permit: OwnedSemaphorePermit,
 }
 
 impl SlotLease {
     pub fn id(&self) -> usize {
-        self.slot
+        self.receipt.slot
     }
+
+    /// What the slot was recorded to hold for this request.
+    pub fn contents(&self) -> &SlotContents {
+        &self.receipt.contents
+    }
+
+    /// What settling the request needs to know once the slot is free.
+    pub fn receipt(&self) -> &SlotReceipt {
+        &self.receipt
+    }
+}
+
+/// One lease as settle sees it: which slot of which child, what it was
+/// recorded to hold, how it was chosen.
+#[derive(Debug, Clone)]
+pub struct SlotReceipt {
+    pub slot: usize,
+    pub child_pid: u32,
+    pub contents: SlotContents,
+    pub decision: SlotDecision,
+}
+
+/// How a request ended, as far as its slot is concerned.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SlotOutcome<'a> {
+    /// llama-server answered 200.
+    pub succeeded: bool,
+    /// It reported timings (the prompt was evaluated in the slot).
+    pub measured: bool,
+    /// llama.cpp reused far less than the daemon predicted.
+    pub diverged: bool,
+    /// The caller's live-index id (`rid` or `request_id`).
+    pub request_id: Option<&'a str>,
 }
 
 impl Drop for SlotLease {
     fn drop(&mut self) {
         let mut table = self.scheduler.lock();
-        if let Some(state) = table.slots.get_mut(self.slot) {
+        if let Some(state) = table.slots.get_mut(self.receipt.slot) {
             state.busy = false;
             state.last_used = Some(Instant::now());
         }
@@ -815,7 +894,7 @@ mod tests {
                 blocks: None,
             },
             last_used: Instant::now().checked_sub(Duration::from_secs(age_s)),
-            hits: 0,
+            ..SlotState::default()
         }
     }
 
@@ -916,7 +995,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(&*scheduler.holds(lease.id()).key, first.as_str());
-        assert_eq!(lease.decision.choice, "prefix");
+        assert_eq!(lease.receipt().decision.choice, "prefix");
         let summary = scheduler.summary();
         assert_eq!(summary[lease.id()].hits, 1);
         assert!(summary[lease.id()].busy);
@@ -1001,5 +1080,90 @@ mod tests {
             "",
             "a new child starts empty"
         );
+    }
+
+    async fn answer(
+        scheduler: &Arc<Scheduler>,
+        prompt: &str,
+        child_pid: u32,
+        request_id: Option<&str>,
+    ) -> (usize, Vec<String>) {
+        let lease = scheduler
+            .acquire(&mut policy(prompt), child_pid, Duration::from_secs(1))
+            .await
+            .unwrap();
+        let receipt = lease.receipt().clone();
+        drop(lease);
+        let outcome = SlotOutcome {
+            succeeded: true,
+            measured: true,
+            diverged: false,
+            request_id,
+        };
+        (receipt.slot, scheduler.settle(&receipt, outcome))
+    }
+
+    /// Case 33, the slot-occupancy rule, kept by the one slot table: a slot
+    /// that answers another request displaces the tagged one it held, and a
+    /// new child displaces every id.
+    #[tokio::test]
+    async fn overwritten_slots_and_new_children_displace_request_ids() {
+        let scheduler = Scheduler::new(2, 2, 4, 0, cost());
+        let a = "a".repeat(800);
+        let b = "b".repeat(800);
+        let (first, gone) = answer(&scheduler, &a, 1, Some("r1")).await;
+        assert!(gone.is_empty());
+        assert_eq!(answer(&scheduler, &a, 1, Some("r1")).await, (first, vec![]));
+        assert_eq!(
+            answer(&scheduler, &a, 1, Some("r2")).await,
+            (first, vec!["r1".to_string()])
+        );
+        let (second, gone) = answer(&scheduler, &b, 1, Some("r3")).await;
+        assert_ne!(second, first);
+        assert!(gone.is_empty());
+        // The child is replaced: both ids leave, whatever the new request.
+        let (_, mut gone) = answer(&scheduler, "x", 2, None).await;
+        gone.sort();
+        assert_eq!(gone, ["r2", "r3"]);
+        assert!(answer(&scheduler, "x", 2, None).await.1.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_request_that_outlived_its_child_leaves_nothing_behind() {
+        let scheduler = Scheduler::new(2, 2, 4, 0, cost());
+        let old = scheduler
+            .acquire(&mut policy("old"), 1, Duration::from_secs(1))
+            .await
+            .unwrap();
+        let receipt = old.receipt().clone();
+        drop(old);
+        let new = "n".repeat(800);
+        let (slot, _) = answer(&scheduler, &new, 2, Some("n1")).await;
+        let outcome = SlotOutcome {
+            succeeded: true,
+            measured: true,
+            diverged: false,
+            request_id: Some("o1"),
+        };
+        assert_eq!(scheduler.settle(&receipt, outcome), ["o1"]);
+        // The new child's slot keeps its own id.
+        assert_eq!(
+            answer(&scheduler, &new, 2, Some("n2")).await,
+            (slot, vec!["n1".to_string()])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_request_forgets_what_it_put_in_the_slot() {
+        let scheduler = Scheduler::new(1, 1, 4, 0, cost());
+        let lease = scheduler
+            .acquire(&mut policy("prompt"), 1, Duration::from_secs(1))
+            .await
+            .unwrap();
+        let receipt = lease.receipt().clone();
+        drop(lease);
+        assert_eq!(&*scheduler.holds(0).key, "prompt");
+        scheduler.settle(&receipt, SlotOutcome::default());
+        assert!(scheduler.holds(0).is_empty());
     }
 }

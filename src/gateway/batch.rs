@@ -7,14 +7,16 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
-use super::proxy::{read_body, serve_model, Ctx, RequestOptions};
+use super::headers::RequestOptions;
+use super::prepare::read_body;
+use super::request::serve_model;
+use super::settle::Ticket;
 use super::{error, json, Body, Gateway};
 use crate::reorder::cluster;
 
@@ -78,9 +80,9 @@ pub(super) async fn batch(gateway: &Arc<Gateway>, request: Request<Incoming>) ->
     options.conversation = None;
     let raw = match read_body(request, gateway.max_body_bytes).await {
         Ok(raw) => raw,
-        Err(response) => return response,
+        Err(error) => return error.into_response(),
     };
-    let requests = match serde_json::from_slice::<Value>(&raw)
+    let mut requests = match serde_json::from_slice::<Value>(&raw)
         .map_err(|e| format!("not valid JSON: {e}"))
         .and_then(parse)
     {
@@ -118,11 +120,11 @@ pub(super) async fn batch(gateway: &Arc<Gateway>, request: Request<Incoming>) ->
             .expect("the semaphore is never closed");
         let gateway = gateway.clone();
         let options = options.clone();
-        let payload = Bytes::from(serde_json::to_vec(&requests[index]).unwrap_or_default());
+        let body = std::mem::take(&mut requests[index]);
         tasks.spawn(async move {
             let _permit = permit;
-            let ctx = Ctx::new(&gateway, PATH);
-            let response = serve_model(&gateway, PATH, options, ctx, payload).await;
+            let ticket = Ticket::open(&gateway, PATH);
+            let response = serve_model(ticket, PATH, &options, body).await;
             let status = response.status().as_u16();
             let bytes = response
                 .into_body()

@@ -18,20 +18,18 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Map, Value};
 
-use super::proxy::read_body;
+use super::prepare::read_body;
 use super::{error, json, Body, Gateway};
 use crate::config::{IndexMode, ReorderConfig};
 use crate::reorder::cluster::{self, IndexResult};
-use crate::reorder::live::{self, DedupResult, Key, LiveIndex, SlotOccupancy};
+use crate::reorder::live::{self, DedupResult, Key, LiveIndex};
 use crate::sync::lock;
 
-/// The compatibility API's state: the live index and which request each
-/// slot answered last.
+/// The compatibility API's state: the live index. Which request each slot
+/// answered last is the slot table's (`slots::Scheduler::settle`).
 pub struct CompatState {
     mode: IndexMode,
     index: Arc<Mutex<LiveIndex>>,
-    /// The child the occupancy is about, and what its slots answered last.
-    occupancy: Mutex<(Option<u32>, SlotOccupancy)>,
 }
 
 impl CompatState {
@@ -43,31 +41,18 @@ impl CompatState {
         CompatState {
             mode: config.index,
             index: Arc::new(Mutex::new(LiveIndex::new(cluster::DEFAULT_ALPHA, limits))),
-            occupancy: Mutex::new((None, SlotOccupancy::default())),
         }
     }
 
-    /// A model request ran on `slot` of child `pid`, tagged with a request
-    /// id (`rid` or `request_id`) when it succeeded and carried one: whatever
-    /// the slot held before is gone from its KV cache, so that request's id
-    /// leaves the live index. A new child holds nothing, so every id goes.
-    pub fn slot_answered(&self, pid: u32, slot: usize, rid: Option<&str>) {
-        let displaced = {
-            let mut occupancy = lock(&self.occupancy);
-            let mut displaced = Vec::new();
-            if occupancy.0 != Some(pid) {
-                occupancy.0 = Some(pid);
-                displaced = occupancy.1.clear();
-            }
-            displaced.extend(occupancy.1.answered(slot, rid));
-            displaced
-        };
+    /// Request ids whose KV is gone from every slot (the slot table's
+    /// settle says which) leave the live index: the daemon's own dispatch
+    /// replaces the reference's hook into llama-server's KV removal (which
+    /// missed partial overwrites).
+    pub fn evict_displaced(&self, displaced: Vec<String>) {
         if displaced.is_empty() {
             return;
         }
-        // The daemon's own dispatch log replaces the reference's hook into
-        // llama-server's KV removal (which missed partial overwrites).
-        tracing::debug!(slot, evicted = ?displaced, "slot overwritten: request ids leave the live index");
+        tracing::debug!(evicted = ?displaced, "slot overwritten: request ids leave the live index");
         // This runs as a request finishes, on a runtime worker: never wait
         // here for a long `/reorder` holding the index.
         match self.index.try_lock() {
@@ -141,7 +126,9 @@ async fn read_json(
     gateway: &Arc<Gateway>,
     request: Request<Incoming>,
 ) -> Result<Value, Response<Body>> {
-    let raw = read_body(request, gateway.max_body_bytes).await?;
+    let raw = read_body(request, gateway.max_body_bytes)
+        .await
+        .map_err(super::ApiError::into_response)?;
     if raw.is_empty() {
         return Ok(Value::Object(Map::new()));
     }

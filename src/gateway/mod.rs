@@ -1,17 +1,24 @@
 //! The daemon's HTTP front door on `[server] listen`.
 //!
 //! Routing, authentication and the daemon's own endpoints live here; the
-//! path of a model request (admission, slot choice, forwarding, retry,
-//! metering) is in `proxy`. Every error is an OpenAI-shaped JSON body
-//! `{"error": {"message", "type", "code"}}`.
+//! path of a model request is `request` (prepare → dispatch → settle, one
+//! file per stage). Every error is an `error::ApiError`, rendered as an
+//! OpenAI-shaped JSON body `{"error": {"message", "type", "code"}}`.
 
 mod batch;
 mod compat;
+mod dispatch;
+mod error;
 mod headers;
-mod proxy;
-pub use compat::CompatState;
-pub use proxy::Upstream;
+mod prepare;
+mod request;
+mod settle;
 pub mod sse;
+mod stream;
+mod upstream;
+pub use compat::CompatState;
+pub use error::{error, error_body, ApiError};
+pub use upstream::Upstream;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -26,7 +33,7 @@ use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming};
-use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -54,28 +61,18 @@ pub struct Gateway {
     pub model_id: String,
     pub scheduler: Arc<Scheduler>,
     pub meter: Meter,
-    pub upstream: proxy::Upstream,
+    pub upstream: Upstream,
     pub max_body_bytes: usize,
     pub queue_timeout: Duration,
     pub gpu: Option<Arc<crate::meter::gpu::GpuSampler>>,
     pub query_log: Option<std::path::PathBuf>,
     /// Query ids are this prefix (unique per daemon start) and a counter.
     pub query_prefix: String,
-    /// Documents seen so far: canonical order and id → text identity.
-    pub registry: crate::reorder::Registry,
-    pub conversations: crate::reorder::conversation::Conversations,
+    /// What prepares requests: the document registry, conversations,
+    /// inferred-mode sessions, block dedup.
+    pub reorder: crate::reorder::prepare::Reorder,
     /// The ContextPilot-compatible index API's state.
     pub compat: compat::CompatState,
-    /// Inferred mode (`[reorder] infer_documents`) and its sessions.
-    pub infer_documents: bool,
-    /// Block dedup of repeated blocks within a request (`[reorder] dedup`).
-    pub dedup: bool,
-    /// When reordering documents is worth leaving the client's order.
-    pub reorder_threshold: crate::reorder::GainThreshold,
-    /// The longest prompt (tokens) a conversation grows to before it starts
-    /// over with only the current turn's documents.
-    pub conversation_max_tokens: u64,
-    pub sessions: crate::reorder::infer::Sessions,
     pub next_query: AtomicU64,
     /// Streaming responses still being relayed (each records itself when
     /// it ends), so that shutdown flushes the meter after the last one.
@@ -176,7 +173,7 @@ impl Gateway {
             },
             "/metrics" if get => self.metrics().await,
             "/v1/models" | "/models" if get => self.models(),
-            "/slots" if get => proxy::passthrough(self, request).await,
+            "/slots" if get => upstream::passthrough(self, request).await,
             // `/build` and `/schedule` are the reference server's older names.
             "/reorder" | "/build" if post => compat::reorder(self, request, false).await,
             "/schedule" if post => compat::reorder(self, request, true).await,
@@ -188,8 +185,10 @@ impl Gateway {
             "/reset" if post => compat::reset(self).await,
             "/requests" if get => compat::requests(self).await,
             "/v1/batch/chat/completions" if post => batch::batch(self, request).await,
-            p if post && MODEL_ROUTES.contains(&p) => proxy::model_request(self, request).await,
-            p if post && POST_PASSTHROUGH.contains(&p) => proxy::passthrough(self, request).await,
+            p if post && MODEL_ROUTES.contains(&p) => request::model_request(self, request).await,
+            p if post && POST_PASSTHROUGH.contains(&p) => {
+                upstream::passthrough(self, request).await
+            }
             "/health" | "/status" | "/stats" | "/metrics" | "/v1/models" | "/models" | "/slots"
             | "/requests" => method_not_allowed(&method, &path, "GET"),
             p if MODEL_ROUTES.contains(&p)
@@ -223,14 +222,13 @@ impl Gateway {
         if state == State::Ready {
             json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
         } else {
-            with_retry_after(
-                error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("llama-server is not ready ({})", state.as_str()),
-                    "unavailable_error",
-                ),
-                "1",
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable_error",
+                format!("llama-server is not ready ({})", state.as_str()),
             )
+            .retry_after("1")
+            .into_response()
         }
     }
 
@@ -353,24 +351,6 @@ pub fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body>
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
-}
-
-/// An OpenAI-shaped error body.
-pub fn error_body(status: StatusCode, message: &str, kind: &str) -> serde_json::Value {
-    serde_json::json!({"error": {"message": message, "type": kind, "code": status.as_u16()}})
-}
-
-/// An OpenAI-shaped error response.
-pub fn error(status: StatusCode, message: &str, kind: &str) -> Response<Body> {
-    json(status, &error_body(status, message, kind))
-}
-
-/// Adds `Retry-After: seconds` (for 429 and 503).
-pub fn with_retry_after(mut response: Response<Body>, seconds: &'static str) -> Response<Body> {
-    response
-        .headers_mut()
-        .insert(RETRY_AFTER, HeaderValue::from_static(seconds));
     response
 }
 

@@ -1380,35 +1380,6 @@ fn strip_vllm_suffix(id: &str) -> &str {
     }
 }
 
-/// What each slot answered last, by request id: when a slot answers a new
-/// request, the previous one's KV is gone from it, so its id is evicted
-/// from the live index (the reference's eviction-proxy rule, driven here by
-/// the daemon's own dispatch).
-#[derive(Debug, Default)]
-pub struct SlotOccupancy {
-    by_slot: HashMap<usize, String>,
-}
-
-impl SlotOccupancy {
-    /// Slot `slot` now holds `rid`'s prompt; returns the id it displaced.
-    pub fn answered(&mut self, slot: usize, rid: Option<&str>) -> Option<String> {
-        match rid {
-            Some(rid) => match self.by_slot.insert(slot, rid.to_string()) {
-                Some(old) if old != rid => Some(old),
-                _ => None,
-            },
-            None => self.by_slot.remove(&slot),
-        }
-    }
-
-    /// Every slot was cleared (the child restarted): all ids are displaced.
-    pub fn clear(&mut self) -> Vec<String> {
-        let mut slots: Vec<(usize, String)> = self.by_slot.drain().collect();
-        slots.sort();
-        slots.into_iter().map(|(_, rid)| rid).collect()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1788,18 +1759,6 @@ mod tests {
             );
         }
         assert_eq!(ix.keys.len(), 6);
-    }
-
-    /// Case 33: the slot-occupancy rule.
-    #[test]
-    fn slot_occupancy() {
-        let mut occ = SlotOccupancy::default();
-        assert_eq!(occ.answered(0, Some("r1")), None);
-        assert_eq!(occ.answered(0, Some("r1")), None);
-        assert_eq!(occ.answered(0, Some("r2")), Some("r1".into()));
-        assert_eq!(occ.answered(1, Some("r3")), None);
-        assert_eq!(occ.clear(), ["r2", "r3"]);
-        assert!(occ.clear().is_empty());
     }
 
     /// Case 7 on the live index: integer blocks keep numeric order in

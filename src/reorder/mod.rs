@@ -23,6 +23,7 @@ pub mod dedup;
 pub mod extract;
 pub mod infer;
 pub mod live;
+pub mod prepare;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -660,7 +661,7 @@ mod tests {
                 })),
             },
             last_used: std::time::Instant::now().checked_sub(std::time::Duration::from_secs(age)),
-            hits: 0,
+            ..SlotState::default()
         }
     }
 

@@ -1,0 +1,212 @@
+//! Dispatch, the middle stage of a model request: wait for a ready child,
+//! lease a slot from the slot table (FIFO admission, then the prepared plan
+//! picks the slot by predicted time), forward with `cache_prompt` and
+//! `id_slot`, and hand the answer on: a whole answer is settled here, a
+//! stream goes to `stream::relay`. A child that dies before anything
+//! reached the client gets one retry.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Response, StatusCode};
+use serde_json::Value;
+
+use super::error::ApiError;
+use super::settle::{Outcome, Ticket};
+use super::upstream::Target;
+use super::{full, json, stream, Body, Gateway};
+use crate::reorder::prepare::Prepared;
+use crate::slots::SlotLease;
+
+/// What the child did with one attempt.
+enum Forwarded {
+    /// A whole answer (any status).
+    Whole(StatusCode, Bytes),
+    /// A stream that has produced its first chunk.
+    Stream(Bytes, Incoming),
+    /// The child closed the connection before any byte reached the client.
+    ChildDied(String),
+}
+
+/// Runs a prepared request to its response.
+pub(super) async fn dispatch(
+    mut ticket: Ticket,
+    path: &str,
+    mut prepared: Prepared,
+) -> Response<Body> {
+    let gateway = ticket.gateway().clone();
+    let result_header = prepared.facts.result_header.take();
+    let mut deadline = ticket.arrived() + gateway.queue_timeout;
+    let mut avoid_pid = None;
+    let mut retried = false;
+    loop {
+        let attempt = attempt(
+            &gateway,
+            &mut ticket,
+            path,
+            &mut prepared,
+            avoid_pid,
+            deadline,
+        );
+        let (target, lease, forwarded) = match attempt.await {
+            Ok(attempt) => attempt,
+            Err(error) => return ticket.fail(error),
+        };
+        let response = match forwarded {
+            Forwarded::Whole(status, bytes) => {
+                drop(lease);
+                answer_whole(ticket, status, bytes)
+            }
+            Forwarded::Stream(first, incoming) => stream::relay(ticket, lease, first, incoming),
+            Forwarded::ChildDied(why) if !retried => {
+                // Nothing has reached the client: try once more, on the
+                // restarted child unless this one turns out to be alive.
+                drop(lease);
+                tracing::warn!(query = %ticket.query_id(), "llama-server failed the request ({why}); retrying once");
+                retried = true;
+                ticket.note(|facts| facts.record.retried = true);
+                // The retry gets a full wait of its own: a long request that
+                // crashes late still deserves the restarted child.
+                deadline = Instant::now() + gateway.queue_timeout;
+                let gone = gateway.upstream.is_gone(target.port).await;
+                avoid_pid = gone.then_some(target.pid);
+                continue;
+            }
+            Forwarded::ChildDied(why) => return ticket.fail(ApiError::failed_twice(&why)),
+        };
+        return with_result_header(response, result_header);
+    }
+}
+
+/// One attempt: a ready child, a slot on it, the request forwarded.
+async fn attempt(
+    gateway: &Gateway,
+    ticket: &mut Ticket,
+    path: &str,
+    prepared: &mut Prepared,
+    avoid_pid: Option<u32>,
+    deadline: Instant,
+) -> Result<(Target, SlotLease, Forwarded), ApiError> {
+    let target = gateway.wait_ready(avoid_pid, deadline).await?;
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let leased = prepared
+        .lease(&gateway.scheduler, target.pid, remaining)
+        .await?;
+    let lease = leased.lease;
+    let wants_stream = ticket.wants_stream();
+    ticket.note(|facts| {
+        facts.slot = Some(lease.receipt().clone());
+        if leased.reorder.is_some() {
+            facts.record.reorder = leased.reorder;
+        }
+        facts.commits.set_conversation(leased.conversation);
+    });
+    let payload = prepared.payload(lease.id());
+    let forwarded = forward(gateway, target, path, payload, wants_stream).await;
+    Ok((target, lease, forwarded))
+}
+
+async fn forward(
+    gateway: &Gateway,
+    target: Target,
+    path: &str,
+    payload: Bytes,
+    wants_stream: bool,
+) -> Forwarded {
+    let sent = gateway
+        .upstream
+        .send(Method::POST, target.port, path, payload)
+        .await;
+    let (parts, mut incoming) = match sent {
+        Ok(response) => response.into_parts(),
+        Err(e) => return Forwarded::ChildDied(e.to_string()),
+    };
+    let is_sse = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if wants_stream && parts.status == StatusCode::OK && is_sse {
+        // Hold the response until the first chunk: a child that dies before
+        // it can still be retried.
+        return match incoming.frame().await {
+            Some(Ok(frame)) => Forwarded::Stream(frame.into_data().unwrap_or_default(), incoming),
+            Some(Err(e)) => Forwarded::ChildDied(e.to_string()),
+            None => Forwarded::ChildDied("the stream ended before its first event".into()),
+        };
+    }
+    match incoming.collect().await {
+        Ok(collected) => Forwarded::Whole(parts.status, collected.to_bytes()),
+        Err(e) => Forwarded::ChildDied(e.to_string()),
+    }
+}
+
+/// Adds `X-ContextPilot-Result` (what inferred mode did; metadata never goes
+/// into bodies).
+fn with_result_header(mut response: Response<Body>, header: Option<String>) -> Response<Body> {
+    if let Some(value) = header.and_then(|h| HeaderValue::from_str(&h).ok()) {
+        response
+            .headers_mut()
+            .insert("x-contextpilot-result", value);
+    }
+    response
+}
+
+/// A whole (non-streamed) answer: fill `usage.prompt_tokens_details.cached_tokens`
+/// from the timings, settle, respond.
+fn answer_whole(ticket: Ticket, status: StatusCode, bytes: Bytes) -> Response<Body> {
+    let Ok(mut value) = serde_json::from_slice::<Value>(&bytes) else {
+        ticket.settle(Outcome {
+            status: status.as_u16(),
+            error: (!status.is_success()).then(|| String::from_utf8_lossy(&bytes).into_owned()),
+            ..Outcome::default()
+        });
+        let mut response = Response::new(full(bytes));
+        *response.status_mut() = status;
+        return response;
+    };
+    let timings = value.get("timings").cloned();
+    if let (Some(cached), Some(usage)) = (
+        timings.as_ref().and_then(|t| t.get("cache_n")).cloned(),
+        value.get_mut("usage").and_then(Value::as_object_mut),
+    ) {
+        let details = usage
+            .entry("prompt_tokens_details")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Some(details) = details.as_object_mut() {
+            details.insert("cached_tokens".into(), cached);
+        }
+    }
+    let completion = ticket
+        .gateway()
+        .meter
+        .log_prompts
+        .then(|| {
+            value
+                .pointer("/choices/0/message/content")
+                .or_else(|| value.pointer("/choices/0/text"))
+                .or_else(|| value.get("content"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .flatten();
+    let error = value
+        .pointer("/error/message")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .or_else(|| (!status.is_success()).then(|| format!("llama-server answered {status}")));
+    ticket.settle(Outcome {
+        status: status.as_u16(),
+        timings,
+        usage: value.get("usage").cloned(),
+        error,
+        completion,
+        tokens_evaluated: value.get("tokens_evaluated").and_then(Value::as_u64),
+        tokens_predicted: value.get("tokens_predicted").and_then(Value::as_u64),
+        ..Outcome::default()
+    });
+    json(status, &value)
+}

@@ -1,0 +1,139 @@
+//! Prepare, the first stage of a model request, on the gateway's side:
+//! read the body (413 over `max_body_bytes`), parse and validate it (400),
+//! note what the record needs, and hand it to `reorder::prepare` for the
+//! rewriting. The result is ready for dispatch.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::header::CONTENT_LENGTH;
+use hyper::Request;
+use serde_json::Value;
+
+use super::error::ApiError;
+use super::headers::RequestOptions;
+use super::settle::Ticket;
+use crate::reorder::prepare::{Hints, Prepared, CHAT_PATH};
+
+/// Reads a request body up to `limit` bytes.
+pub(super) async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::too_large(limit));
+    }
+    match Limited::new(request.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ApiError::too_large(limit))
+        }
+        Err(e) => Err(ApiError::bad_request(format!(
+            "could not read the request body: {e}"
+        ))),
+    }
+}
+
+/// The body as a JSON object.
+pub(super) fn parse_object(raw: &[u8]) -> Result<Value, ApiError> {
+    match serde_json::from_slice(raw) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        )),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "the request body is not valid JSON: {e}"
+        ))),
+    }
+}
+
+/// Validates a model request's body, notes what its record needs, and
+/// rewrites it for forwarding.
+pub(super) fn prepare(
+    ticket: &mut Ticket,
+    path: &str,
+    options: &RequestOptions,
+    body: Value,
+) -> Result<Prepared, ApiError> {
+    validate(path, &body).map_err(ApiError::bad_request)?;
+    let gateway = ticket.gateway().clone();
+    ticket.note(|facts| {
+        facts.record.stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        facts.request_id = ["rid", "request_id"]
+            .iter()
+            .find_map(|k| body.get(*k).and_then(Value::as_str))
+            .map(str::to_string);
+        if gateway.meter.log_prompts {
+            facts.record.prompt = body.get("messages").or_else(|| body.get("prompt")).cloned();
+        }
+    });
+    let hints = Hints {
+        intercept: &options.intercept,
+        client: &options.client,
+        conversation: options.conversation.clone(),
+    };
+    let mut prepared = gateway
+        .reorder
+        .prepare(path, body, hints, &gateway.scheduler)
+        .map_err(ApiError::bad_request)?;
+    let commits = std::mem::take(&mut prepared.commits);
+    ticket.note(|facts| {
+        facts.commits = commits;
+        facts.record.reorder = prepared.facts.reorder.take();
+        facts.record.block_dedup = prepared.facts.block_dedup.take();
+    });
+    Ok(prepared)
+}
+
+fn validate(path: &str, body: &Value) -> Result<(), String> {
+    if path == CHAT_PATH {
+        match body.get("messages") {
+            Some(Value::Array(m)) if !m.is_empty() => Ok(()),
+            Some(Value::Array(_)) => Err("`messages` must not be empty".into()),
+            Some(_) => Err("`messages` must be an array of messages".into()),
+            None => Err("`messages` is required".into()),
+        }
+    } else {
+        match body.get("prompt") {
+            Some(Value::String(_) | Value::Array(_)) => Ok(()),
+            Some(_) => Err("`prompt` must be a string or an array".into()),
+            None => Err("`prompt` is required".into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn validation_messages() {
+        assert!(validate(CHAT_PATH, &json!({"messages": [{}]})).is_ok());
+        assert_eq!(
+            validate(CHAT_PATH, &json!({"messages": "hi"})).unwrap_err(),
+            "`messages` must be an array of messages"
+        );
+        assert!(validate(CHAT_PATH, &json!({})).is_err());
+        assert!(validate("/v1/completions", &json!({"prompt": "x"})).is_ok());
+        assert!(validate("/completion", &json!({"prompt": 5})).is_err());
+    }
+
+    #[test]
+    fn only_objects_are_request_bodies() {
+        assert!(parse_object(b"{\"a\": 1}").is_ok());
+        assert!(parse_object(b"[1]")
+            .unwrap_err()
+            .message
+            .contains("JSON object"));
+        assert!(parse_object(b"{")
+            .unwrap_err()
+            .message
+            .contains("not valid JSON"));
+    }
+}

@@ -1,0 +1,202 @@
+//! The child as the gateway sees it: waiting until it is ready, the pooled
+//! HTTP client to it, whether it is gone, and the llama.cpp routes passed
+//! through unmetered.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::CONTENT_TYPE;
+use hyper::{Method, Request, Response};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use serde_json::Value;
+
+use super::error::ApiError;
+use super::prepare::read_body;
+use super::{full, Body, Gateway};
+use crate::supervisor::State;
+
+/// The daemon's HTTP client to the child: keep-alive connections, no
+/// timeouts of its own (generation can take minutes; liveness is the
+/// supervisor's job).
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Upstream {
+    pub fn new() -> Upstream {
+        Upstream {
+            client: crate::http_client::loopback_client(),
+        }
+    }
+
+    /// One request to the child on `port`, built from scratch: no client
+    /// header reaches llama-server.
+    pub(super) async fn send(
+        &self,
+        method: Method,
+        port: u16,
+        path_and_query: &str,
+        body: Bytes,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("http://127.0.0.1:{port}{path_and_query}"))
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .expect("a loopback URI and fixed headers always build");
+        self.client.request(request).await
+    }
+
+    /// Whether the child on `port` is gone: the probe fails outright
+    /// (refused, or reset on a pooled connection). A slow answer is not
+    /// death: a busy child may be slow.
+    pub(super) async fn is_gone(&self, port: u16) -> bool {
+        let probe = self.send(Method::GET, port, "/health", Bytes::new());
+        matches!(
+            tokio::time::timeout(Duration::from_millis(500), probe).await,
+            Ok(Err(_))
+        )
+    }
+}
+
+/// A child that is ready for requests.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Target {
+    pub pid: u32,
+    pub port: u16,
+}
+
+impl Gateway {
+    /// Waits until the child is ready (and, after a failure, is not the one
+    /// that failed); past the deadline, the 503 for the state it was stuck in.
+    pub(super) async fn wait_ready(
+        &self,
+        avoid_pid: Option<u32>,
+        deadline: Instant,
+    ) -> Result<Target, ApiError> {
+        let mut view = self.supervisor.clone();
+        loop {
+            {
+                let v = view.borrow_and_update();
+                if let (State::Ready, Some(pid), Some(port)) = (v.state, v.pid, v.port) {
+                    if Some(pid) != avoid_pid {
+                        return Ok(Target { pid, port });
+                    }
+                }
+            }
+            let state = view.borrow().state;
+            match tokio::time::timeout_at(deadline.into(), view.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return Err(ApiError::not_ready(state, self.queue_timeout)),
+            }
+        }
+    }
+}
+
+/// llama.cpp routes passed through unmetered: `/tokenize`, `/detokenize`,
+/// `/apply-template`, `/v1/embeddings`, `GET /slots`.
+pub(super) async fn passthrough(
+    gateway: &Arc<Gateway>,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    relay(gateway, request)
+        .await
+        .unwrap_or_else(ApiError::into_response)
+}
+
+async fn relay(gateway: &Gateway, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let method = request.method().clone();
+    let path_and_query = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| request.uri().path().to_string());
+    let body = read_body(request, gateway.max_body_bytes).await?;
+    if method == Method::POST && serde_json::from_slice::<Value>(&body).is_err() {
+        return Err(ApiError::bad_request("the request body is not valid JSON"));
+    }
+    let deadline = Instant::now() + gateway.queue_timeout;
+    let target = gateway.wait_ready(None, deadline).await?;
+    let response = gateway
+        .upstream
+        .send(method, target.port, &path_and_query, body)
+        .await
+        .map_err(|e| ApiError::upstream(format!("llama-server did not answer: {e}")))?;
+    let (parts, incoming) = response.into_parts();
+    let bytes = incoming
+        .collect()
+        .await
+        .map_err(|e| ApiError::upstream(format!("llama-server stopped answering: {e}")))?
+        .to_bytes();
+    let mut out = Response::new(full(bytes));
+    *out.status_mut() = parts.status;
+    if let Some(content_type) = parts.headers.get(CONTENT_TYPE) {
+        out.headers_mut().insert(CONTENT_TYPE, content_type.clone());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::StatusCode;
+
+    /// The reference system's case 31, as it applies here: the request to
+    /// llama-server is built from scratch, so no client header reaches it
+    /// (neither `X-ContextPilot-*` nor credentials, which are the daemon's).
+    #[tokio::test]
+    async fn upstream_requests_carry_no_client_headers() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let child = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = socket.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the request ended early");
+                head.extend_from_slice(&buf[..n]);
+            }
+            socket
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&head).to_ascii_lowercase()
+        });
+        let response = Upstream::new()
+            .send(
+                Method::POST,
+                port,
+                "/v1/chat/completions",
+                Bytes::from_static(b"{}"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let head = child.await.unwrap();
+        assert!(
+            head.starts_with("post /v1/chat/completions http/1.1\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("content-type: application/json"), "{head}");
+        for absent in [
+            "x-contextpilot",
+            "authorization",
+            "x-conversation-id",
+            "cookie",
+        ] {
+            assert!(!head.contains(absent), "{absent} in {head}");
+        }
+    }
+}
