@@ -43,8 +43,10 @@
 //! `run` prepares (config → model header → hardware → plan), then starts the
 //! supervisor task, which publishes its [`supervisor::SupervisorView`] on a
 //! `watch` channel. The gateway answers requests from that view; a request
-//! for the model flows gateway → reorder → slot choice → child → meter
-//! (`gateway::proxy` reads top to bottom in that order).
+//! for the model goes through three stages, listed in `gateway::request`:
+//! prepare (body checks, then `reorder::prepare` rewrites it) → dispatch
+//! (child, slot lease, forward, stream, retry) → settle (slot table, live
+//! index, cost model, conversation stores, then the meter's record).
 
 pub mod cli;
 pub mod config;

@@ -241,7 +241,7 @@ impl SlotDecision {
 /// A slot's KV contents as the daemon tracks them.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SlotContents {
-    /// The prompt key (see `gateway::proxy::prompt_key`) of the last request.
+    /// The prompt key (see `reorder::prepare::prompt_key`) of the last request.
     pub key: Arc<str>,
     /// For a request with documents: the documents in prompt order.
     pub blocks: Option<Arc<BlockSeq>>,

@@ -17,7 +17,7 @@ use super::headers::RequestOptions;
 use super::prepare::read_body;
 use super::request::serve_model;
 use super::settle::Ticket;
-use super::{error, json, Body, Gateway};
+use super::{error, json, ApiError, Body, Gateway};
 use crate::reorder::cluster;
 
 const PATH: &str = "/v1/chat/completions";
@@ -74,6 +74,17 @@ fn parse(body: Value) -> Result<Vec<Value>, String> {
     Ok(requests)
 }
 
+/// The order to run the batch in: contexts sharing documents back to back.
+async fn schedule(requests: &[Value]) -> Result<Vec<usize>, ApiError> {
+    let contexts: Vec<Vec<String>> = requests.iter().map(document_texts).collect();
+    tokio::task::spawn_blocking(move || {
+        let (ids, _) = cluster::intern(&contexts);
+        cluster::schedule(&cluster::build_index(&ids, cluster::DEFAULT_ALPHA)).order
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("scheduling failed: {e}")))
+}
+
 pub(super) async fn batch(gateway: &Arc<Gateway>, request: Request<Incoming>) -> Response<Body> {
     let mut options = RequestOptions::from_headers(request.headers());
     // One conversation id cannot name many concurrent requests.
@@ -90,22 +101,9 @@ pub(super) async fn batch(gateway: &Arc<Gateway>, request: Request<Incoming>) ->
         Err(message) => return error(StatusCode::BAD_REQUEST, &message, "invalid_request_error"),
     };
 
-    // Schedule: contexts sharing documents run back to back.
-    let contexts: Vec<Vec<String>> = requests.iter().map(document_texts).collect();
-    let order = match tokio::task::spawn_blocking(move || {
-        let (ids, _) = cluster::intern(&contexts);
-        cluster::schedule(&cluster::build_index(&ids, 0.001)).order
-    })
-    .await
-    {
+    let order = match schedule(&requests).await {
         Ok(order) => order,
-        Err(e) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &format!("scheduling failed: {e}"),
-                "server_error",
-            )
-        }
+        Err(error) => return error.into_response(),
     };
 
     // At most `slots` in flight; permits are handed out in schedule order.

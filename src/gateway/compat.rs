@@ -29,6 +29,7 @@ use crate::sync::lock;
 /// answered last is the slot table's (`slots::Scheduler::settle`).
 pub struct CompatState {
     mode: IndexMode,
+    limits: live::Limits,
     index: Arc<Mutex<LiveIndex>>,
 }
 
@@ -40,7 +41,20 @@ impl CompatState {
         };
         CompatState {
             mode: config.index,
+            limits,
             index: Arc::new(Mutex::new(LiveIndex::new(cluster::DEFAULT_ALPHA, limits))),
+        }
+    }
+
+    /// After a panic in index work (a bug: request data is validated before
+    /// it gets there) the index may be half-updated, so it starts over empty
+    /// rather than being used as it is. This is what makes `sync::lock`'s
+    /// tolerance of a poisoned lock sound for the index.
+    fn recover(&self) {
+        if self.index.is_poisoned() {
+            *lock(&self.index) = LiveIndex::new(cluster::DEFAULT_ALPHA, self.limits);
+            self.index.clear_poison();
+            tracing::error!("index work panicked; the live index starts over empty");
         }
     }
 
@@ -59,9 +73,8 @@ impl CompatState {
             Ok(mut index) => {
                 index.remove_requests(&displaced);
             }
-            Err(TryLockError::Poisoned(poisoned)) => {
-                poisoned.into_inner().remove_requests(&displaced);
-            }
+            // Index work panicked and `recover` is about to empty it.
+            Err(TryLockError::Poisoned(_)) => {}
             Err(TryLockError::WouldBlock) => {
                 let index = self.index.clone();
                 let remove = move || {
@@ -136,18 +149,22 @@ async fn read_json(
         .map_err(|e| bad(format!("the request body is not valid JSON: {e}")))
 }
 
-/// Runs index work on the blocking pool.
-async fn blocking<F>(work: F) -> Response<Body>
+/// Runs index work on the blocking pool; a panic there (a bug) answers 500
+/// and empties the index rather than leaving it half-updated.
+async fn blocking<F>(gateway: &Gateway, work: F) -> Response<Body>
 where
     F: FnOnce() -> Response<Body> + Send + 'static,
 {
     match tokio::task::spawn_blocking(work).await {
         Ok(response) => response,
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("reordering failed: {e}"),
-            "server_error",
-        ),
+        Err(e) => {
+            gateway.compat.recover();
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("reordering failed ({e}); the live index was reset"),
+                "server_error",
+            )
+        }
     }
 }
 
@@ -216,13 +233,17 @@ fn parse_contexts(value: Option<&Value>, field: &str) -> Result<Contexts, String
     Ok(Contexts { keys, strings })
 }
 
+/// The largest `alpha` accepted (the reference default is 0.001).
+const MAX_ALPHA: f64 = 1000.0;
+
 fn parse_alpha(body: &Value) -> Result<f64, String> {
     match body.get("alpha") {
         None | Some(Value::Null) => Ok(cluster::DEFAULT_ALPHA),
         Some(v) => v
             .as_f64()
-            .filter(|a| a.is_finite() && *a >= 0.0)
-            .ok_or_else(|| "`alpha` must be a number >= 0".to_string()),
+            // Past this, position terms swamp every distance into infinity.
+            .filter(|a| a.is_finite() && (0.0..=MAX_ALPHA).contains(a))
+            .ok_or_else(|| format!("`alpha` must be a number from 0 to {MAX_ALPHA}")),
     }
 }
 
@@ -311,15 +332,18 @@ pub(super) async fn reorder(
         Err(message) => return bad(message),
     };
     if always_stateless || gateway.compat.mode == IndexMode::Stateless {
-        return blocking(move || json(StatusCode::OK, &stateless(&contexts, alpha))).await;
+        return blocking(gateway, move || {
+            json(StatusCode::OK, &stateless(&contexts, alpha))
+        })
+        .await;
     }
     let index = gateway.compat.index.clone();
-    blocking(
-        move || match reorder_live(&index, &contexts, alpha, &body) {
+    blocking(gateway, move || {
+        match reorder_live(&index, &contexts, alpha, &body) {
             Ok(answer) => json(StatusCode::OK, &answer),
             Err(message) => bad(message),
-        },
-    )
+        }
+    })
     .await
 }
 
@@ -501,7 +525,7 @@ pub(super) async fn evict(gateway: &Arc<Gateway>, request: Request<Incoming>) ->
         return bad("`request_ids` must be a list of strings");
     };
     let index = gateway.compat.index.clone();
-    blocking(move || {
+    blocking(gateway, move || {
         let mut index = lock(&index);
         if !index.is_live() {
             return not_live();
@@ -547,7 +571,7 @@ pub(super) async fn search(gateway: &Arc<Gateway>, request: Request<Incoming>) -
         .and_then(Value::as_bool)
         .unwrap_or(true);
     let index = gateway.compat.index.clone();
-    blocking(move || {
+    blocking(gateway, move || {
         let mut index = lock(&index);
         if !index.is_live() {
             return not_live();
@@ -590,7 +614,7 @@ pub(super) async fn insert(gateway: &Arc<Gateway>, request: Request<Incoming>) -
         Err(message) => return bad(message),
     };
     let index = gateway.compat.index.clone();
-    blocking(move || {
+    blocking(gateway, move || {
         let mut index = lock(&index);
         if !index.is_live() {
             return not_live();
@@ -624,7 +648,7 @@ pub(super) async fn update(gateway: &Arc<Gateway>, request: Request<Incoming>) -
         return bad("`token_delta` must be an integer");
     };
     let index = gateway.compat.index.clone();
-    blocking(move || {
+    blocking(gateway, move || {
         let mut index = lock(&index);
         if !index.is_live() {
             return not_live();
@@ -660,7 +684,7 @@ pub(super) async fn deduplicate(
         Err(message) => return bad(message),
     };
     let index = gateway.compat.index.clone();
-    blocking(move || {
+    blocking(gateway, move || {
         let run = || -> Result<Value, String> {
             let template = opt_str(&body, "hint_template")?;
             let mut index = lock(&index);
@@ -692,7 +716,7 @@ pub(super) async fn deduplicate(
 /// `POST /reset`.
 pub(super) async fn reset(gateway: &Arc<Gateway>) -> Response<Body> {
     let index = gateway.compat.index.clone();
-    blocking(move || {
+    blocking(gateway, move || {
         let was_live = lock(&index).reset();
         json(
             StatusCode::OK,
@@ -713,7 +737,7 @@ pub(super) async fn reset(gateway: &Arc<Gateway>) -> Response<Body> {
 /// `GET /requests`.
 pub(super) async fn requests(gateway: &Arc<Gateway>) -> Response<Body> {
     let index = gateway.compat.index.clone();
-    blocking(move || {
+    blocking(gateway, move || {
         let mut index = lock(&index);
         if !index.is_live() {
             return not_live();
@@ -731,6 +755,30 @@ pub(super) async fn requests(gateway: &Arc<Gateway>) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_panic_in_index_work_empties_the_index_instead_of_using_it() {
+        let state = CompatState::new(&ReorderConfig::default());
+        lock(&state.index).reorder(&[vec![Key::Int(1), Key::Int(2)]], None);
+        assert!(lock(&state.index).stats().num_requests > 0);
+        let index = state.index.clone();
+        let panicked = std::thread::spawn(move || {
+            let _held = index.lock().unwrap();
+            panic!("index work panicked half-way (expected by this test)");
+        })
+        .join();
+        assert!(panicked.is_err() && state.index.is_poisoned());
+        state.recover();
+        assert!(!state.index.is_poisoned());
+        assert_eq!(lock(&state.index).stats().num_requests, 0);
+    }
+
+    #[test]
+    fn alpha_is_bounded() {
+        assert!(parse_alpha(&json!({"alpha": 0.001})).is_ok());
+        assert!(parse_alpha(&json!({"alpha": 1e300})).is_err());
+        assert!(parse_alpha(&json!({"alpha": -1})).is_err());
+    }
 
     fn run_stateless(body: Value) -> Value {
         let contexts = parse_contexts(body.get("contexts"), "contexts").unwrap();

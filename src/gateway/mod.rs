@@ -15,6 +15,8 @@ mod request;
 mod settle;
 pub mod sse;
 mod stream;
+#[cfg(test)]
+mod tests;
 mod upstream;
 pub use compat::CompatState;
 pub use error::{error, error_body, ApiError};

@@ -114,18 +114,15 @@ pub fn find_documents(body: &Value, config: &InterceptConfig) -> Vec<Found> {
             continue;
         };
         let role = message.get("role").and_then(Value::as_str).unwrap_or("");
+        let locate = |block: Option<usize>| {
+            block.map_or(Location::at_message(index), |b| {
+                Location::at_block(index, b)
+            })
+        };
         let mut hits = Vec::new();
         match role {
             "system" | "developer" if want_system && !system_found => {
-                collect_texts(
-                    content,
-                    &|block| {
-                        block.map_or(Location::at_message(index), |b| {
-                            Location::at_block(index, b)
-                        })
-                    },
-                    &mut hits,
-                );
+                collect_texts(content, &locate, &mut hits);
                 if let Some(hit) = hits
                     .into_iter()
                     .find_map(|(location, text)| extract_at(location, text, config, 1))
@@ -135,15 +132,7 @@ pub fn find_documents(body: &Value, config: &InterceptConfig) -> Vec<Found> {
                 }
             }
             "tool" | "toolResult" if want_tools => {
-                collect_texts(
-                    content,
-                    &|block| {
-                        block.map_or(Location::at_message(index), |b| {
-                            Location::at_block(index, b)
-                        })
-                    },
-                    &mut hits,
-                );
+                collect_texts(content, &locate, &mut hits);
                 push_tool_hits(hits, config, &mut found);
             }
             "user" if want_tools => {

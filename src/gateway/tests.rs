@@ -1,0 +1,492 @@
+//! In-process tests of the gateway: the real HTTP server and request path
+//! (prepare → dispatch → settle, the slot table, the meter writing its log)
+//! in front of a scripted upstream, a loopback HTTP server that answers
+//! like llama-server with chosen timings and `cache_n`, dies on demand, and
+//! holds a stream open until told. The real llama-server stays the main
+//! path in `tests/` and `tests/python`; these pin what it cannot be made
+//! to do on demand.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch, Barrier, Notify};
+
+use super::{serve, Body, ChannelBody, Gateway, Upstream};
+use crate::config::MeterConfig;
+use crate::cost::{CostModel, CostView};
+use crate::meter::Meter;
+use crate::reorder::prepare::{Reorder, Settings};
+use crate::slots::Scheduler;
+use crate::status::{HardwareStatus, ModelStatus, PlanStatus, StaticStatus};
+use crate::supervisor::{State, SupervisorView};
+
+/// Long enough for any wait that should end; a test that hits it fails.
+const DEADLINE: Duration = Duration::from_secs(20);
+const CHILD_PID: u32 = 4242;
+
+/// What the scripted child does with the next model request.
+enum Reply {
+    /// A whole answer with these timings.
+    Whole { cache_n: u64, prompt_n: u64 },
+    /// A whole answer, once `Barrier` has seen every request it waits for.
+    WholeTogether(Arc<Barrier>),
+    /// Close the connection without answering, as a child that died.
+    Die,
+    /// SSE: these events, then (if set) wait to be released, then end,
+    /// with `data: [DONE]` when `done`.
+    Stream {
+        events: Vec<Value>,
+        release: Option<Arc<Notify>>,
+        done: bool,
+    },
+}
+
+#[derive(Default)]
+struct Script {
+    replies: Mutex<VecDeque<Reply>>,
+    /// Model request bodies as the child received them.
+    received: Mutex<Vec<Value>>,
+}
+
+impl Script {
+    fn then(&self, reply: Reply) {
+        self.replies.lock().unwrap().push_back(reply);
+    }
+
+    fn received(&self) -> Vec<Value> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+fn whole(cache_n: u64, prompt_n: u64) -> Response<Body> {
+    let body = json!({
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
+        "usage": {"prompt_tokens": cache_n + prompt_n, "completion_tokens": 1},
+        "timings": {"cache_n": cache_n, "prompt_n": prompt_n, "prompt_ms": 2.0 * prompt_n as f64,
+            "predicted_n": 1, "predicted_ms": 1.0},
+    });
+    super::json(StatusCode::OK, &body)
+}
+
+fn stream(events: Vec<Value>, release: Option<Arc<Notify>>, done: bool) -> Response<Body> {
+    let (tx, body) = ChannelBody::new(16);
+    tokio::spawn(async move {
+        for event in events {
+            let _ = tx.send(Bytes::from(format!("data: {event}\n\n"))).await;
+        }
+        if let Some(release) = release {
+            release.notified().await;
+        }
+        if done {
+            let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+        }
+    });
+    let mut response = Response::new(body.boxed_unsync());
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/event-stream"),
+    );
+    response
+}
+
+/// Serves the script on a loopback port for as long as the test runs.
+async fn scripted_child(script: Arc<Script>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let script = script.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |request| answer(script.clone(), request));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(socket), service)
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+async fn answer(
+    script: Arc<Script>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, std::io::Error> {
+    if request.uri().path() == "/health" {
+        return Ok(super::json(StatusCode::OK, &json!({"status": "ok"})));
+    }
+    let bytes = request.into_body().collect().await.unwrap().to_bytes();
+    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    script.received.lock().unwrap().push(body);
+    let reply = script.replies.lock().unwrap().pop_front();
+    match reply.unwrap_or(Reply::Whole {
+        cache_n: 0,
+        prompt_n: 10,
+    }) {
+        Reply::Whole { cache_n, prompt_n } => Ok(whole(cache_n, prompt_n)),
+        Reply::WholeTogether(barrier) => {
+            barrier.wait().await;
+            Ok(whole(0, 10))
+        }
+        // A service error makes hyper close the connection unanswered.
+        Reply::Die => Err(std::io::Error::other("the scripted child died")),
+        Reply::Stream {
+            events,
+            release,
+            done,
+        } => Ok(stream(events, release, done)),
+    }
+}
+
+/// The gateway serving on a loopback port in front of a scripted child.
+struct Harness {
+    script: Arc<Script>,
+    gateway: Arc<Gateway>,
+    port: u16,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+    _view: watch::Sender<SupervisorView>,
+    _stop: oneshot::Sender<()>,
+}
+
+async fn start(slots: usize) -> Harness {
+    let script = Arc::new(Script::default());
+    let child_port = scripted_child(script.clone()).await;
+    let (view_tx, view) = watch::channel(SupervisorView {
+        state: State::Ready,
+        pid: Some(CHILD_PID),
+        port: Some(child_port),
+        restarts: 0,
+        last_exit: None,
+        started_at: None,
+        command: Vec::new(),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("query_log.jsonl");
+    let meter = Meter::start(&MeterConfig::default(), Some(log.clone()));
+    let cost = CostModel::new(CostView::for_tests().profile.as_ref().clone());
+    let gateway = Arc::new(Gateway {
+        started: std::time::Instant::now(),
+        status: static_status(slots),
+        supervisor: view,
+        tail: Default::default(),
+        api_key: None,
+        model_id: "scripted".into(),
+        scheduler: Scheduler::new(slots, slots, 64, 0, cost),
+        meter,
+        upstream: Upstream::new(),
+        max_body_bytes: 1 << 20,
+        queue_timeout: Duration::from_secs(10),
+        gpu: None,
+        query_log: Some(log.clone()),
+        query_prefix: "test".into(),
+        reorder: Reorder::new(Settings {
+            infer_documents: false,
+            dedup: true,
+            threshold: Default::default(),
+            conversation_max_tokens: 100_000,
+        }),
+        compat: super::CompatState::new(&Default::default()),
+        next_query: Default::default(),
+        streams: Default::default(),
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(serve(
+        listener,
+        gateway.clone(),
+        async {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(1),
+        Duration::from_secs(5),
+    ));
+    Harness {
+        script,
+        gateway,
+        port,
+        log,
+        _dir: dir,
+        _view: view_tx,
+        _stop: stop,
+    }
+}
+
+fn static_status(slots: usize) -> StaticStatus {
+    StaticStatus {
+        listen: "127.0.0.1:0".into(),
+        model: ModelStatus {
+            path: "scripted.gguf".into(),
+            size_bytes: 0,
+            architecture: "llama".into(),
+            context_length: Some(4096),
+        },
+        plan: PlanStatus {
+            slots: slots as u32,
+            concurrency: slots as u32,
+            ctx_per_slot: 4096,
+            ctx_size: 4096 * slots as u64,
+            threads: 1,
+            gpu_layers: 0,
+            cache_reuse: 0,
+        },
+        hardware: HardwareStatus {
+            chip: "test".into(),
+            memory_bytes: 0,
+            perf_cores: 1,
+            efficiency_cores: 0,
+            gpu_cores: None,
+        },
+        warnings: Vec::new(),
+        cost_decisions: Vec::new(),
+    }
+}
+
+impl Harness {
+    /// Sends one request; the response as it comes (headers first).
+    async fn send(&self, path: &str, body: &Value) -> Response<Incoming> {
+        let client = crate::http_client::loopback_client::<Full<Bytes>>();
+        let request = Request::post(format!("http://127.0.0.1:{}{path}", self.port))
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        tokio::time::timeout(DEADLINE, client.request(request))
+            .await
+            .expect("the gateway answers in time")
+            .unwrap()
+    }
+
+    /// Sends one request and reads the whole answer.
+    async fn post(&self, path: &str, body: &Value) -> (StatusCode, hyper::HeaderMap, String) {
+        let (parts, body) = self.send(path, body).await.into_parts();
+        let bytes = tokio::time::timeout(DEADLINE, body.collect())
+            .await
+            .expect("the answer ends in time")
+            .unwrap()
+            .to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
+    }
+
+    /// Every record the meter has written so far.
+    async fn records(&self) -> Vec<Value> {
+        self.gateway.meter.flush().await;
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    }
+}
+
+fn chat(system: &str, question: &str) -> Value {
+    json!({"messages": [
+        {"role": "system", "content": system},
+        {"role": "user", "content": question},
+    ]})
+}
+
+/// A distinct text of about 500 tokens.
+fn passage(tag: usize) -> String {
+    (0..250)
+        .map(|i| format!("w{tag}x{i}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn slot_of(body: &Value) -> u64 {
+    body["id_slot"]
+        .as_u64()
+        .expect("every forwarded request names its slot")
+}
+
+#[tokio::test]
+async fn eight_requests_run_at_once_on_eight_slots_and_each_prompt_returns_to_its_slot() {
+    let h = Arc::new(start(8).await);
+    let together = Arc::new(Barrier::new(8));
+    for _ in 0..8 {
+        h.script.then(Reply::WholeTogether(together.clone()));
+    }
+    // The child answers none until all eight are in: they must run at once.
+    let mut running = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let h = h.clone();
+        running.spawn(async move {
+            h.post("/v1/chat/completions", &chat(&passage(i), "q"))
+                .await
+        });
+    }
+    while let Some(done) = running.join_next().await {
+        assert_eq!(done.unwrap().0, StatusCode::OK);
+    }
+    let first: Vec<Value> = h.script.received();
+    let mut slots: Vec<u64> = first.iter().map(slot_of).collect();
+    slots.sort();
+    assert_eq!(slots, (0..8).collect::<Vec<u64>>(), "one slot each");
+    // A later request with the same system prompt goes back to its slot.
+    for i in (0..8).rev() {
+        let text = passage(i);
+        let before = first
+            .iter()
+            .find(|b| b["messages"][0]["content"] == text.as_str())
+            .map(slot_of)
+            .unwrap();
+        h.post("/v1/chat/completions", &chat(&text, "another question"))
+            .await;
+        let again = h.script.received().last().map(slot_of).unwrap();
+        assert_eq!(again, before, "prompt {i} came back to its slot");
+    }
+    let records = h.records().await;
+    assert_eq!(records.len(), 16);
+    assert!(records.iter().all(|r| r["status_code"] == 200));
+    assert!(records.iter().all(|r| r["slot_id"].is_u64()));
+}
+
+#[tokio::test]
+async fn requests_sharing_documents_meet_on_one_slot_with_the_shared_run_first() {
+    let h = start(8).await;
+    let docs = |ids: &[usize]| -> Value {
+        ids.iter()
+            .map(|&i| json!({"id": format!("d{i}"), "text": passage(100 + i)}))
+            .collect()
+    };
+    let ask = |ids: &[usize]| {
+        let mut body = chat("Be brief.", "Which document names w101x3?");
+        body["documents"] = docs(ids);
+        body
+    };
+    assert_eq!(
+        h.post("/v1/chat/completions", &ask(&[1, 2, 3, 4])).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        h.post("/v1/chat/completions", &ask(&[4, 9, 2, 1])).await.0,
+        StatusCode::OK
+    );
+    let received = h.script.received();
+    assert_eq!(slot_of(&received[1]), slot_of(&received[0]));
+    let system = received[1]["messages"][0]["content"].as_str().unwrap();
+    // The held run (1, 2) leads; the client's first choice is still ranked first.
+    let at = |i: usize| system.find(&passage(100 + i)).unwrap();
+    assert!(
+        at(1) < at(2) && at(2) < at(4) && at(4) < at(9),
+        "{system:.200}"
+    );
+    assert!(system.contains("importance ranking: 3 > "), "{system}");
+    assert!(received.iter().all(|b| b.get("documents").is_none()));
+    let records = h.records().await;
+    assert_eq!(records[1]["reorder"]["slot_choice"], "cached-prefix");
+}
+
+#[tokio::test]
+async fn a_child_that_dies_before_answering_gets_one_retry() {
+    let h = start(4).await;
+    h.script.then(Reply::Die);
+    let (status, _, body) = h.post("/v1/chat/completions", &chat("s", "q")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(h.script.received().len(), 2);
+    h.script.then(Reply::Die);
+    h.script.then(Reply::Die);
+    let (status, headers, body) = h.post("/v1/chat/completions", &chat("s", "q")).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(headers[hyper::header::RETRY_AFTER], "5");
+    let error: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["error"]["type"], "server_error");
+    assert!(error["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("failed the request twice"));
+    let records = h.records().await;
+    assert_eq!(records.len(), 2);
+    assert_eq!(
+        (&records[0]["status_code"], &records[0]["retried"]),
+        (&json!(200), &json!(true))
+    );
+    assert_eq!(
+        (&records[1]["status_code"], &records[1]["retried"]),
+        (&json!(502), &json!(true))
+    );
+}
+
+#[tokio::test]
+async fn a_stream_the_child_cuts_ends_with_an_error_event_and_done() {
+    let h = start(4).await;
+    h.script.then(Reply::Stream {
+        events: vec![json!({"choices": [{"index": 0, "delta": {"content": "Hel"}}]})],
+        release: None,
+        done: false,
+    });
+    let mut body = chat("s", "q");
+    body["stream"] = json!(true);
+    let (status, headers, text) = h.post("/v1/chat/completions", &body).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[hyper::header::CONTENT_TYPE], "text/event-stream");
+    assert!(text.contains("\"Hel\""), "{text}");
+    assert!(
+        text.contains("llama-server stopped during the response"),
+        "{text}"
+    );
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    let records = h.records().await;
+    assert_eq!(records.len(), 1);
+    assert!(records[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("stopped during the response"));
+    // The slot is free again and the daemon no longer trusts its contents.
+    assert_eq!(h.gateway.scheduler.busy(), 0);
+}
+
+#[tokio::test]
+async fn a_stream_in_flight_is_settled_before_idle_resolves() {
+    let h = start(4).await;
+    let release = Arc::new(Notify::new());
+    h.script.then(Reply::Stream {
+        events: vec![json!({"choices": [{"index": 0, "delta": {"content": "Hi"}}]})],
+        release: Some(release.clone()),
+        done: true,
+    });
+    let mut body = chat("s", "q");
+    body["stream"] = json!(true);
+    let mut response = h.send("/v1/chat/completions", &body).await.into_body();
+    let first = tokio::time::timeout(DEADLINE, response.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(first.data_ref().unwrap()).contains("Hi"));
+    assert_eq!(h.gateway.streams.in_flight(), 1);
+    tokio::select! {
+        biased;
+        _ = h.gateway.streams.idle() => panic!("idle with a stream still relaying"),
+        _ = std::future::ready(()) => {}
+    }
+    assert!(h.records().await.is_empty(), "recorded before it ended");
+    release.notify_one();
+    tokio::time::timeout(DEADLINE, h.gateway.streams.idle())
+        .await
+        .expect("the stream task ends once the child does");
+    let records = h.records().await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        (&records[0]["status_code"], &records[0]["stream"]),
+        (&json!(200), &json!(true))
+    );
+    let rest = tokio::time::timeout(DEADLINE, response.collect())
+        .await
+        .unwrap()
+        .unwrap()
+        .to_bytes();
+    assert!(String::from_utf8_lossy(&rest).ends_with("data: [DONE]\n\n"));
+}
