@@ -773,6 +773,32 @@ mod tests {
         assert_eq!(lock(&state.index).stats().num_requests, 0);
     }
 
+    /// Request data that is odd but valid reaches the clustering code, and
+    /// must not panic there (with the live index locked).
+    #[test]
+    fn odd_contexts_do_not_panic_either_index() {
+        let cases = [
+            json!({"contexts": [[]]}),
+            json!({"contexts": [[], [], [1]]}),
+            json!({"contexts": [[1, 1, 1], [1, 1], [1]]}),
+            json!({"contexts": [[u64::MAX, 0], [0, u64::MAX]], "alpha": 1000}),
+            json!({"contexts": [["a", "a"], ["", ""], ["a"]], "alpha": 0}),
+            json!({"contexts": (0..40).map(|i| vec![i % 3, i % 7, i]).collect::<Vec<_>>()}),
+        ];
+        let state = CompatState::new(&ReorderConfig::default());
+        for case in cases {
+            // Refused at the door is fine too: that is validation.
+            let Ok(contexts) = parse_contexts(case.get("contexts"), "contexts") else {
+                continue;
+            };
+            let _ = run_stateless(case.clone());
+            let alpha = parse_alpha(&case).unwrap();
+            reorder_live(&state.index, &contexts, alpha, &case).unwrap();
+            reorder_live(&state.index, &contexts, alpha, &case).unwrap();
+        }
+        assert!(!state.index.is_poisoned());
+    }
+
     #[test]
     fn alpha_is_bounded() {
         assert!(parse_alpha(&json!({"alpha": 0.001})).is_ok());

@@ -124,9 +124,9 @@ pub fn error_body(status: StatusCode, message: &str, kind: &str) -> serde_json::
     serde_json::json!({"error": {"message": message, "type": kind, "code": status.as_u16()}})
 }
 
-/// An OpenAI-shaped error response.
-pub fn error(status: StatusCode, message: &str, kind: &str) -> Response<Body> {
-    json(status, &error_body(status, message, kind))
+/// An OpenAI-shaped error response (`ApiError::new(..).into_response()`).
+pub fn error(status: StatusCode, message: &str, kind: &'static str) -> Response<Body> {
+    ApiError::new(status, kind, message).into_response()
 }
 
 #[cfg(test)]
