@@ -5,9 +5,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::{report, ConfigArg, EXIT_CONFIG, EXIT_OK};
-use crate::config::ConfigSource;
-use crate::daemon::{self, Prepared};
+use super::{report, ConfigArg, EXIT_OK};
+use crate::daemon::Prepared;
 use crate::gguf::ModelFacts;
 use crate::hardware::Hardware;
 use crate::plan::{shell_quote, LaunchPlan};
@@ -33,13 +32,9 @@ struct Report<'a> {
 }
 
 pub fn run(arg: ConfigArg, hardware: Option<PathBuf>, json: bool) -> i32 {
-    let source = ConfigSource::locate(arg.config.as_deref());
-    let prepared = match daemon::prepare(source, hardware.as_deref()) {
+    let prepared = match super::prepare(&arg, hardware.as_deref()) {
         Ok(p) => p,
-        Err(e) => {
-            report(&e);
-            return EXIT_CONFIG;
-        }
+        Err(code) => return code,
     };
     if json {
         let doc = Report {

@@ -147,6 +147,19 @@ fn runtime(multi_thread: bool) -> Result<tokio::runtime::Runtime, i32> {
     })
 }
 
+/// The preflight of every command that plans a child (`daemon::prepare`);
+/// a problem is reported and becomes exit code 2.
+fn prepare(
+    arg: &ConfigArg,
+    hardware: Option<&std::path::Path>,
+) -> Result<crate::daemon::Prepared, i32> {
+    let source = crate::config::ConfigSource::locate(arg.config.as_deref());
+    crate::daemon::prepare(source, hardware).map_err(|e| {
+        report(&e);
+        EXIT_CONFIG
+    })
+}
+
 /// Prints a start-up error the way every command does.
 fn report(error: &dyn std::fmt::Display) {
     eprintln!("contextpilotd: error: {error}");

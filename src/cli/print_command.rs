@@ -2,20 +2,14 @@
 
 use std::path::PathBuf;
 
-use super::{report, ConfigArg, EXIT_CONFIG, EXIT_OK};
-use crate::config::ConfigSource;
-use crate::daemon;
+use super::{ConfigArg, EXIT_OK};
 use crate::plan::shell_quote;
 use crate::supervisor::process::free_loopback_port;
 
 pub fn run(arg: ConfigArg, hardware: Option<PathBuf>) -> i32 {
-    let source = ConfigSource::locate(arg.config.as_deref());
-    let prepared = match daemon::prepare(source, hardware.as_deref()) {
+    let prepared = match super::prepare(&arg, hardware.as_deref()) {
         Ok(p) => p,
-        Err(e) => {
-            report(&e);
-            return EXIT_CONFIG;
-        }
+        Err(code) => return code,
     };
     if let Err(e) = &prepared.binary {
         eprintln!("contextpilotd: warning: {e}");

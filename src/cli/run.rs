@@ -8,7 +8,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, EnvFilter, Layer};
 
 use super::{report, ConfigArg, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK};
-use crate::config::{Config, ConfigSource};
+use crate::config::Config;
 use crate::daemon;
 
 pub fn run(arg: ConfigArg) -> i32 {
@@ -25,13 +25,9 @@ pub fn run(arg: ConfigArg) -> i32 {
                 return EXIT_FAILURE;
             }
         };
-        let source = ConfigSource::locate(arg.config.as_deref());
-        let prepared = match daemon::prepare(source, None) {
+        let prepared = match super::prepare(&arg, None) {
             Ok(p) => p,
-            Err(e) => {
-                report(&e);
-                return EXIT_CONFIG;
-            }
+            Err(code) => return code,
         };
         // A missing binary is reported before anything starts.
         if let Err(e) = &prepared.binary {

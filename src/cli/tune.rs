@@ -8,20 +8,14 @@
 use std::time::{Duration, Instant};
 
 use super::{report, ConfigArg, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK};
-use crate::config::ConfigSource;
 use crate::cost::{self, tune::TuneTarget};
-use crate::daemon;
 use crate::plan::{self, PlanInputs};
 use crate::supervisor::process::{free_loopback_port, ChildProcess, OutputTail};
 
 pub fn run(arg: ConfigArg, json: bool) -> i32 {
-    let source = ConfigSource::locate(arg.config.as_deref());
-    let prepared = match daemon::prepare(source, None) {
+    let prepared = match super::prepare(&arg, None) {
         Ok(p) => p,
-        Err(e) => {
-            report(&e);
-            return EXIT_CONFIG;
-        }
+        Err(code) => return code,
     };
     let binary = match &prepared.binary {
         Ok(binary) => binary.clone(),
