@@ -145,6 +145,43 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// A client must send its request headers within this time.
     pub header_timeout_s: u64,
+    /// Host names (besides localhost and IP addresses) requests may name in
+    /// their `Host` header; any other gets 403, which is what stops a web
+    /// page on a rebinding domain from reaching the API.
+    pub allowed_hosts: Vec<String>,
+    /// Web origins (`scheme://host[:port]`, or `"*"`) whose pages may call
+    /// the API from a browser: they get CORS headers and preflight answers.
+    /// A request from any other origin gets 403 on POST and no CORS headers.
+    pub allowed_origins: Vec<String>,
+}
+
+/// A DNS name as a `Host` header carries it, without a port.
+fn is_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// A web origin as browsers send it (`http://localhost:3000`), or `"*"`.
+fn is_origin(origin: &str) -> bool {
+    if origin == "*" {
+        return true;
+    }
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return false;
+    };
+    let host = rest.rsplit_once(':').map_or(rest, |(host, port)| {
+        if port.parse::<u16>().is_ok() {
+            host
+        } else {
+            ""
+        }
+    });
+    matches!(scheme, "http" | "https")
+        && !host.is_empty()
+        && (is_host_name(host) || host.starts_with('[') && host.ends_with(']'))
 }
 
 impl Default for ServerConfig {
@@ -156,6 +193,8 @@ impl Default for ServerConfig {
             queue_timeout_s: 120,
             max_body_bytes: 32 << 20,
             header_timeout_s: 10,
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -516,6 +555,18 @@ impl Config {
         if matches!(&self.server.api_key, Some(k) if k.trim().is_empty()) {
             return err("server.api_key", "must not be empty".to_string());
         }
+        if let Some(bad) = self.server.allowed_hosts.iter().find(|h| !is_host_name(h)) {
+            return err(
+                "server.allowed_hosts",
+                format!("{bad:?} is not a host name (letters, digits, '-' and '.', no port)"),
+            );
+        }
+        if let Some(bad) = self.server.allowed_origins.iter().find(|o| !is_origin(o)) {
+            return err(
+                "server.allowed_origins",
+                format!("{bad:?} is not an origin: write scheme://host[:port] (no path), or \"*\""),
+            );
+        }
         if !(self.reorder.min_gain_ms.is_finite() && self.reorder.min_gain_ms >= 0.0) {
             return err(
                 "reorder.min_gain_ms",
@@ -804,6 +855,37 @@ mod tests {
         assert!(text.contains("llama.slots"), "{text}");
         let text = parse("[llama]\nslots = 17\n").unwrap_err().to_string();
         assert!(text.contains("1 to 16"), "{text}");
+    }
+
+    #[test]
+    fn allowed_hosts_and_origins_are_checked() {
+        let config = parse(
+            "[server]\nallowed_hosts = [\"mybox.lan\"]\nallowed_origins = [\"http://localhost:3000\", \"https://[::1]\", \"*\"]\n",
+        )
+        .unwrap();
+        assert_eq!(config.server.allowed_hosts, ["mybox.lan"]);
+        for (text, key) in [
+            (
+                "[server]\nallowed_hosts = [\"evil.example:80\"]\n",
+                "server.allowed_hosts",
+            ),
+            ("[server]\nallowed_hosts = [\"\"]\n", "server.allowed_hosts"),
+            (
+                "[server]\nallowed_origins = [\"localhost:3000\"]\n",
+                "server.allowed_origins",
+            ),
+            (
+                "[server]\nallowed_origins = [\"http://a.b/path\"]\n",
+                "server.allowed_origins",
+            ),
+            (
+                "[server]\nallowed_origins = [\"ftp://a.b\"]\n",
+                "server.allowed_origins",
+            ),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert_eq!(err.key.as_deref(), Some(key), "{text}: {err}");
+        }
     }
 
     #[test]

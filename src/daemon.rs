@@ -512,6 +512,10 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
         supervisor: supervisor.view.clone(),
         tail: supervisor.tail.clone(),
         api_key: config.server.api_key.clone(),
+        guard: gateway::guard::Policy {
+            allowed_hosts: config.server.allowed_hosts.clone(),
+            allowed_origins: config.server.allowed_origins.clone(),
+        },
         model_id,
         scheduler: Scheduler::new(
             slots,

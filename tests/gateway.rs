@@ -152,7 +152,7 @@ fn a_client_that_walks_away_frees_its_slot_and_is_recorded() {
     let mut stream = TcpStream::connect(daemon.listen).unwrap();
     write!(
         stream,
-        "POST /completion HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{LONG}",
+        "POST /completion HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{LONG}",
         LONG.len()
     )
     .unwrap();

@@ -9,6 +9,7 @@ mod batch;
 mod compat;
 mod dispatch;
 mod error;
+pub mod guard;
 mod headers;
 mod prepare;
 mod request;
@@ -36,7 +37,6 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -59,6 +59,9 @@ pub struct Gateway {
     pub supervisor: watch::Receiver<SupervisorView>,
     pub tail: OutputTail,
     pub api_key: Option<String>,
+    /// Which hosts and web origins may call (`[server] allowed_hosts`,
+    /// `allowed_origins`), applied by the outer layer.
+    pub guard: guard::Policy,
     /// The model id on `/v1/models` and in every record.
     pub model_id: String,
     pub scheduler: Arc<Scheduler>,
@@ -155,7 +158,8 @@ impl Gateway {
         }
         let method = request.method().clone();
         let post = method == Method::POST;
-        let get = method == Method::GET;
+        // HEAD is GET without the body (hyper leaves it out).
+        let get = method == Method::GET || method == Method::HEAD;
         match path.as_str() {
             "/health" if get => self.health(),
             "/status" if get => json(StatusCode::OK, &self.status_with_requests().await),
@@ -412,11 +416,16 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let gateway = gateway.clone();
-                let service = service_fn(move |request| {
-                    let gateway = gateway.clone();
-                    async move { Ok::<_, Infallible>(gateway.handle(request).await) }
-                });
+                let service = tower::ServiceBuilder::new()
+                    .layer(guard::GuardLayer::new(gateway.guard.clone()))
+                    .service(tower::service_fn({
+                        let gateway = gateway.clone();
+                        move |request: Request<Incoming>| {
+                            let gateway = gateway.clone();
+                            async move { Ok::<_, Infallible>(gateway.handle(request).await) }
+                        }
+                    }));
+                let service = hyper_util::service::TowerToHyperService::new(service);
                 let connection = builder.serve_connection(TokioIo::new(stream), service);
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {

@@ -178,6 +178,10 @@ async fn start(slots: usize) -> Harness {
         supervisor: view,
         tail: Default::default(),
         api_key: None,
+        guard: super::guard::Policy {
+            allowed_hosts: vec![],
+            allowed_origins: vec!["http://localhost:3000".into()],
+        },
         model_id: "scripted".into(),
         scheduler: Scheduler::new(slots, slots, 64, 0, cost),
         meter,
@@ -253,11 +257,29 @@ fn static_status(slots: usize) -> StaticStatus {
 impl Harness {
     /// Sends one request; the response as it comes (headers first).
     async fn send(&self, path: &str, body: &Value) -> Response<Incoming> {
+        self.send_with(hyper::Method::POST, path, &[], body).await
+    }
+
+    async fn send_with(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &Value,
+    ) -> Response<Incoming> {
         let client = crate::http_client::loopback_client::<Full<Bytes>>();
-        let request = Request::post(format!("http://127.0.0.1:{}{path}", self.port))
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
-            .unwrap();
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("http://127.0.0.1:{}{path}", self.port))
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let body = match body {
+            Value::Null => Bytes::new(),
+            body => Bytes::from(body.to_string()),
+        };
+        let request = request.body(Full::new(body)).unwrap();
         tokio::time::timeout(DEADLINE, client.request(request))
             .await
             .expect("the gateway answers in time")
@@ -489,4 +511,128 @@ async fn a_stream_in_flight_is_settled_before_idle_resolves() {
         .unwrap()
         .to_bytes();
     assert!(String::from_utf8_lossy(&rest).ends_with("data: [DONE]\n\n"));
+}
+
+#[tokio::test]
+async fn a_page_on_a_rebinding_domain_or_another_origin_is_refused() {
+    let h = start(2).await;
+    let get = |headers: &'static [(&'static str, &'static str)]| {
+        h.send_with(hyper::Method::GET, "/v1/models", headers, &Value::Null)
+    };
+    let rebound = get(&[("host", "attacker.example:8765")]).await;
+    assert_eq!(rebound.status(), StatusCode::FORBIDDEN);
+    let body = rebound.into_body().collect().await.unwrap().to_bytes();
+    let error: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(error["error"]["type"], "permission_error");
+    assert_eq!(
+        get(&[("host", "localhost:8765")]).await.status(),
+        StatusCode::OK
+    );
+    // Another origin: a POST is refused before it runs, a GET gets no CORS
+    // headers (so the browser keeps the answer from the page).
+    let evil = [("origin", "https://evil.example")];
+    let post = h
+        .send_with(
+            hyper::Method::POST,
+            "/v1/chat/completions",
+            &evil,
+            &chat("s", "q"),
+        )
+        .await;
+    assert_eq!(post.status(), StatusCode::FORBIDDEN);
+    assert!(h.script.received().is_empty(), "nothing reached the child");
+    let read = get(&[("origin", "https://evil.example")]).await;
+    assert_eq!(read.status(), StatusCode::OK);
+    assert!(!read.headers().contains_key("access-control-allow-origin"));
+}
+
+#[tokio::test]
+async fn an_allowed_origin_gets_its_preflight_and_cors_headers() {
+    let h = start(2).await;
+    let origin = ("origin", "http://localhost:3000");
+    let preflight = h
+        .send_with(
+            hyper::Method::OPTIONS,
+            "/v1/chat/completions",
+            &[origin, ("access-control-request-method", "POST")],
+            &Value::Null,
+        )
+        .await;
+    assert_eq!(preflight.status(), StatusCode::NO_CONTENT);
+    let headers = preflight.headers();
+    assert_eq!(
+        headers["access-control-allow-origin"],
+        "http://localhost:3000"
+    );
+    assert!(headers["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .contains("authorization"));
+    let post = h
+        .send_with(
+            hyper::Method::POST,
+            "/v1/chat/completions",
+            &[origin],
+            &chat("s", "q"),
+        )
+        .await;
+    assert_eq!(post.status(), StatusCode::OK);
+    assert_eq!(
+        post.headers()["access-control-allow-origin"],
+        "http://localhost:3000"
+    );
+}
+
+#[tokio::test]
+async fn head_answers_like_get_without_a_body() {
+    let h = start(2).await;
+    let head = h
+        .send_with(hyper::Method::HEAD, "/v1/models", &[], &Value::Null)
+        .await;
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(
+        head.headers()[hyper::header::CONTENT_TYPE],
+        "application/json"
+    );
+    let body = head.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.is_empty());
+}
+
+#[tokio::test]
+async fn embeddings_wait_for_a_slot_like_completions() {
+    let h = Arc::new(start(1).await);
+    let release = Arc::new(Notify::new());
+    h.script.then(Reply::Stream {
+        events: vec![json!({"choices": [{"index": 0, "delta": {"content": "Hi"}}]})],
+        release: Some(release.clone()),
+        done: true,
+    });
+    let mut body = chat("s", "q");
+    body["stream"] = json!(true);
+    let mut stream = h.send("/v1/chat/completions", &body).await.into_body();
+    tokio::time::timeout(DEADLINE, stream.frame())
+        .await
+        .unwrap();
+    assert_eq!(h.gateway.scheduler.busy(), 1);
+    let embedding = tokio::spawn({
+        let h = h.clone();
+        async move { h.post("/v1/embeddings", &json!({"input": "hello"})).await }
+    });
+    // The one slot is taken, so the embedding queues behind the stream.
+    let queued = async {
+        while h.gateway.scheduler.queued() == 0 {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(DEADLINE, queued)
+        .await
+        .expect("the embedding waits for admission");
+    assert_eq!(h.script.received().len(), 1, "not sent while it waits");
+    release.notify_one();
+    let (status, _, _) = tokio::time::timeout(DEADLINE, embedding)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(h.script.received().len(), 2);
 }

@@ -16,6 +16,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::prepare::read_body;
 use super::{full, Body, Gateway};
+use crate::slots::ReservePolicy;
 use crate::supervisor::State;
 
 /// The daemon's HTTP client to the child: keep-alive connections, no
@@ -115,7 +116,12 @@ pub(super) async fn passthrough(
 }
 
 async fn relay(gateway: &Gateway, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let method = request.method().clone();
+    // HEAD is answered as GET (hyper drops the body); llama-server may not know HEAD.
+    let method = match request.method() {
+        &Method::HEAD => Method::GET,
+        other => other.clone(),
+    };
+    let embeddings = request.uri().path().ends_with("/embeddings");
     let path_and_query = request
         .uri()
         .path_and_query()
@@ -127,6 +133,21 @@ async fn relay(gateway: &Gateway, request: Request<Incoming>) -> Result<Response
     }
     let deadline = Instant::now() + gateway.queue_timeout;
     let target = gateway.wait_ready(None, deadline).await?;
+    // Embeddings take a slot in llama-server like a completion, so they go
+    // through admission too. llama-server picks that slot itself, so the
+    // lease takes the free slot worth least and forgets what it held: the
+    // one llama-server's least-recently-used choice most likely takes.
+    let _lease = match embeddings {
+        true => {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let lease = gateway
+                .scheduler
+                .acquire(&mut ReservePolicy, target.pid, remaining)
+                .await?;
+            Some(lease)
+        }
+        false => None,
+    };
     let response = gateway
         .upstream
         .send(method, target.port, &path_and_query, body)
