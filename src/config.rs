@@ -250,6 +250,11 @@ pub struct LlamaConfig {
     pub kv_unified: Option<bool>,
     /// Appended last to the llama-server command line.
     pub extra_args: Vec<String>,
+    /// Give every child a random key of its own (through its environment),
+    /// so that nothing but the daemon can use it. `false` leaves the child
+    /// open to any local process and web page, for tools that must call
+    /// llama-server directly (the benchmarks' plain systems).
+    pub child_key: bool,
 }
 
 impl Default for LlamaConfig {
@@ -267,6 +272,7 @@ impl Default for LlamaConfig {
             batch: Auto::Auto,
             kv_unified: None,
             extra_args: Vec::new(),
+            child_key: true,
         }
     }
 }

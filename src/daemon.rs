@@ -615,12 +615,12 @@ impl Tuner {
                 let v = view.borrow_and_update();
                 match (v.state, v.pid, v.port) {
                     (supervisor::State::Ready, Some(pid), Some(port)) if Some(pid) != tried_pid => {
-                        Some((pid, port))
+                        Some((pid, port, v.key.clone()))
                     }
                     _ => None,
                 }
             };
-            let Some((pid, port)) = target else {
+            let Some((pid, port, key)) = target else {
                 if view.changed().await.is_err() {
                     return;
                 }
@@ -648,6 +648,7 @@ impl Tuner {
                 ctx_per_slot: self.ctx_per_slot,
                 n_vocab: None,
                 ram_tier: self.ram_tier,
+                key,
             })
             .await;
             // Whatever the measurement left in the slot is nothing anyone

@@ -108,14 +108,22 @@ fn reaches_ready_and_status_has_every_field() {
         assert!(command.contains(&flag), "{flag} missing from {command:?}");
     }
 
-    // The child really serves our model on the port status names.
+    // The child requires the key the daemon handed it (not the one in the
+    // environment), so nothing that finds its port can use the model past
+    // the daemon's key, admission and meter.
     let child: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let (code, props) = http_get(child, "/props").unwrap();
-    assert_eq!(code, 200);
-    let props: Value = serde_json::from_str(&props).unwrap();
-    assert_eq!(props["model_path"], status["model"]["path"]);
-    assert_ne!(props["model_alias"], "hijacked");
-    let (code, _) = http_get(child, "/slots").unwrap();
+    let (code, _) = http_get(child, "/props").unwrap();
+    assert_eq!(code, 401, "the child answered without its key");
+    let hijacker = [("Authorization", "Bearer hijack")];
+    let (code, _) = http_request(child, "POST", "/completion", &hijacker).unwrap();
+    assert_eq!(code, 401, "the environment's key opened the child");
+    assert!(
+        !command.iter().any(|arg| arg.contains("api-key")),
+        "{command:?}"
+    );
+    // Through the daemon the child answers, and /slots was not disabled
+    // through the environment.
+    let (code, _) = http_get(daemon.listen, "/slots").unwrap();
     assert_eq!(code, 200, "/slots was disabled through the environment");
 
     // The daemon's own /health follows the child.

@@ -67,7 +67,9 @@ def _free_port() -> int:
 
 def _toml(value: Any) -> str:
     """A TOML value: strings and lists of strings as JSON (which TOML reads
-    the same), numbers as they print."""
+    the same), booleans and numbers as TOML writes them."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return json.dumps(value) if isinstance(value, (str, list)) else str(value)
 
 
@@ -83,6 +85,9 @@ class Daemon:
         self.port = _free_port()
         self.root = f"http://127.0.0.1:{self.port}"
         self.config = self.dir / "config.toml"
+        # The plain systems (A, B and the eval's layouts) call this daemon's
+        # child directly, so it runs without a key of its own.
+        llama = {"child_key": False, **llama}
         llama_lines = [f"{k} = {_toml(v)}" for k, v in llama.items() if v is not None]
         self.config.write_text(
             "\n".join([

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use super::{report, ConfigArg, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK};
 use crate::cost::{self, tune::TuneTarget};
 use crate::plan::{self, PlanInputs};
-use crate::supervisor::process::{free_loopback_port, ChildProcess, OutputTail};
+use crate::supervisor::process::{free_loopback_port, ChildKey, ChildProcess, OutputTail};
 
 pub fn run(arg: ConfigArg, json: bool) -> i32 {
     let prepared = match super::prepare(&arg, None) {
@@ -47,7 +47,8 @@ pub fn run(arg: ConfigArg, json: bool) -> i32 {
         let argv = plan::command_line(&binary, &prepared.model.path, port, &unmeasured, llama);
         eprintln!("contextpilotd: measuring with {}", plan::shell_quote(&argv));
         let tail = OutputTail::default();
-        let mut child = ChildProcess::spawn(&argv, &tail)
+        let key = ChildKey::generate().map_err(|e| format!("no random key for the child: {e}"))?;
+        let mut child = ChildProcess::spawn(&argv, &tail, Some(&key))
             .map_err(|e| format!("could not start {}: {e}", argv[0]))?;
         let result = async {
             wait_healthy(&mut child, port, ready_timeout, &tail).await?;
@@ -57,6 +58,7 @@ pub fn run(arg: ConfigArg, json: bool) -> i32 {
                 ctx_per_slot: unmeasured.ctx_per_slot,
                 n_vocab: None,
                 ram_tier,
+                key: Some(key.clone()),
             })
             .await
         }

@@ -44,6 +44,8 @@ pub struct TuneTarget {
     pub n_vocab: Option<u64>,
     /// Whether the child runs with llama-server's RAM prompt cache.
     pub ram_tier: bool,
+    /// The key the child requires.
+    pub key: Option<crate::supervisor::process::ChildKey>,
 }
 
 struct Answer {
@@ -98,10 +100,14 @@ impl Prober {
             "cache_prompt": true,
             "temperature": 0.0,
         });
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(Method::POST)
             .uri(format!("http://127.0.0.1:{}/completion", self.target.port))
-            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        if let Some(key) = &self.target.key {
+            request = request.header(hyper::header::AUTHORIZATION, key.bearer());
+        }
+        let request = request
             .body(Full::new(Bytes::from(body.to_string())))
             .map_err(|e| e.to_string())?;
         let started = Instant::now();

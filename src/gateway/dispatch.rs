@@ -71,7 +71,7 @@ pub(super) async fn dispatch(
                 // The retry gets a full wait of its own: a long request that
                 // crashes late still deserves the restarted child.
                 deadline = Instant::now() + gateway.queue_timeout;
-                let gone = gateway.upstream.is_gone(target.port).await;
+                let gone = gateway.upstream.is_gone(&target).await;
                 avoid_pid = gone.then_some(target.pid);
                 continue;
             }
@@ -105,20 +105,20 @@ async fn attempt(
         facts.commits.set_conversation(leased.conversation);
     });
     let payload = prepared.payload(lease.id());
-    let forwarded = forward(gateway, target, path, payload, wants_stream).await;
+    let forwarded = forward(gateway, &target, path, payload, wants_stream).await;
     Ok((target, lease, forwarded))
 }
 
 async fn forward(
     gateway: &Gateway,
-    target: Target,
+    target: &Target,
     path: &str,
     payload: Bytes,
     wants_stream: bool,
 ) -> Forwarded {
     let sent = gateway
         .upstream
-        .send(Method::POST, target.port, path, payload)
+        .send(Method::POST, target, path, payload)
         .await;
     let (parts, mut incoming) = match sent {
         Ok(response) => response.into_parts(),

@@ -167,6 +167,7 @@ async fn start(slots: usize) -> Harness {
         last_exit: None,
         started_at: None,
         command: Vec::new(),
+        key: None,
     });
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("query_log.jsonl");

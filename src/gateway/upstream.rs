@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::CONTENT_TYPE;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use serde_json::Value;
@@ -17,6 +17,7 @@ use super::error::ApiError;
 use super::prepare::read_body;
 use super::{full, Body, Gateway};
 use crate::slots::ReservePolicy;
+use crate::supervisor::process::ChildKey;
 use crate::supervisor::State;
 
 /// The daemon's HTTP client to the child: keep-alive connections, no
@@ -40,19 +41,23 @@ impl Upstream {
         }
     }
 
-    /// One request to the child on `port`, built from scratch: no client
-    /// header reaches llama-server.
+    /// One request to the child, built from scratch: no client header
+    /// reaches llama-server, and the child's own key goes with it.
     pub(super) async fn send(
         &self,
         method: Method,
-        port: u16,
+        target: &Target,
         path_and_query: &str,
         body: Bytes,
     ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(method)
-            .uri(format!("http://127.0.0.1:{port}{path_and_query}"))
-            .header(CONTENT_TYPE, "application/json")
+            .uri(format!("http://127.0.0.1:{}{path_and_query}", target.port))
+            .header(CONTENT_TYPE, "application/json");
+        if let Some(key) = &target.key {
+            request = request.header(AUTHORIZATION, key.bearer());
+        }
+        let request = request
             .body(Full::new(body))
             .expect("a loopback URI and fixed headers always build");
         self.client.request(request).await
@@ -61,8 +66,8 @@ impl Upstream {
     /// Whether the child on `port` is gone: the probe fails outright
     /// (refused, or reset on a pooled connection). A slow answer is not
     /// death: a busy child may be slow.
-    pub(super) async fn is_gone(&self, port: u16) -> bool {
-        let probe = self.send(Method::GET, port, "/health", Bytes::new());
+    pub(super) async fn is_gone(&self, target: &Target) -> bool {
+        let probe = self.send(Method::GET, target, "/health", Bytes::new());
         matches!(
             tokio::time::timeout(Duration::from_millis(500), probe).await,
             Ok(Err(_))
@@ -71,10 +76,12 @@ impl Upstream {
 }
 
 /// A child that is ready for requests.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) struct Target {
     pub pid: u32,
     pub port: u16,
+    /// What the child requires on every request.
+    pub key: Option<ChildKey>,
 }
 
 impl Gateway {
@@ -91,7 +98,8 @@ impl Gateway {
                 let v = view.borrow_and_update();
                 if let (State::Ready, Some(pid), Some(port)) = (v.state, v.pid, v.port) {
                     if Some(pid) != avoid_pid {
-                        return Ok(Target { pid, port });
+                        let key = v.key.clone();
+                        return Ok(Target { pid, port, key });
                     }
                 }
             }
@@ -150,7 +158,7 @@ async fn relay(gateway: &Gateway, request: Request<Incoming>) -> Result<Response
     };
     let response = gateway
         .upstream
-        .send(method, target.port, &path_and_query, body)
+        .send(method, &target, &path_and_query, body)
         .await
         .map_err(|e| ApiError::upstream(format!("llama-server did not answer: {e}")))?;
     let (parts, incoming) = response.into_parts();
@@ -174,7 +182,8 @@ mod tests {
 
     /// The reference system's case 31, as it applies here: the request to
     /// llama-server is built from scratch, so no client header reaches it
-    /// (neither `X-ContextPilot-*` nor credentials, which are the daemon's).
+    /// (neither `X-ContextPilot-*` nor the client's credentials); it carries
+    /// the child's key instead.
     #[tokio::test]
     async fn upstream_requests_carry_no_client_headers() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -195,10 +204,16 @@ mod tests {
                 .unwrap();
             String::from_utf8_lossy(&head).to_ascii_lowercase()
         });
+        let key = ChildKey::generate().unwrap();
+        let target = Target {
+            pid: 1,
+            port,
+            key: Some(key.clone()),
+        };
         let response = Upstream::new()
             .send(
                 Method::POST,
-                port,
+                &target,
                 "/v1/chat/completions",
                 Bytes::from_static(b"{}"),
             )
@@ -211,12 +226,11 @@ mod tests {
             "{head}"
         );
         assert!(head.contains("content-type: application/json"), "{head}");
-        for absent in [
-            "x-contextpilot",
-            "authorization",
-            "x-conversation-id",
-            "cookie",
-        ] {
+        // The only credential is the child's own key.
+        let auth = format!("authorization: {}\r\n", key.bearer()).to_ascii_lowercase();
+        assert!(head.contains(&auth), "{head}");
+        assert_eq!(head.matches("authorization").count(), 1, "{head}");
+        for absent in ["x-contextpilot", "x-conversation-id", "cookie"] {
             assert!(!head.contains(absent), "{absent} in {head}");
         }
     }

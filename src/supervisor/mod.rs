@@ -67,6 +67,9 @@ pub struct SupervisorView {
     /// RFC 3339 UTC time the current child was spawned.
     pub started_at: Option<String>,
     pub command: Vec<String>,
+    /// The key the current child requires (never shown in `/status`).
+    #[serde(skip)]
+    pub key: Option<process::ChildKey>,
 }
 
 /// What to run: everything the argv is built from.
@@ -154,6 +157,7 @@ pub fn start(
         last_exit: None,
         started_at: None,
         command: spec.argv(spec.llama.port),
+        key: None,
     });
     let (phase, phase_rx) = watch::channel(Phase::Run);
     let (replan, replan_rx) = watch::channel(None);
@@ -219,8 +223,16 @@ impl Supervisor {
                 "--- contextpilotd: starting {}",
                 plan::shell_quote(&argv)
             ));
-            let (outcome, ready_for) = match ChildProcess::spawn(&argv, &self.tail) {
-                Ok(mut child) => {
+            let key = match self.spec.llama.child_key {
+                true => process::ChildKey::generate().map(Some),
+                false => Ok(None),
+            };
+            let spawned = key.and_then(|key| {
+                let child = ChildProcess::spawn(&argv, &self.tail, key.as_ref())?;
+                Ok((child, key))
+            });
+            let (outcome, ready_for) = match spawned {
+                Ok((mut child, key)) => {
                     let pid = child.pid();
                     tracing::info!(pid, port, "llama-server started");
                     self.view.send_modify(|v| {
@@ -228,11 +240,12 @@ impl Supervisor {
                         v.port = Some(port);
                         v.started_at = Some(rfc3339_utc(SystemTime::now()));
                         v.command = argv.clone();
+                        v.key = key.clone();
                     });
                     if let Some(w) = self.watchdog.as_mut() {
                         w.watch(pid).await;
                     }
-                    let result = self.watch_child(&mut child, port).await;
+                    let result = self.watch_child(&mut child, port, key.as_ref()).await;
                     if let Some(w) = self.watchdog.as_mut() {
                         w.unwatch(pid).await;
                     }
@@ -253,6 +266,7 @@ impl Supervisor {
                     self.view.send_modify(|v| {
                         v.state = State::Restarting;
                         v.pid = None;
+                        v.key = None;
                     });
                     continue;
                 }
@@ -260,6 +274,7 @@ impl Supervisor {
                     return self.view.send_modify(|v| {
                         v.state = State::Stopping;
                         v.pid = None;
+                        v.key = None;
                     })
                 }
                 Outcome::Exited(status) => describe_exit(status),
@@ -275,6 +290,7 @@ impl Supervisor {
                 return self.view.send_modify(|v| {
                     v.state = State::Stopping;
                     v.pid = None;
+                    v.key = None;
                     v.last_exit = Some(last_exit);
                 });
             }
@@ -318,6 +334,7 @@ impl Supervisor {
             self.view.send_modify(|v| {
                 v.state = state;
                 v.pid = None;
+                v.key = None;
                 v.restarts += 1;
                 v.last_exit = Some(last_exit);
             });
@@ -336,7 +353,9 @@ impl Supervisor {
         &mut self,
         child: &mut ChildProcess,
         port: u16,
+        key: Option<&process::ChildKey>,
     ) -> (Outcome, Option<Duration>) {
+        let auth = key.map(process::ChildKey::bearer).unwrap_or_default();
         let stop_grace = Duration::from_secs(self.cfg.stop_timeout_s);
         let health_interval = Duration::from_millis(self.cfg.health_interval_ms);
         let hang_timeout = Duration::from_secs(self.cfg.hang_timeout_s);
@@ -358,8 +377,8 @@ impl Supervisor {
             let probe = async {
                 tokio::time::sleep(pause).await;
                 match ready_at {
-                    None => self.probe_ready(&base, probe_timeout).await,
-                    Some(_) => self.probe_health(&base, probe_timeout).await,
+                    None => self.probe_ready(&base, &auth, probe_timeout).await,
+                    Some(_) => self.probe_health(&base, &auth, probe_timeout).await,
                 }
             };
             // Biased: an exit that coincides with a failed probe is an exit,
@@ -434,16 +453,26 @@ impl Supervisor {
         }
     }
 
-    async fn probe_health(&self, base: &str, timeout: Duration) -> bool {
-        matches!(self.http.get(&format!("{base}/health"), timeout).await, Ok((s, _)) if s.is_success())
+    async fn probe_health(&self, base: &str, auth: &str, timeout: Duration) -> bool {
+        let url = format!("{base}/health");
+        let answer = self
+            .http
+            .get_with_headers(&url, &[("authorization", auth)], timeout)
+            .await;
+        matches!(answer, Ok((s, _)) if s.is_success())
     }
 
     /// Ready means `/health` 200 and `/props.model_path` naming our model.
-    async fn probe_ready(&self, base: &str, timeout: Duration) -> bool {
-        if !self.probe_health(base, timeout).await {
+    async fn probe_ready(&self, base: &str, auth: &str, timeout: Duration) -> bool {
+        if !self.probe_health(base, auth, timeout).await {
             return false;
         }
-        let Ok((status, body)) = self.http.get(&format!("{base}/props"), timeout).await else {
+        let props = format!("{base}/props");
+        let answer = self
+            .http
+            .get_with_headers(&props, &[("authorization", auth)], timeout)
+            .await;
+        let Ok((status, body)) = answer else {
             return false;
         };
         if !status.is_success() {

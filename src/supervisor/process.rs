@@ -48,6 +48,36 @@ impl OutputTail {
     }
 }
 
+/// The key a child requires on every request: llama-server's `--api-key`,
+/// handed over in `LLAMA_API_KEY` so that it is never in an argv (which
+/// `/status` and `ps` show) and never logged. A fresh one for every child,
+/// so no page or process that learned the child's port can use the model
+/// past the daemon's API key, admission and meter.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ChildKey(std::sync::Arc<str>);
+
+impl ChildKey {
+    /// 128 random bits from the system's generator.
+    pub fn generate() -> io::Result<ChildKey> {
+        use std::io::Read;
+        let mut bytes = [0u8; 16];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Ok(ChildKey(hex.into()))
+    }
+
+    /// The `Authorization` header value.
+    pub fn bearer(&self) -> String {
+        format!("Bearer {}", self.0)
+    }
+}
+
+impl std::fmt::Debug for ChildKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChildKey(..)")
+    }
+}
+
 /// A running llama-server in its own process group.
 pub struct ChildProcess {
     child: Child,
@@ -57,9 +87,13 @@ pub struct ChildProcess {
 impl ChildProcess {
     /// Spawns `argv` (never through a shell) in a new process group, with the
     /// `LLAMA_ARG_*` and `LLAMA_API_KEY` variables removed so they cannot
-    /// override the argv.
+    /// override the argv; with `key`, the child requires it on every request.
     /// Output lines go to the daemon's log and to `tail`.
-    pub fn spawn(argv: &[String], tail: &OutputTail) -> io::Result<ChildProcess> {
+    pub fn spawn(
+        argv: &[String],
+        tail: &OutputTail,
+        key: Option<&ChildKey>,
+    ) -> io::Result<ChildProcess> {
         let (program, args) = argv
             .split_first()
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command line"))?;
@@ -71,10 +105,13 @@ impl ChildProcess {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        for (key, _) in std::env::vars_os() {
-            if overrides_argv(&key.to_string_lossy()) {
-                command.env_remove(key);
+        for (name, _) in std::env::vars_os() {
+            if overrides_argv(&name.to_string_lossy()) {
+                command.env_remove(name);
             }
+        }
+        if let Some(key) = key {
+            command.env("LLAMA_API_KEY", &*key.0);
         }
         set_parent_death_signal(&mut command);
         let mut child = command.spawn()?;

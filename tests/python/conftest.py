@@ -62,8 +62,8 @@ def make_daemon(real_parts, tmp_path_factory):
     made: list[Daemon] = []
 
     def make(server: dict[str, Any] | None = None, start: bool = True,
-             reorder: dict[str, Any] | None = None) -> Daemon:
-        d = Daemon(tmp_path_factory.mktemp("daemon"), server=server, reorder=reorder)
+             reorder: dict[str, Any] | None = None, llama: dict[str, Any] | None = None) -> Daemon:
+        d = Daemon(tmp_path_factory.mktemp("daemon"), server=server, reorder=reorder, llama=llama)
         made.append(d)
         return d.start() if start else d
 

@@ -113,12 +113,13 @@ class Daemon:
     """One `contextpilotd run` in a directory of its own.
 
     `server` adds keys to [server] (api_key, max_body_bytes, max_queue,
-    queue_timeout_s, ...), `reorder` to [reorder] (quality, ...). Nothing
+    queue_timeout_s, ...), `reorder` to [reorder] (quality, ...), `llama` to
+    [llama] (child_key, ...). Nothing
     runs until `start()`.
     """
 
     def __init__(self, workdir: Path, server: dict[str, Any] | None = None,
-                 reorder: dict[str, Any] | None = None):
+                 reorder: dict[str, Any] | None = None, llama: dict[str, Any] | None = None):
         self.bin = required_path("CONTEXTPILOTD_BIN")
         self.llama_server = required_path("CONTEXTPILOTD_TEST_LLAMA_SERVER")
         self.model = required_path("CONTEXTPILOTD_TEST_MODEL")
@@ -134,6 +135,7 @@ class Daemon:
         self.stderr_path = self.dir / "stderr.log"
         self.server_extra = dict(server or {})
         self.reorder_extra = dict(reorder or {})
+        self.llama_extra = dict(llama or {})
         self.api_key = self.server_extra.get("api_key")
         self.process: subprocess.Popen | None = None
         self.killed = False
@@ -157,6 +159,7 @@ class Daemon:
                 "slots = 2",
                 "ctx_per_slot = 2048",
                 "threads = 2",
+                *[f"{key} = {toml_value(value)}" for key, value in self.llama_extra.items()],
                 "",
                 "[supervisor]",
                 "health_interval_ms = 200",

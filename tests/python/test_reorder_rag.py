@@ -88,8 +88,9 @@ def test_reordering_serves_at_least_three_times_more_prompt_from_cache(make_daem
     assert all(8 <= len(docs) <= 10 for _, docs in queries)
 
     # A: llama-server alone (the child of a first daemon, called directly,
-    # without id_slot: llama-server routes by prompt similarity itself).
-    plain: Daemon = make_daemon()
+    # without id_slot: llama-server routes by prompt similarity itself; so
+    # that child runs without a key of its own).
+    plain: Daemon = make_daemon(llama={"child_key": False})
     child = f"http://127.0.0.1:{plain.status()['child']['port']}"
     direct = []
     with httpx.Client(timeout=120) as http:
