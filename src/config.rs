@@ -172,16 +172,22 @@ fn is_origin(origin: &str) -> bool {
     let Some((scheme, rest)) = origin.split_once("://") else {
         return false;
     };
-    let host = rest.rsplit_once(':').map_or(rest, |(host, port)| {
-        if port.parse::<u16>().is_ok() {
-            host
-        } else {
-            ""
-        }
-    });
-    matches!(scheme, "http" | "https")
-        && !host.is_empty()
-        && (is_host_name(host) || host.starts_with('[') && host.ends_with(']'))
+    // `[v6 address]` or a name, then an optional `:port`.
+    let (host, port) = match rest.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((address, port)) => (address.parse::<std::net::Ipv6Addr>().is_ok(), port),
+            None => (false, ""),
+        },
+        None => match rest.rsplit_once(':') {
+            Some((name, _)) => (is_host_name(name), &rest[name.len()..]),
+            None => (is_host_name(rest), ""),
+        },
+    };
+    let port_ok = port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|p| p.parse::<u16>().is_ok());
+    matches!(scheme, "http" | "https") && host && port_ok
 }
 
 impl Default for ServerConfig {

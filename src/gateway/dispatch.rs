@@ -2,8 +2,8 @@
 //! lease a slot from the slot table (FIFO admission, then the prepared plan
 //! picks the slot by predicted time), forward with `cache_prompt` and
 //! `id_slot`, and hand the answer on: a whole answer is settled here, a
-//! stream goes to `stream::relay`. A child that dies before anything
-//! reached the client gets one retry.
+//! stream goes to `stream::relay`. A request whose child dies before
+//! anything reached the client is retried (up to twice) on the next child.
 
 use std::time::Instant;
 
@@ -21,14 +21,31 @@ use super::{full, json, stream, Body, Gateway};
 use crate::reorder::prepare::Prepared;
 use crate::slots::SlotLease;
 
+/// Attempts after the first for a request nothing of which reached the
+/// client. Each waits for a ready child that has not died under this request
+/// already, so children restarting one after another (a crash loop, or a
+/// faulty machine) cost a request only when the same child fails it again
+/// or the faults outnumber these.
+const MAX_RETRIES: u32 = 2;
+
 /// What the child did with one attempt.
 enum Forwarded {
     /// A whole answer (any status).
     Whole(StatusCode, Bytes),
     /// A stream that has produced its first chunk.
     Stream(Bytes, Incoming),
-    /// The child closed the connection before any byte reached the client.
-    ChildDied(String),
+    /// The child closed the connection before any byte reached the client
+    /// (`refused`: it was not even listening any more).
+    ChildDied { why: String, refused: bool },
+}
+
+impl Forwarded {
+    fn died(why: impl ToString) -> Forwarded {
+        Forwarded::ChildDied {
+            why: why.to_string(),
+            refused: false,
+        }
+    }
 }
 
 /// Runs a prepared request to its response.
@@ -40,17 +57,12 @@ pub(super) async fn dispatch(
     let gateway = ticket.gateway().clone();
     let result_header = prepared.facts.result_header.take();
     let mut deadline = ticket.arrived() + gateway.queue_timeout;
-    let mut avoid_pid = None;
-    let mut retried = false;
+    // Children that failed this request and are gone: a retry waits for
+    // another one instead of meeting the one that is going away.
+    let mut gone: Vec<u32> = Vec::new();
+    let mut retries = 0;
     loop {
-        let attempt = attempt(
-            &gateway,
-            &mut ticket,
-            path,
-            &mut prepared,
-            avoid_pid,
-            deadline,
-        );
+        let attempt = attempt(&gateway, &mut ticket, path, &mut prepared, &gone, deadline);
         let (target, lease, forwarded) = match attempt.await {
             Ok(attempt) => attempt,
             Err(error) => return ticket.fail(error),
@@ -61,21 +73,25 @@ pub(super) async fn dispatch(
                 answer_whole(ticket, status, bytes)
             }
             Forwarded::Stream(first, incoming) => stream::relay(ticket, lease, first, incoming),
-            Forwarded::ChildDied(why) if !retried => {
-                // Nothing has reached the client: try once more, on the
-                // restarted child unless this one turns out to be alive.
+            Forwarded::ChildDied { why, refused } if retries < MAX_RETRIES => {
+                // Nothing has reached the client: try again, on the restarted
+                // child unless this one turns out to be alive.
                 drop(lease);
-                tracing::warn!(query = %ticket.query_id(), "llama-server failed the request ({why}); retrying once");
-                retried = true;
+                tracing::warn!(query = %ticket.query_id(), "llama-server failed the request ({why}); retrying");
+                retries += 1;
                 ticket.note(|facts| facts.record.retried = true);
                 // The retry gets a full wait of its own: a long request that
                 // crashes late still deserves the restarted child.
                 deadline = Instant::now() + gateway.queue_timeout;
-                let gone = gateway.upstream.is_gone(&target).await;
-                avoid_pid = gone.then_some(target.pid);
+                // A refused connection needs no probe: nothing listens there.
+                if refused || gateway.upstream.is_gone(&target).await {
+                    gone.push(target.pid);
+                }
                 continue;
             }
-            Forwarded::ChildDied(why) => return ticket.fail(ApiError::failed_twice(&why)),
+            Forwarded::ChildDied { why, .. } => {
+                return ticket.fail(ApiError::failed_every_attempt(&why))
+            }
         };
         return with_result_header(response, result_header);
     }
@@ -87,10 +103,10 @@ async fn attempt(
     ticket: &mut Ticket,
     path: &str,
     prepared: &mut Prepared,
-    avoid_pid: Option<u32>,
+    gone: &[u32],
     deadline: Instant,
 ) -> Result<(Target, SlotLease, Forwarded), ApiError> {
-    let target = gateway.wait_ready(avoid_pid, deadline).await?;
+    let target = gateway.wait_ready(gone, deadline).await?;
     let remaining = deadline.saturating_duration_since(Instant::now());
     let leased = prepared
         .lease(&gateway.scheduler, target.pid, remaining)
@@ -122,7 +138,12 @@ async fn forward(
         .await;
     let (parts, mut incoming) = match sent {
         Ok(response) => response.into_parts(),
-        Err(e) => return Forwarded::ChildDied(e.to_string()),
+        Err(e) => {
+            return Forwarded::ChildDied {
+                refused: e.is_connect(),
+                why: e.to_string(),
+            }
+        }
     };
     let is_sse = parts
         .headers
@@ -134,13 +155,13 @@ async fn forward(
         // it can still be retried.
         return match incoming.frame().await {
             Some(Ok(frame)) => Forwarded::Stream(frame.into_data().unwrap_or_default(), incoming),
-            Some(Err(e)) => Forwarded::ChildDied(e.to_string()),
-            None => Forwarded::ChildDied("the stream ended before its first event".into()),
+            Some(Err(e)) => Forwarded::died(e),
+            None => Forwarded::died("the stream ended before its first event"),
         };
     }
     match incoming.collect().await {
         Ok(collected) => Forwarded::Whole(parts.status, collected.to_bytes()),
-        Err(e) => Forwarded::ChildDied(e.to_string()),
+        Err(e) => Forwarded::died(e),
     }
 }
 

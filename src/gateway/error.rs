@@ -59,13 +59,13 @@ impl ApiError {
         .retry_after("5")
     }
 
-    /// The child failed an attempt and its retry, before anything reached
-    /// the client (502).
-    pub fn failed_twice(why: &str) -> ApiError {
+    /// The child failed every attempt, before anything reached the client
+    /// (502).
+    pub fn failed_every_attempt(why: &str) -> ApiError {
         ApiError::new(
             StatusCode::BAD_GATEWAY,
             "server_error",
-            format!("llama-server failed the request twice ({why}); see contextpilotd status"),
+            format!("llama-server failed the request on every attempt ({why}); see contextpilotd status"),
         )
         .retry_after("5")
     }

@@ -6,8 +6,8 @@
 //!    `documents`, conversations) into a `Prepared` request with the plan
 //!    that will choose its slot and the commits to store once answered.
 //! 2. **dispatch** (`dispatch.rs`, `stream.rs`): wait for a ready child,
-//!    lease a slot, forward, relay the answer whole or streamed, retry once
-//!    if the child died before anything reached the client.
+//!    lease a slot, forward, relay the answer whole or streamed, retry on
+//!    the next child if one died before anything reached the client.
 //! 3. **settle** (`settle.rs`): once, however the request ended: the slot
 //!    table, the live index, the cost model and the conversation stores
 //!    learn what happened, and the meter gets the record.

@@ -413,14 +413,15 @@ async fn requests_sharing_documents_meet_on_one_slot_with_the_shared_run_first()
 }
 
 #[tokio::test]
-async fn a_child_that_dies_before_answering_gets_one_retry() {
+async fn a_child_that_dies_before_answering_is_retried_and_three_deaths_are_a_502() {
     let h = start(4).await;
     h.script.then(Reply::Die);
     let (status, _, body) = h.post("/v1/chat/completions", &chat("s", "q")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(h.script.received().len(), 2);
-    h.script.then(Reply::Die);
-    h.script.then(Reply::Die);
+    for _ in 0..3 {
+        h.script.then(Reply::Die);
+    }
     let (status, headers, body) = h.post("/v1/chat/completions", &chat("s", "q")).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert_eq!(headers[hyper::header::RETRY_AFTER], "5");
@@ -429,7 +430,8 @@ async fn a_child_that_dies_before_answering_gets_one_retry() {
     assert!(error["error"]["message"]
         .as_str()
         .unwrap()
-        .contains("failed the request twice"));
+        .contains("failed the request on every attempt"));
+    assert_eq!(h.script.received().len(), 2 + 3);
     let records = h.records().await;
     assert_eq!(records.len(), 2);
     assert_eq!(

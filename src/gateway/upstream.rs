@@ -85,11 +85,11 @@ pub(super) struct Target {
 }
 
 impl Gateway {
-    /// Waits until the child is ready (and, after a failure, is not the one
-    /// that failed); past the deadline, the 503 for the state it was stuck in.
+    /// Waits until the child is ready (and, after failures, is none of the
+    /// `gone` ones); past the deadline, the 503 for the state it was stuck in.
     pub(super) async fn wait_ready(
         &self,
-        avoid_pid: Option<u32>,
+        gone: &[u32],
         deadline: Instant,
     ) -> Result<Target, ApiError> {
         let mut view = self.supervisor.clone();
@@ -97,7 +97,7 @@ impl Gateway {
             {
                 let v = view.borrow_and_update();
                 if let (State::Ready, Some(pid), Some(port)) = (v.state, v.pid, v.port) {
-                    if Some(pid) != avoid_pid {
+                    if !gone.contains(&pid) {
                         let key = v.key.clone();
                         return Ok(Target { pid, port, key });
                     }
@@ -140,7 +140,7 @@ async fn relay(gateway: &Gateway, request: Request<Incoming>) -> Result<Response
         return Err(ApiError::bad_request("the request body is not valid JSON"));
     }
     let deadline = Instant::now() + gateway.queue_timeout;
-    let target = gateway.wait_ready(None, deadline).await?;
+    let target = gateway.wait_ready(&[], deadline).await?;
     // Embeddings take a slot in llama-server like a completion, so they go
     // through admission too. llama-server picks that slot itself, so the
     // lease takes the free slot worth least and forgets what it held: the
