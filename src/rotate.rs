@@ -1,5 +1,6 @@
 //! A file of whole lines, rotated by size: `name` → `name.1` → … → `name.N`,
-//! the oldest removed. The query log (`meter::writer`) writes through it.
+//! the oldest removed. The query log (`meter::writer`) and the daemon's own
+//! log (`cli::logging`) both write through it.
 //!
 //! Each write is one call with whole lines; if it fails part-way, the file is
 //! cut back to its previous length, so no line is ever partial and none is
