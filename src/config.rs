@@ -316,16 +316,29 @@ impl Default for SupervisorConfig {
 pub struct LogConfig {
     /// error, warn, info, debug or trace.
     pub level: String,
-    /// Where the daemon writes its log files; defaults to the platform's
-    /// state/log directory.
+    /// Where the daemon writes `contextpilotd.log`; defaults to the
+    /// platform's state/log directory.
     pub dir: Option<PathBuf>,
+    /// Rotate `contextpilotd.log` when it grows past this size.
+    pub max_bytes: u64,
+    /// Rotated files to keep (`contextpilotd.log.1` ... `.N`).
+    pub keep_files: u32,
 }
+
+/// The smallest `[log] max_bytes`: a few hundred lines, so a value meant in
+/// MiB is caught instead of rotating at every line.
+pub const LOG_MIN_BYTES: u64 = 64 << 10;
+
+/// The most `[log] keep_files`; each rotation renames every kept file.
+pub const LOG_MAX_KEEP_FILES: u32 = 100;
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".to_string(),
             dir: None,
+            max_bytes: 10 << 20,
+            keep_files: 3,
         }
     }
 }
@@ -486,6 +499,9 @@ pub fn default_config_path() -> Option<PathBuf> {
     directories::ProjectDirs::from("", "", "contextpilotd")
         .map(|d| d.config_dir().join("config.toml"))
 }
+
+/// The daemon's own log, in [`Config::log_dir`] (rotated as `.1` ... `.N`).
+pub const LOG_FILE: &str = "contextpilotd.log";
 
 /// Default directory for log files: `~/Library/Logs/contextpilotd` on macOS,
 /// the XDG state dir on Linux.
@@ -707,6 +723,24 @@ impl Config {
                     "{:?} is not a level; allowed: {}",
                     self.log.level,
                     LEVELS.join(", ")
+                ),
+            );
+        }
+        if self.log.max_bytes < LOG_MIN_BYTES {
+            return err(
+                "log.max_bytes",
+                format!(
+                    "{} is too small; allowed: at least {LOG_MIN_BYTES} (64 KiB); the value is in bytes, e.g. 10485760 for 10 MiB",
+                    self.log.max_bytes
+                ),
+            );
+        }
+        if !(1..=LOG_MAX_KEEP_FILES).contains(&self.log.keep_files) {
+            return err(
+                "log.keep_files",
+                format!(
+                    "{} is out of range; allowed: 1 to {LOG_MAX_KEEP_FILES} rotated files",
+                    self.log.keep_files
                 ),
             );
         }
@@ -934,6 +968,11 @@ mod tests {
                 "supervisor.restart_backoff_initial_ms",
             ),
             ("[log]\nlevel = \"loud\"\n", "log.level"),
+            ("[log]\nmax_bytes = 0\n", "log.max_bytes"),
+            ("[log]\nmax_bytes = 10\n", "log.max_bytes"),
+            ("[log]\nkeep_files = 0\n", "log.keep_files"),
+            ("[log]\nkeep_files = 101\n", "log.keep_files"),
+            ("[log]\nkeep_files = -1\n", "log.keep_files"),
             ("[llama]\nctx_per_slot = 100\n", "llama.ctx_per_slot"),
             (
                 "[llama]\nextra_args = [\"--parallel\", \"8\"]\n",
@@ -946,6 +985,25 @@ mod tests {
             let err = parse(text).unwrap_err();
             assert_eq!(err.key.as_deref(), Some(key), "{err}");
         }
+    }
+
+    #[test]
+    fn log_rotation_is_bounded_with_messages_that_say_why() {
+        let defaults = LogConfig::default();
+        assert_eq!((defaults.max_bytes, defaults.keep_files), (10 << 20, 3));
+        let c = parse("[log]\nmax_bytes = 1048576\nkeep_files = 7\n").unwrap();
+        assert_eq!((c.log.max_bytes, c.log.keep_files), (1 << 20, 7));
+        let text = parse("[log]\nmax_bytes = 10\n").unwrap_err().to_string();
+        assert!(
+            text.contains("log.max_bytes: 10 is too small; allowed: at least 65536")
+                && text.contains("in bytes"),
+            "{text}"
+        );
+        let text = parse("[log]\nkeep_files = 0\n").unwrap_err().to_string();
+        assert!(
+            text.contains("log.keep_files: 0 is out of range; allowed: 1 to 100"),
+            "{text}"
+        );
     }
 
     /// Inferred mode follows `quality` unless set; a bad quality names

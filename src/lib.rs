@@ -27,6 +27,8 @@
 //!   plus the value of what a request overwrites) and FIFO admission.
 //! * [`meter`]: the meter thread (JSONL query log, `/stats`, Prometheus) and
 //!   the GPU sampler.
+//! * [`rotate`]: a file of whole lines rotated by size, under the query log
+//!   and the daemon's own log.
 //! * [`status`]: the status document and its human rendering.
 //! * [`daemon`]: wiring for `run`: preflight, one-instance lock, listener,
 //!   supervisor, gateway, shutdown.
@@ -59,6 +61,7 @@ pub mod http_client;
 pub mod meter;
 pub mod plan;
 pub mod reorder;
+pub mod rotate;
 pub mod service;
 pub mod slots;
 pub mod status;

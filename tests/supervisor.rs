@@ -216,12 +216,43 @@ fn sigterm_stops_daemon_and_child() {
 
     signal(daemon.pid(), Signal::SIGTERM);
     let exit = daemon.wait_exit(Duration::from_secs(30));
-    assert_eq!(exit.code(), Some(0), "stderr:\n{}", daemon.stderr());
+    assert_eq!(exit.code(), Some(0), "{}", daemon.output());
     assert!(
         !process_alive(child),
         "llama-server {child} outlived the daemon"
     );
-    assert!(daemon.stderr().contains("contextpilotd stopped"));
+    // stderr is a file, as under launchd: the lines, down to the last one,
+    // are in the log file alone, without colour.
+    let log = daemon.log();
+    assert!(log.contains("contextpilotd stopped"), "{}", daemon.output());
+    assert!(log.contains("llama-server["), "the child's output: {log}");
+    assert!(!log.contains('\x1b'), "ANSI codes in the file: {log}");
+    assert!(
+        daemon.stderr().is_empty(),
+        "log lines on stderr too: {}",
+        daemon.output()
+    );
+}
+
+#[test]
+fn under_the_journal_lines_go_to_stderr_only() {
+    let parts = real_parts();
+    let mut daemon = Daemon::start_as_if_journald(&parts);
+    daemon.wait_ready();
+    signal(daemon.pid(), Signal::SIGTERM);
+    let exit = daemon.wait_exit(Duration::from_secs(30));
+    assert_eq!(exit.code(), Some(0), "{}", daemon.output());
+    let stderr = daemon.stderr();
+    assert!(stderr.contains("contextpilotd stopped"), "{stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "ANSI codes in the journal: {stderr}"
+    );
+    assert!(
+        !daemon.log_path().exists(),
+        "a log file beside the journal: {}",
+        daemon.output()
+    );
 }
 
 #[test]
@@ -366,5 +397,5 @@ fn sigterm_during_start_up_is_an_orderly_stop() {
     });
     signal(daemon.pid(), Signal::SIGTERM);
     let exit = daemon.wait_exit(Duration::from_secs(30));
-    assert_eq!(exit.code(), Some(0), "stderr:\n{}", daemon.stderr());
+    assert_eq!(exit.code(), Some(0), "{}", daemon.output());
 }

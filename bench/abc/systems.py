@@ -144,7 +144,8 @@ class Daemon:
         while True:
             if self.process.poll() is not None:
                 raise SystemExit(f"contextpilotd exited with {self.process.returncode} while starting; "
-                                 f"see {self.dir / 'stderr.log'}:\n{(self.dir / 'stderr.log').read_text()[-2000:]}")
+                                 f"see {self.dir / 'logs' / 'contextpilotd.log'} and {self.dir / 'stderr.log'}:\n"
+                                 f"{(self.dir / 'stderr.log').read_text()[-2000:]}")
             try:
                 if httpx.get(f"{self.root}/health", timeout=2).status_code == 200:
                     break
@@ -152,7 +153,8 @@ class Daemon:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise SystemExit(f"contextpilotd was not ready within {timeout_s:.0f} s; see {self.dir / 'stderr.log'}")
+                raise SystemExit(f"contextpilotd was not ready within {timeout_s:.0f} s; "
+                                 f"see {self.dir / 'logs' / 'contextpilotd.log'}")
             time.sleep(0.1)
         status = httpx.get(f"{self.root}/status", timeout=10).json()
         self.child = status["child"]

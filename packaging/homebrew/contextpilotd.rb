@@ -36,6 +36,8 @@ class Contextpilotd < Formula
     keep_alive successful_exit: false
     process_type :interactive
     environment_variables PATH: std_service_path_env
+    # stdout and stderr catch what stops a start, and panics; the log lines go
+    # to the daemon's own rotated ~/Library/Logs/contextpilotd/contextpilotd.log.
     log_path var/"log/contextpilotd.out.log"
     error_log_path var/"log/contextpilotd.err.log"
   end

@@ -4,6 +4,7 @@
 //! (also "already running"), 3 `status` found no daemon listening.
 
 mod doctor;
+mod logging;
 mod print_command;
 mod run;
 mod service;

@@ -1,33 +1,25 @@
 //! The query log: append-only JSONL with size-based rotation.
 //!
 //! Each record is serialised into one buffer ending in a newline and written
-//! with one call; if a write fails part-way, the file is cut back to its
-//! previous length, so no line is ever partial. A failed write is logged and
-//! counted; it never reaches the request that produced the record.
+//! with one call through [`RotatingFile`]; if a write fails part-way, the
+//! file is cut back to its previous length, so no line is ever partial. A
+//! failed write is logged and counted; it never reaches the request that
+//! produced the record.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::QueryRecord;
+use crate::rotate::{RotatingFile, WriteError};
 
 pub struct LogWriter {
-    path: PathBuf,
-    max_bytes: u64,
-    keep_files: u32,
-    file: Option<File>,
-    len: u64,
+    file: RotatingFile,
     failed: u64,
 }
 
 impl LogWriter {
     pub fn new(path: PathBuf, max_bytes: u64, keep_files: u32) -> LogWriter {
         LogWriter {
-            path,
-            max_bytes,
-            keep_files,
-            file: None,
-            len: 0,
+            file: RotatingFile::new(path, max_bytes, keep_files),
             failed: 0,
         }
     }
@@ -42,62 +34,19 @@ impl LogWriter {
             Err(e) => return self.fail(&format!("cannot serialise a record: {e}")),
         };
         line.push(b'\n');
-        if self.file.is_some() && self.len > 0 && self.len + line.len() as u64 > self.max_bytes {
-            self.rotate();
+        if let Err(e) = self.file.rotate_if_full(line.len() as u64) {
+            tracing::warn!("cannot rotate {}: {e}", self.file.path().display());
         }
-        if self.file.is_none() {
-            if let Err(e) = self.open() {
-                return self.fail(&format!("cannot open {}: {e}", self.path.display()));
+        match self.file.write(&line) {
+            Ok(()) => {}
+            Err(WriteError::Open(e)) => {
+                let why = format!("cannot open {}: {e}", self.file.path().display());
+                self.fail(&why)
             }
-        }
-        let Some(file) = self.file.as_mut() else {
-            return;
-        };
-        match file.write_all(&line) {
-            Ok(()) => self.len += line.len() as u64,
-            Err(e) => {
-                // Cut a partial line off again; reopen on the next record.
-                let _ = file.set_len(self.len);
-                self.file = None;
-                self.fail(&format!("cannot write {}: {e}", self.path.display()));
+            Err(WriteError::Write(e)) => {
+                let why = format!("cannot write {}: {e}", self.file.path().display());
+                self.fail(&why)
             }
-        }
-    }
-
-    fn open(&mut self) -> std::io::Result<()> {
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .read(true)
-            .open(&self.path)?;
-        self.len = file.metadata()?.len();
-        // A crash mid-write (or a power cut) can leave a fragment at the end;
-        // end it so the next record starts a line of its own.
-        if self.len > 0 && !ends_with_newline(&mut file, self.len)? {
-            file.write_all(b"\n")?;
-            self.len += 1;
-        }
-        self.file = Some(file);
-        Ok(())
-    }
-
-    /// `log.jsonl` → `log.jsonl.1` → ... → `log.jsonl.N`; the oldest goes.
-    fn rotate(&mut self) {
-        self.file = None;
-        if self.keep_files == 0 {
-            let _ = std::fs::remove_file(&self.path);
-            return;
-        }
-        let numbered = |n: u32| numbered_path(&self.path, n);
-        let _ = std::fs::remove_file(numbered(self.keep_files));
-        for n in (1..self.keep_files).rev() {
-            let _ = std::fs::rename(numbered(n), numbered(n + 1));
-        }
-        if let Err(e) = std::fs::rename(&self.path, numbered(1)) {
-            tracing::warn!("cannot rotate {}: {e}", self.path.display());
         }
     }
 
@@ -110,23 +59,11 @@ impl LogWriter {
     }
 }
 
-fn ends_with_newline(file: &mut File, len: u64) -> std::io::Result<bool> {
-    use std::io::{Read, Seek, SeekFrom};
-    file.seek(SeekFrom::Start(len - 1))?;
-    let mut last = [0u8; 1];
-    file.read_exact(&mut last)?;
-    Ok(last[0] == b'\n')
-}
-
-pub fn numbered_path(path: &Path, n: u32) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(format!(".{n}"));
-    PathBuf::from(name)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rotate::numbered_path;
+    use std::path::Path;
 
     fn record(id: usize) -> QueryRecord {
         QueryRecord {

@@ -28,7 +28,8 @@ pub fn plist_path(home: &Path) -> PathBuf {
         .join(format!("{LABEL}.plist"))
 }
 
-/// `~/Library/Logs/contextpilotd`: where the agent's stdout and stderr go.
+/// `~/Library/Logs/contextpilotd`: where the agent's stdout and stderr go
+/// (also the default `[log] dir`, so `contextpilotd.log` is beside them).
 pub fn log_dir(home: &Path) -> PathBuf {
     home.join("Library/Logs/contextpilotd")
 }
@@ -60,6 +61,8 @@ pub fn plist(spec: &UnitSpec) -> Dictionary {
     // Without it macOS throttles the agent as background work, which
     // inference latency cannot afford.
     dict.insert("ProcessType".into(), string("Interactive"));
+    // stderr catches what stops a start and panics; with stderr not a
+    // terminal, the daemon's log lines go to its own rotated file instead.
     dict.insert("StandardOutPath".into(), log(OUT_LOG));
     dict.insert("StandardErrorPath".into(), log(ERR_LOG));
     dict.insert(

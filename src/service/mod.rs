@@ -65,13 +65,17 @@ impl Platform {
             .unwrap_or_else(|| default.to_string())
     }
 
-    /// Where a person reads the service's output.
+    /// Where a person reads the service's output. Under launchd, stderr
+    /// (`StandardErrorPath`) has what stopped a start and panics; the log
+    /// lines are in the daemon's own file, in that directory unless
+    /// `[log] dir` moves it.
     pub fn logs_hint(self, home: &Path) -> String {
         match self {
-            Platform::Macos => launchd::log_dir(home)
-                .join(launchd::ERR_LOG)
-                .display()
-                .to_string(),
+            Platform::Macos => format!(
+                "{} and {}",
+                launchd::log_dir(home).join(launchd::ERR_LOG).display(),
+                crate::config::LOG_FILE
+            ),
             Platform::Linux => "journalctl --user -u contextpilotd".to_string(),
         }
     }

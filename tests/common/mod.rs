@@ -190,23 +190,42 @@ impl Daemon {
         config_text: impl FnOnce(SocketAddr) -> String,
         envs: &[(&str, &str)],
     ) -> Daemon {
+        Daemon::spawn(config_text, envs, false)
+    }
+
+    /// Like [`Daemon::start`], with `JOURNAL_STREAM` naming the stderr file's
+    /// device and inode, as systemd does when stderr is the journal.
+    pub fn start_as_if_journald(parts: &RealParts) -> Daemon {
+        Daemon::spawn(|listen| test_config(parts, listen, ""), &[], true)
+    }
+
+    fn spawn(
+        config_text: impl FnOnce(SocketAddr) -> String,
+        envs: &[(&str, &str)],
+        journal: bool,
+    ) -> Daemon {
+        use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = dir.path().join("config.toml");
         std::fs::write(&config, config_text(listen)).unwrap();
-        let process = Command::new(BIN)
+        let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+        let meta = stderr.metadata().unwrap();
+        let mut command = Command::new(BIN);
+        command
             .arg("run")
             .arg("--config")
             .arg(&config)
             .env("XDG_RUNTIME_DIR", dir.path())
+            .env_remove("JOURNAL_STREAM")
             .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.path().join("stderr.log")).unwrap(),
-            ))
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::from(stderr));
+        if journal {
+            command.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+        }
+        let process = command.spawn().unwrap();
         Daemon {
             dir,
             config,
@@ -250,16 +269,16 @@ impl Daemon {
             }
             if let Ok(Some(exit)) = self.process.try_wait() {
                 panic!(
-                    "daemon exited ({exit}) while waiting for {what}; stderr:\n{}",
-                    self.stderr()
+                    "daemon exited ({exit}) while waiting for {what}; {}",
+                    self.output()
                 );
             }
             if Instant::now() >= deadline {
                 panic!(
-                    "timed out after {timeout:?} waiting for {what}; last status: {}\nstderr:\n{}",
+                    "timed out after {timeout:?} waiting for {what}; last status: {}\n{}",
                     last.map(|s| serde_json::to_string_pretty(&s).unwrap())
                         .unwrap_or_default(),
-                    self.stderr()
+                    self.output()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -272,8 +291,29 @@ impl Daemon {
         })
     }
 
+    /// Errors before logging was set up, and panics; log lines too when
+    /// stderr is (said to be) the journal.
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    /// `contextpilotd.log` in the test config's `[log] dir`: where log lines
+    /// go when stderr is a file.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("logs/contextpilotd.log")
+    }
+
+    /// Both, for messages when something went wrong.
+    pub fn output(&self) -> String {
+        format!(
+            "stderr:\n{}\ncontextpilotd.log:\n{}",
+            self.stderr(),
+            self.log()
+        )
     }
 
     pub fn pid(&self) -> u32 {

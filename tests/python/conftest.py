@@ -21,7 +21,7 @@ def _finish(daemon: Daemon) -> None:
     if not daemon.killed and not daemon.start_failed:
         assert code == 0, (
             f"contextpilotd exited with code {code} after SIGTERM (expected 0).\n"
-            f"stderr:\n{daemon.stderr()[-4000:]}"
+            f"output:\n{daemon.output()[-4000:]}"
         )
 
 

@@ -204,7 +204,7 @@ class Daemon:
                 self._abort()
                 pytest.fail(
                     f"contextpilotd exited with code {code} before /health answered 200.\n"
-                    f"config:\n{self.config_text()}\nstderr:\n{self.stderr()[-4000:]}"
+                    f"config:\n{self.config_text()}\noutput:\n{self.output()[-4000:]}"
                 )
             try:
                 r = httpx.get(f"{self.root}/health", timeout=2.0)
@@ -217,7 +217,7 @@ class Daemon:
                 self._abort()
                 pytest.fail(
                     f"contextpilotd did not answer /health 200 within {START_TIMEOUT_S:.0f} s "
-                    f"(last: {last}).\nstderr:\n{self.stderr()[-4000:]}"
+                    f"(last: {last}).\noutput:\n{self.output()[-4000:]}"
                 )
             time.sleep(0.1)
         self.child_pid()  # remember the first child for cleanup
@@ -251,7 +251,7 @@ class Daemon:
                 self._reap_children()
                 pytest.fail(
                     f"contextpilotd did not exit within {STOP_TIMEOUT_S:.0f} s of SIGTERM; "
-                    f"killed it.\nstderr:\n{self.stderr()[-4000:]}"
+                    f"killed it.\noutput:\n{self.output()[-4000:]}"
                 )
         else:
             self.exit_code = self.process.returncode
@@ -328,11 +328,16 @@ class Daemon:
         lines = wait_until(timeout_s, f"{count} lines in {self.query_log}", enough) if count > 0 else None
         return lines if lines is not None else self.query_log_lines()
 
-    def stderr(self) -> str:
-        try:
-            return self.stderr_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+    def output(self) -> str:
+        """What the daemon said: its stderr (errors before logging was set up,
+        panics), then its log file; with stderr a file, log lines go only
+        to the file."""
+        def read(path: Path) -> str:
+            try:
+                return path.read_text(errors="replace")
+            except FileNotFoundError:
+                return ""
+        return read(self.stderr_path) + read(self.dir / "logs" / "contextpilotd.log")
 
     def client(self, **kwargs: Any):
         import openai
