@@ -64,3 +64,5 @@ pub mod slots;
 pub mod status;
 pub mod supervisor;
 pub mod sync;
+#[cfg(test)]
+mod testing;
