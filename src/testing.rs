@@ -1,9 +1,13 @@
 //! What the property tests share (compiled for tests only): one fixed
-//! configuration and byte-level mutations of valid inputs.
+//! configuration, byte-level mutations of valid inputs, and a measure of the
+//! largest allocation a piece of code makes.
 //!
 //! Every property runs a bounded number of cases from a fixed seed, so
 //! `cargo test` is deterministic and quick, and writes no failure files into
 //! the repository: a failing case is printed, shrunk, by the test itself.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 
 use proptest::prelude::*;
 use proptest::sample::select;
@@ -129,6 +133,60 @@ pub(crate) fn mutated_text(
     })
 }
 
+/// Runs `f` and returns, with its result, the size of the largest single
+/// allocation (or reallocation) it made on this thread.
+pub(crate) fn largest_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    let outer = LARGEST.with(|l| l.replace(Some(0)));
+    let result = f();
+    let largest = LARGEST.with(|l| l.replace(outer)).unwrap_or(0);
+    if let Some(outer) = outer {
+        LARGEST.with(|l| l.set(Some(outer.max(largest))));
+    }
+    (result, largest)
+}
+
+thread_local! {
+    /// `Some` while [`largest_allocation`] measures this thread.
+    static LARGEST: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+fn note(size: usize) {
+    // `try_with`: allocations during thread teardown are not measured.
+    let _ = LARGEST.try_with(|l| {
+        if let Some(largest) = l.get() {
+            l.set(Some(largest.max(size)));
+        }
+    });
+}
+
+/// The system allocator, telling [`largest_allocation`] what it is asked
+/// for. Only the test binary uses it.
+struct Measured;
+
+unsafe impl GlobalAlloc for Measured {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note(layout.size());
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        note(layout.size());
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        note(new_size);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Measured = Measured;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,5 +208,14 @@ mod tests {
         assert_eq!(run(&[Edit::Duplicate(HALF, ALL, 0)]), "567890123456789");
         // Ranges [0, 2) and [5, 8) change places.
         assert_eq!(run(&[Edit::Swap(0, HALF, ALL / 3 + 1, HALF)]), "5672340189");
+    }
+
+    #[test]
+    fn largest_allocation_sees_a_large_one() {
+        let (v, largest) = largest_allocation(|| vec![0u8; 3 << 20]);
+        assert_eq!(v.len(), 3 << 20);
+        assert!(largest >= 3 << 20);
+        let ((), small) = largest_allocation(|| ());
+        assert_eq!(small, 0);
     }
 }
