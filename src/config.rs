@@ -1027,3 +1027,491 @@ mod tests {
         assert_eq!(err.key.as_deref(), Some("reorder.quality"), "{err}");
     }
 }
+
+/// Any text gives a `Config` or a `ConfigError`, never a panic; a valid
+/// config written out as TOML reads back the same.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use crate::testing;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use proptest::sample::select;
+
+    const FILE: &str = "/etc/cp/config.toml";
+
+    /// What a config file can hold for a `u64` (TOML integers are i64).
+    fn count(min: u64) -> impl Strategy<Value = u64> {
+        prop_oneof![min..min + 1000, min..=i64::MAX as u64]
+    }
+
+    fn auto(min: u32, max: u32) -> impl Strategy<Value = Auto<u32>> {
+        prop_oneof![Just(Auto::Auto), (min..=max).prop_map(Auto::Value)]
+    }
+
+    /// An absolute path (relative ones resolve against the file).
+    fn path() -> impl Strategy<Value = PathBuf> {
+        "/[a-zA-Z0-9 ._é-]{1,12}(/[a-z0-9.]{1,8}){0,3}".prop_map(PathBuf::from)
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        "[^\\s~][^\u{0}]{0,15}"
+    }
+
+    /// A config that passes `validate`. Keys added later keep their
+    /// defaults (`..Default::default()`, needless only until then).
+    #[allow(clippy::needless_update)]
+    fn valid() -> impl Strategy<Value = Config> {
+        let server = (
+            (any::<[u8; 4]>(), any::<u16>(), any::<bool>()),
+            proptest::option::of(text()),
+            (0..=i64::MAX as u64, count(1), count(1), count(1)),
+        )
+            .prop_map(
+                |((ip, port, v6), api_key, (queue, timeout, body, header))| {
+                    let listen = match (v6, &api_key) {
+                        (true, None) => SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], port)),
+                        (false, None) => SocketAddr::from(([127, ip[1], ip[2], ip[3]], port)),
+                        (_, Some(_)) => SocketAddr::from((ip, port)),
+                    };
+                    ServerConfig {
+                        listen,
+                        api_key,
+                        max_queue: queue as usize,
+                        queue_timeout_s: timeout,
+                        max_body_bytes: body as usize,
+                        header_timeout_s: header,
+                        ..ServerConfig::default()
+                    }
+                },
+            );
+        let llama = (
+            (
+                text(),
+                proptest::option::of(path()),
+                proptest::option::of(text()),
+            ),
+            (
+                any::<u16>(),
+                auto(1, 16),
+                auto(256, u32::MAX),
+                auto(1, u32::MAX),
+                auto(32, u32::MAX),
+            ),
+            (
+                any::<u32>(),
+                any::<u32>(),
+                proptest::option::of(any::<bool>()),
+            ),
+            vec("--?[a-z][a-z-]{0,10}(=[^\u{0}]{0,6})?|[0-9]{1,4}", 0..4),
+        )
+            .prop_map(
+                |(
+                    (binary, model, model_alias),
+                    (port, slots, ctx, threads, batch),
+                    rest,
+                    extra_args,
+                )| {
+                    let (cache_reuse, gpu_layers, kv_unified) = rest;
+                    LlamaConfig {
+                        binary,
+                        model,
+                        model_alias,
+                        port,
+                        slots,
+                        ctx_per_slot: ctx,
+                        cache_reuse,
+                        gpu_layers,
+                        threads,
+                        batch,
+                        kv_unified,
+                        extra_args,
+                        ..LlamaConfig::default()
+                    }
+                },
+            )
+            .prop_filter("flags the daemon owns", |llama| {
+                llama.extra_args.iter().all(|a| {
+                    let flag = a.split_once('=').map_or(a.as_str(), |(f, _)| f);
+                    ![
+                        "-m",
+                        "--model",
+                        "--host",
+                        "--port",
+                        "-c",
+                        "--ctx-size",
+                        "-np",
+                        "--parallel",
+                        "--api-key",
+                        "--api-key-file",
+                    ]
+                    .contains(&flag)
+                })
+            });
+        let supervisor = (
+            (count(1), count(1), count(1), count(1)),
+            (count(1), count(1), 1..=u32::MAX, count(1)),
+        )
+            .prop_map(
+                |((health, ready, hang, stop), (a, b, restarts, window))| SupervisorConfig {
+                    health_interval_ms: health,
+                    ready_timeout_s: ready,
+                    hang_timeout_s: hang,
+                    stop_timeout_s: stop,
+                    restart_backoff_initial_ms: a.min(b),
+                    restart_backoff_max_ms: a.max(b),
+                    crashloop_restarts: restarts,
+                    crashloop_window_s: window,
+                    ..SupervisorConfig::default()
+                },
+            );
+        let meter = (
+            proptest::option::of(path()),
+            any::<bool>(),
+            count(1),
+            any::<u32>(),
+            count(0),
+        )
+            .prop_map(
+                |(query_log, log_prompts, max_log_bytes, keep_files, gpu_sample_ms)| MeterConfig {
+                    query_log,
+                    log_prompts,
+                    max_log_bytes,
+                    keep_files,
+                    gpu_sample_ms,
+                    ..MeterConfig::default()
+                },
+            );
+        let reorder = (
+            (
+                any::<bool>(),
+                proptest::option::of(any::<bool>()),
+                any::<bool>(),
+                any::<bool>(),
+            ),
+            (
+                count(1),
+                count(0),
+                prop_oneof![Just(0.0), 0.0..1e9f64, 0.0..f64::MAX],
+                0.0..=1.0f64,
+                count(0),
+            ),
+        )
+            .prop_map(
+                |((balanced, infer, dedup, stateless), (leaves, ttl, ms, share, tokens))| {
+                    ReorderConfig {
+                        quality: if balanced {
+                            Quality::Balanced
+                        } else {
+                            Quality::Strict
+                        },
+                        infer_documents: infer,
+                        dedup,
+                        index: if stateless {
+                            IndexMode::Stateless
+                        } else {
+                            IndexMode::Live
+                        },
+                        live_max_leaves: leaves as usize,
+                        live_ttl_s: ttl,
+                        min_gain_ms: ms,
+                        min_gain_share: share,
+                        conversation_max_tokens: tokens,
+                        ..ReorderConfig::default()
+                    }
+                },
+            );
+        let cost = (any::<bool>(), proptest::option::of(path())).prop_map(|(measure, profile)| {
+            CostConfig {
+                measure,
+                profile,
+                ..CostConfig::default()
+            }
+        });
+        let log = (
+            select(&["error", "warn", "info", "debug", "trace"][..]),
+            proptest::option::of(path()),
+        )
+            .prop_map(|(level, dir)| LogConfig {
+                level: level.to_string(),
+                dir,
+                ..LogConfig::default()
+            });
+        (server, llama, supervisor, meter, reorder, cost, log).prop_map(
+            |(server, llama, supervisor, meter, reorder, cost, log)| Config {
+                server,
+                llama,
+                supervisor,
+                meter,
+                reorder,
+                cost,
+                log,
+                ..Config::default()
+            },
+        )
+    }
+
+    /// Config's own text: what `toml` writes for it.
+    fn written(config: &Config) -> String {
+        toml::to_string(config).expect("a config serializes")
+    }
+
+    /// A parse that fails names the file; one that succeeds is a config
+    /// that validates and reads back the same from its own TOML.
+    fn check(text: &str) -> Result<(), TestCaseError> {
+        let file = Path::new(FILE);
+        match Config::parse(text, Some(file)) {
+            Ok(config) => {
+                prop_assert_eq!(config.validate(Some(file)), Ok(()));
+                let again = Config::parse(&written(&config), Some(file));
+                prop_assert_eq!(again.as_ref(), Ok(&config), "{}", written(&config));
+            }
+            Err(err) => {
+                prop_assert_eq!(err.file.as_deref(), Some(file));
+                prop_assert!(!err.message.is_empty());
+                prop_assert!(err.to_string().starts_with(FILE), "{}", err);
+            }
+        }
+        Ok(())
+    }
+
+    /// Pieces of TOML, valid or not, to insert.
+    const TOKENS: &[&str] = &[
+        "[llama]",
+        "[server]",
+        "[[llama]]",
+        "slots = ",
+        "= ",
+        "\"auto\"",
+        "\n",
+        "\"",
+        "'''",
+        "\"\"\"",
+        "\\u00e9",
+        "\\",
+        "é",
+        "{",
+        "}",
+        "[",
+        "]",
+        "#",
+        ",",
+        "-1",
+        "0",
+        "17",
+        "99999999999999999999",
+        "1e400",
+        "nan",
+        "-inf",
+        "0x7fffffffffffffff",
+        "1979-05-27T07:32:00Z",
+        "true",
+        ".",
+        "extra_args = [\"--port\"]",
+        "listen = \"0.0.0.0:1\"",
+    ];
+
+    const ODD_NUMBERS: &[&str] = &[
+        "nan", "+inf", "-inf", "-0.0", "1e-400", "0b101", "0o17", "0xff", "1_000",
+    ];
+    const OTHER_VALUES: &[&str] = &[
+        "\"auto\"",
+        "true",
+        "false",
+        "1979-05-27",
+        "07:32:00",
+        "\"127.0.0.1:0\"",
+        "\"[::1]:80\"",
+    ];
+
+    /// A random value of any TOML type, odd ones included.
+    fn value() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            3 => any::<i64>().prop_map(|n| n.to_string()),
+            3 => (0..100_000i64).prop_map(|n| n.to_string()),
+            1 => Just("18446744073709551616".to_string()),
+            1 => any::<f64>().prop_map(|f| format!("{f:?}")),
+            1 => select(ODD_NUMBERS).prop_map(str::to_string),
+            3 => "[^\u{0}]{0,10}".prop_map(|s| toml::Value::from(s).to_string()),
+            1 => "[a-z\" ]{0,6}".prop_map(|s| format!("'{s}'")),
+            1 => select(OTHER_VALUES).prop_map(str::to_string),
+        ];
+        leaf.prop_recursive(2, 12, 4, |inner| {
+            prop_oneof![
+                vec(inner.clone(), 0..4).prop_map(|v| format!("[{}]", v.join(", "))),
+                vec(("[a-z]{1,5}", inner), 0..3).prop_map(|kv| {
+                    let kv: Vec<String> =
+                        kv.into_iter().map(|(k, v)| format!("{k} = {v}")).collect();
+                    format!("{{{}}}", kv.join(", "))
+                }),
+            ]
+        })
+    }
+
+    /// The tables and keys a config has, with their default values, from
+    /// the defaults' own TOML.
+    fn known_keys() -> Vec<(String, String, toml::Value)> {
+        let table: toml::Table = toml::from_str(&written(&Config::default())).unwrap();
+        let mut keys = Vec::new();
+        for (name, section) in table {
+            if let toml::Value::Table(section) = section {
+                keys.extend(section.into_iter().map(|(k, v)| (name.clone(), k, v)));
+            }
+        }
+        keys
+    }
+
+    /// A value of the type `default` has (often valid, often out of
+    /// range), or any value at all.
+    fn plausible(default: &toml::Value) -> BoxedStrategy<String> {
+        let typed = match default {
+            toml::Value::Integer(n) => {
+                let n = *n;
+                prop_oneof![Just(n), 0..300i64, any::<i64>()]
+                    .prop_map(|n| n.to_string())
+                    .boxed()
+            }
+            toml::Value::Float(_) => prop_oneof![0.0..1.0f64, -1.0..1e6f64, any::<f64>()]
+                .prop_map(|f| toml::Value::from(f).to_string())
+                .boxed(),
+            toml::Value::Boolean(_) => any::<bool>().prop_map(|b| b.to_string()).boxed(),
+            other => {
+                let default = other.to_string();
+                prop_oneof![
+                    Just(default),
+                    select(
+                        &[
+                            "\"auto\"",
+                            "\"balanced\"",
+                            "\"live\"",
+                            "\"debug\"",
+                            "\"[::1]:0\"",
+                            "[\"--x\"]"
+                        ][..]
+                    )
+                    .prop_map(str::to_string),
+                ]
+                .boxed()
+            }
+        };
+        prop_oneof![3 => typed, 1 => value()].boxed()
+    }
+
+    /// Lines of TOML-ish text: sections of known tables (sometimes twice,
+    /// sometimes unknown ones) holding their own keys (mostly) with random
+    /// values, dotted keys, garbage.
+    fn toml_ish() -> impl Strategy<Value = String> {
+        let keys = known_keys();
+        let mut tables: Vec<String> = keys.iter().map(|(t, _, _)| t.clone()).collect();
+        tables.dedup();
+        let n = tables.len();
+        let table_keys = move |table: &str| -> Vec<(String, toml::Value)> {
+            keys.iter()
+                .filter(|(t, _, _)| t == table)
+                .map(|(_, k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        let name = prop_oneof![
+            8 => Just(None),
+            1 => "[a-z]{1,6}".prop_map(Some),
+        ];
+        let section = move |table: String| {
+            let own = table_keys(&table);
+            let count = own.len().min(4);
+            let line = prop_oneof![
+                1 => ("[a-z_]{1,10}", value()).prop_map(|(k, v)| format!("{k} = {v}")),
+                1 => "[^\u{0}]{0,20}",
+                1 => select(TOKENS).prop_map(str::to_string),
+            ];
+            let dotted = table.clone();
+            (
+                prop_oneof![
+                    16 => Just(format!("[{table}]")),
+                    1 => Just(String::new()),
+                    1 => Just(format!("[[{table}]]")),
+                ],
+                proptest::sample::subsequence(own, 0..=count).prop_flat_map(|keys| {
+                    let values: Vec<_> = keys.iter().map(|(_, v)| plausible(v)).collect();
+                    let names: Vec<String> = keys.into_iter().map(|(k, _)| k).collect();
+                    (Just(names), values)
+                }),
+                proptest::option::weighted(0.04, line),
+                proptest::option::weighted(
+                    0.04,
+                    value().prop_map(move |v| format!("{dotted}.port = {v}")),
+                ),
+            )
+                .prop_map(|(header, (keys, values), odd, dotted)| {
+                    let mut text = header;
+                    let lines = keys.iter().zip(&values).map(|(k, v)| format!("{k} = {v}"));
+                    for line in lines.chain(odd).chain(dotted) {
+                        text.push('\n');
+                        text.push_str(&line);
+                    }
+                    text
+                })
+        };
+        (
+            proptest::sample::subsequence(tables, 0..=n).prop_shuffle(),
+            vec(name, 0..3),
+            proptest::bool::weighted(0.1),
+        )
+            .prop_flat_map(move |(mut tables, unknown, twice)| {
+                tables.extend(unknown.into_iter().flatten());
+                if twice {
+                    if let Some(first) = tables.first().cloned() {
+                        tables.push(first);
+                    }
+                }
+                tables.into_iter().map(&section).collect::<Vec<_>>()
+            })
+            .prop_map(|sections| sections.join("\n"))
+    }
+
+    proptest! {
+        #![proptest_config(testing::config(256))]
+
+        /// A valid config, written by `toml`, reads back equal.
+        #[test]
+        fn valid_configs_round_trip(config in valid()) {
+            let text = written(&config);
+            let parsed = Config::parse(&text, None);
+            prop_assert_eq!(parsed.as_ref(), Ok(&config), "{}", text);
+            check(&text)?;
+        }
+
+        /// The example file and written configs, mutated.
+        #[test]
+        fn mutated_configs_parse_or_fail_cleanly(
+            text in testing::mutated_text(
+                prop_oneof![
+                    Just(include_str!("../config.example.toml").to_string()),
+                    valid().prop_map(|c| written(&c)),
+                ],
+                TOKENS,
+                5,
+            ),
+        ) {
+            check(&text)?;
+        }
+
+        /// Random TOML-ish text.
+        #[test]
+        fn random_toml_parses_or_fails_cleanly(text in toml_ish()) {
+            check(&text)?;
+        }
+
+        /// Short texts of TOML's punctuation and characters of every UTF-8
+        /// width: error positions land next to multi-byte characters.
+        #[test]
+        fn punctuation_and_wide_characters_fail_cleanly(
+            text in vec(select(&[
+                "[llama]", "port", "slots", " = ", "=", "\"", "'", "\\", "\\u", "[", "]",
+                "{", "}", ".", ",", "#", "\n", "\r", "\t", " ", "1", "-", "é", "€", "🕴",
+                "\u{7f}", "\u{0}", "\u{feff}", "\u{2028}",
+            ][..]), 0..16).prop_map(|pieces| pieces.concat()),
+        ) {
+            check(&text)?;
+        }
+    }
+}

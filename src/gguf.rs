@@ -254,8 +254,14 @@ pub fn read_model_facts(path: &Path) -> Result<ModelFacts, GgufError> {
             source,
         })?
         .len();
+    read_header(BufReader::with_capacity(1 << 16, file), path, file_size)
+}
+
+/// Reads a header from `inner`, the start of the file at `path` of
+/// `file_size` bytes (which bounds every length the header declares).
+fn read_header(inner: impl Read, path: &Path, file_size: u64) -> Result<ModelFacts, GgufError> {
     let mut reader = Reader {
-        inner: BufReader::with_capacity(1 << 16, file),
+        inner,
         path: path.to_path_buf(),
         file_size,
     };
@@ -562,5 +568,355 @@ mod tests {
             read_model_facts(file.path()).unwrap_err(),
             GgufError::Version { version: 1, .. }
         ));
+    }
+}
+
+/// Headers the writer makes read back to their facts; cut or corrupted
+/// ones give an error, never a panic, and never an allocation out of
+/// proportion to the bytes present (or, in a file large enough to hold any
+/// declared length, one past `MAX_STRING_BYTES`).
+#[cfg(test)]
+mod properties {
+    use super::writer::{header, WriteValue};
+    use super::*;
+    use crate::testing;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use proptest::sample::select;
+
+    /// A header value, owned (the writer's values borrow).
+    #[derive(Debug, Clone)]
+    enum Owned {
+        U32(u32),
+        U64(u64),
+        Str(String),
+        U32s(Vec<u32>),
+        Strs(Vec<String>),
+        F32(f32),
+    }
+
+    /// What the key/values were written to say.
+    #[derive(Debug, Clone)]
+    struct Written {
+        kv: Vec<(String, Owned)>,
+        facts: ModelFacts,
+    }
+
+    /// `attention.head_count_kv`: one count, or one per layer.
+    #[derive(Debug, Clone)]
+    enum HeadsKv {
+        One(u64),
+        PerLayer(Vec<u32>),
+    }
+
+    /// An integer key, written 32 or 64 bits wide.
+    fn int(value: u64, wide: bool) -> Owned {
+        match u32::try_from(value) {
+            Ok(v) if !wide => Owned::U32(v),
+            _ => Owned::U64(value),
+        }
+    }
+
+    fn written() -> impl Strategy<Value = Written> {
+        let small = || prop_oneof![0..200u64, any::<u32>().prop_map(u64::from), any::<u64>()];
+        let opt = move || proptest::option::of(small());
+        let heads_kv = prop_oneof![
+            Just(None),
+            small().prop_map(|v| Some(HeadsKv::One(v))),
+            vec(any::<u32>(), 0..8).prop_map(|v| Some(HeadsKv::PerLayer(v))),
+        ];
+        let junk = prop_oneof![
+            any::<f32>().prop_map(Owned::F32),
+            ".{0,12}".prop_map(Owned::Str),
+            vec(".{0,6}", 0..6).prop_map(Owned::Strs),
+            vec(any::<u32>(), 0..6).prop_map(Owned::U32s),
+            any::<u64>().prop_map(Owned::U64),
+        ];
+        (
+            "[a-z][a-z0-9]{0,9}",
+            proptest::option::of(".{0,20}"),
+            (opt(), small(), opt(), opt(), opt()),
+            (heads_kv, opt(), opt(), opt()),
+            vec(junk, 0..6),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(arch, name, (file_type, blocks, context, embedding, heads), rest, junk, wide)| {
+                    let (heads_kv, key_length, value_length, sliding) = rest;
+                    let mut kv = vec![
+                        ("general.architecture".to_string(), Owned::Str(arch.clone())),
+                        (format!("{arch}.block_count"), int(blocks, wide)),
+                    ];
+                    let mut put = |key: &str, value: Option<u64>| {
+                        if let Some(v) = value {
+                            kv.push((key.to_string(), int(v, wide)));
+                        }
+                    };
+                    put("general.file_type", file_type);
+                    put(&format!("{arch}.context_length"), context);
+                    put(&format!("{arch}.embedding_length"), embedding);
+                    put(&format!("{arch}.attention.head_count"), heads);
+                    put(&format!("{arch}.attention.key_length"), key_length);
+                    put(&format!("{arch}.attention.value_length"), value_length);
+                    put(&format!("{arch}.attention.sliding_window"), sliding);
+                    let heads_kv_key = format!("{arch}.attention.head_count_kv");
+                    let head_count_kv = match heads_kv {
+                        None => Vec::new(),
+                        Some(HeadsKv::One(v)) => {
+                            kv.push((heads_kv_key, int(v, wide)));
+                            vec![v]
+                        }
+                        Some(HeadsKv::PerLayer(per_layer)) => {
+                            kv.push((heads_kv_key, Owned::U32s(per_layer.clone())));
+                            per_layer.into_iter().map(u64::from).collect()
+                        }
+                    };
+                    if let Some(name) = &name {
+                        kv.push(("general.name".to_string(), Owned::Str(name.clone())));
+                    }
+                    for (i, value) in junk.into_iter().enumerate() {
+                        kv.push((format!("junk.{i}"), value));
+                    }
+                    let facts = ModelFacts {
+                        path: PathBuf::from("model.gguf"),
+                        size_bytes: 0,
+                        architecture: arch,
+                        name,
+                        context_length: context.filter(|c| *c > 0),
+                        block_count: blocks,
+                        embedding_length: embedding,
+                        head_count: heads,
+                        head_count_kv,
+                        key_length,
+                        value_length,
+                        sliding_window: sliding.filter(|w| *w > 0),
+                        file_type,
+                    };
+                    Written { kv, facts }
+                },
+            )
+            .prop_flat_map(|written| {
+                let n = written.kv.len();
+                (
+                    Just(written),
+                    Just((0..n).collect::<Vec<_>>()).prop_shuffle(),
+                )
+            })
+            .prop_map(|(mut written, order)| {
+                // Key order is the writer's business, not the reader's.
+                let kv = std::mem::take(&mut written.kv);
+                written.kv = order.into_iter().map(|i| kv[i].clone()).collect();
+                written
+            })
+    }
+
+    /// The header's bytes, and where each 8-byte length or count sits with
+    /// the value written there.
+    fn encode(kv: &[(String, Owned)]) -> (Vec<u8>, Vec<(usize, u64)>) {
+        let string_lists: Vec<Vec<&str>> = kv
+            .iter()
+            .map(|(_, v)| match v {
+                Owned::Strs(items) => items.iter().map(String::as_str).collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        let values: Vec<(&str, WriteValue<'_>)> = kv
+            .iter()
+            .zip(&string_lists)
+            .map(|((key, value), strings)| {
+                let value = match value {
+                    Owned::U32(v) => WriteValue::U32(*v),
+                    Owned::U64(v) => WriteValue::U64(*v),
+                    Owned::Str(s) => WriteValue::Str(s),
+                    Owned::U32s(v) => WriteValue::U32Array(v),
+                    Owned::Strs(_) => WriteValue::StrArray(strings),
+                    Owned::F32(v) => WriteValue::F32(*v),
+                };
+                (key.as_str(), value)
+            })
+            .collect();
+        let bytes = header(&values);
+        // The layout of ggml's docs/gguf.md: magic, version, tensor count,
+        // key/value count, then per pair a key, a type and a value.
+        let mut lengths = vec![(8, 0), (16, kv.len() as u64)];
+        let mut at = 24;
+        let string = |at: &mut usize, s: &str, lengths: &mut Vec<(usize, u64)>| {
+            lengths.push((*at, s.len() as u64));
+            *at += 8 + s.len();
+        };
+        for (key, value) in kv {
+            string(&mut at, key, &mut lengths);
+            at += 4;
+            match value {
+                Owned::U32(_) | Owned::F32(_) => at += 4,
+                Owned::U64(_) => at += 8,
+                Owned::Str(s) => string(&mut at, s, &mut lengths),
+                Owned::U32s(items) => {
+                    lengths.push((at + 4, items.len() as u64));
+                    at += 12 + 4 * items.len();
+                }
+                Owned::Strs(items) => {
+                    lengths.push((at + 4, items.len() as u64));
+                    at += 12;
+                    for s in items {
+                        string(&mut at, s, &mut lengths);
+                    }
+                }
+            }
+        }
+        assert_eq!(at, bytes.len(), "the layout above is the writer's");
+        for &(offset, value) in &lengths {
+            assert_eq!(
+                bytes[offset..offset + 8],
+                value.to_le_bytes(),
+                "at {offset}"
+            );
+        }
+        (bytes, lengths)
+    }
+
+    fn read(bytes: &[u8], file_size: u64) -> Result<ModelFacts, GgufError> {
+        read_header(bytes, Path::new("model.gguf"), file_size)
+    }
+
+    /// Lengths and counts that sit on or just past a bound.
+    const HUGE: &[u64] = &[
+        u64::MAX,
+        u64::MAX / 2 + 1,
+        u64::MAX / 8 + 1,
+        1 << 32,
+        1 << 40,
+        MAX_STRING_BYTES,
+        MAX_STRING_BYTES + 1,
+        MAX_KV_PAIRS,
+        MAX_KV_PAIRS + 1,
+        4096,
+        4097,
+    ];
+
+    /// A file of 1 TiB: a real model is that large, so it bounds nothing.
+    const LARGE_FILE: u64 = 1 << 40;
+
+    proptest! {
+        #![proptest_config(testing::config(256))]
+
+        /// What the writer wrote, in any key order and with anything after
+        /// it (tensor data is never read), is read back.
+        #[test]
+        fn written_headers_read_back(
+            written in written(),
+            tail in vec(any::<u8>(), 0..64),
+            extra in prop_oneof![Just(0u64), 0..LARGE_FILE],
+        ) {
+            let (mut bytes, _) = encode(&written.kv);
+            bytes.extend_from_slice(&tail);
+            let file_size = bytes.len() as u64 + extra;
+            let facts = read(&bytes, file_size).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let want = ModelFacts { size_bytes: file_size, ..written.facts };
+            prop_assert_eq!(facts, want);
+        }
+
+        /// A header cut anywhere before its end is an error naming the file.
+        #[test]
+        fn cut_headers_are_errors(written in written(), cut in any::<u64>(), lie in any::<bool>()) {
+            let (bytes, _) = encode(&written.kv);
+            let cut = testing::fit(cut, bytes.len() - 1);
+            let file_size = if lie { LARGE_FILE } else { cut as u64 };
+            let err = read(&bytes[..cut], file_size).unwrap_err();
+            prop_assert!(
+                matches!(
+                    err,
+                    GgufError::NotGguf { .. } | GgufError::Truncated { .. } | GgufError::Invalid { .. }
+                ),
+                "{}", err
+            );
+            prop_assert!(err.to_string().contains("model.gguf"), "{}", err);
+        }
+
+        /// Valid headers with lengths and counts set to huge values, types
+        /// changed, and bytes deleted, duplicated, swapped or flipped: a
+        /// value or an error, and memory bounded by what is there.
+        #[test]
+        fn corrupt_headers_never_panic_or_allocate_what_they_claim(
+            written in written(),
+            huge in vec((any::<u64>(), prop_oneof![select(HUGE), any::<u64>()]), 0..3),
+            types in vec((any::<u64>(), prop_oneof![Just(9u32), Just(13), any::<u32>()]), 0..2),
+            edits in testing::edits(&["GGUF", "\u{3}\0\0\0", "\u{9}\0\0\0\u{8}\0\0\0"], 3),
+            lie in any::<bool>(),
+        ) {
+            let (mut bytes, lengths) = encode(&written.kv);
+            for (field, value) in huge {
+                let (offset, _) = lengths[testing::fit(field, lengths.len() - 1)];
+                bytes[offset..offset + 8].copy_from_slice(&value.to_le_bytes());
+            }
+            for (at, ty) in types {
+                // Any 4 bytes after the fixed part: some are type fields.
+                if bytes.len() > 28 {
+                    let at = 24 + testing::fit(at, bytes.len() - 28);
+                    bytes[at..at + 4].copy_from_slice(&ty.to_le_bytes());
+                }
+            }
+            let bytes = testing::apply(bytes, &edits);
+            let file_size = if lie { LARGE_FILE } else { bytes.len() as u64 };
+            let (result, largest) = testing::largest_allocation(|| read(&bytes, file_size));
+            if let Ok(facts) = &result {
+                prop_assert_eq!(facts.size_bytes, file_size);
+            }
+            // A string is allocated at its declared length (at most the
+            // file's size, at most MAX_STRING_BYTES) before it is read, and
+            // turning invalid UTF-8 into U+FFFD can triple what was read.
+            let bound = if lie {
+                (MAX_STRING_BYTES as usize).max(4 * bytes.len())
+            } else {
+                4 * bytes.len()
+            };
+            prop_assert!(
+                largest <= bound + 4096,
+                "{} bytes allocated for {} ({:?})", largest, bytes.len(), result
+            );
+        }
+
+        /// The KV size is the exact product, or `None` when that is 0 or
+        /// does not fit (no overflow, no division by 0).
+        #[test]
+        fn kv_bytes_per_token_is_exact_or_none(
+            heads in proptest::option::of(prop_oneof![0..4u64, any::<u64>()]),
+            embedding in proptest::option::of(any::<u64>()),
+            key_length in proptest::option::of(prop_oneof![0..300u64, any::<u64>()]),
+            value_length in proptest::option::of(prop_oneof![0..300u64, any::<u64>()]),
+            block_count in prop_oneof![0..100u64, any::<u64>()],
+            head_count_kv in vec(prop_oneof![0..16u64, any::<u64>()], 0..5),
+        ) {
+            let facts = ModelFacts {
+                path: PathBuf::new(),
+                size_bytes: 0,
+                architecture: String::new(),
+                name: None,
+                context_length: None,
+                block_count,
+                embedding_length: embedding,
+                head_count: heads,
+                head_count_kv: head_count_kv.clone(),
+                key_length,
+                value_length,
+                sliding_window: None,
+                file_type: None,
+            };
+            let want = (|| {
+                let heads = u128::from(heads.filter(|h| *h > 0)?);
+                let per_head = embedding.map(|e| u128::from(e) / heads);
+                let k = key_length.map(u128::from).or(per_head)?;
+                let v = value_length.map(u128::from).or(per_head)?;
+                let kv_heads: u128 = match head_count_kv.as_slice() {
+                    [] => heads * u128::from(block_count),
+                    [one] => u128::from(*one) * u128::from(block_count),
+                    many => many.iter().map(|h| u128::from(*h)).sum(),
+                };
+                // u128 is wide enough for every factor but the last.
+                let total = kv_heads.checked_mul(k + v)?.checked_mul(2)?;
+                u64::try_from(total).ok().filter(|t| *t > 0)
+            })();
+            prop_assert_eq!(facts.kv_bytes_per_token(), want);
+        }
     }
 }

@@ -67,3 +67,5 @@ pub mod slots;
 pub mod status;
 pub mod supervisor;
 pub mod sync;
+#[cfg(test)]
+mod testing;

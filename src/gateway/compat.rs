@@ -959,3 +959,336 @@ mod tests {
         assert!(parse_path(&json!({"search_path": [-1]})).is_err());
     }
 }
+
+/// Any JSON gives an answer or a message, never a panic in the parsers or
+/// in index work (which holds the live index's lock); answers keep their
+/// promises: scheduled order is a permutation, and every reordered context
+/// holds the documents of the input it names.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use crate::testing;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use proptest::sample::select;
+    use std::collections::BTreeSet;
+
+    /// Any JSON value, numbers of every kind included.
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            1 => Just(Value::Null),
+            1 => any::<bool>().prop_map(Value::from),
+            4 => (0..40u64).prop_map(Value::from),
+            1 => any::<u64>().prop_map(Value::from),
+            1 => select(vec![u64::from(u32::MAX), u64::from(u32::MAX) + 1, u64::MAX])
+                .prop_map(Value::from),
+            1 => any::<i64>().prop_map(Value::from),
+            1 => (-5..0i64).prop_map(Value::from),
+            1 => any::<f64>().prop_map(|f| json!(f)),
+            1 => Just(json!(1.0)),
+            3 => select(&["a", "b", "c", "d", "e"][..]).prop_map(Value::from),
+            1 => ".{0,6}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 64, 8, |inner| {
+            prop_oneof![
+                3 => vec(inner.clone(), 0..8).prop_map(Value::from),
+                1 => vec(("[a-z_]{1,6}", inner), 0..3)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// A list of contexts the parser accepts: block ids (small, so that
+    /// contexts share some, and up to `u32::MAX`) or strings.
+    fn valid_contexts() -> impl Strategy<Value = Value> {
+        let int = prop_oneof![
+            8 => 0..24u64,
+            1 => Just(u64::from(u32::MAX)),
+            1 => any::<u32>().prop_map(u64::from),
+        ];
+        let ints = vec(
+            vec(int.prop_map(Value::from), 0..8).prop_map(Value::from),
+            0..12,
+        );
+        let string = prop_oneof![
+            8 => select(&["a", "b", "c", "d", "e", "f", "g", "h"][..]).prop_map(str::to_string),
+            1 => ".{0,4}",
+        ];
+        let strings = vec(
+            vec(string.prop_map(Value::from), 0..8).prop_map(Value::from),
+            0..12,
+        );
+        prop_oneof![ints, strings].prop_map(Value::from)
+    }
+
+    /// What `parse_contexts` is documented to do, said another way: a flat
+    /// list is one context; all strings or all integers up to `u32::MAX`.
+    fn expected_contexts(value: &Value) -> Option<Vec<Vec<Key>>> {
+        let Value::Array(list) = value else {
+            return None;
+        };
+        let contexts: Vec<&Value> = if !list.is_empty() && list.iter().all(|c| !c.is_array()) {
+            vec![value]
+        } else {
+            list.iter().collect()
+        };
+        let lists: Vec<&Vec<Value>> = contexts
+            .iter()
+            .map(|c| c.as_array())
+            .collect::<Option<_>>()?;
+        let items = || lists.iter().flat_map(|l| l.iter());
+        let key = |v: &Value| match v {
+            Value::String(s) => Some(Key::Str(s.clone())),
+            _ => v
+                .as_u64()
+                .filter(|&n| n <= u64::from(u32::MAX))
+                .map(Key::Int),
+        };
+        let all_strings = items().all(Value::is_string);
+        let all_ints = items().all(|v| !v.is_string() && key(v).is_some());
+        (all_strings || all_ints).then(|| {
+            lists
+                .iter()
+                .map(|l| l.iter().map(|v| key(v).unwrap()).collect())
+                .collect()
+        })
+    }
+
+    fn as_keys(value: &Value) -> Vec<Key> {
+        value
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => Key::Str(s.clone()),
+                v => Key::Int(v.as_u64().unwrap()),
+            })
+            .collect()
+    }
+
+    /// The promises of every `/reorder` answer, stateless or live.
+    fn check_answer(answer: &Value, contexts: &Contexts) -> Result<(), TestCaseError> {
+        let n = contexts.keys.len();
+        prop_assert_eq!(&answer["status"], "success");
+        prop_assert_eq!(&answer["num_contexts"], n);
+        let order: Vec<usize> = serde_json::from_value(answer["original_indices"].clone()).unwrap();
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        prop_assert_eq!(
+            sorted,
+            (0..n).collect::<Vec<_>>(),
+            "original_indices is a permutation"
+        );
+        let reordered = answer["reordered_contexts"].as_array().unwrap();
+        prop_assert_eq!(reordered.len(), n);
+        prop_assert_eq!(&answer["scheduled_contexts"], &answer["reordered_contexts"]);
+        for (k, &i) in order.iter().enumerate() {
+            let got = as_keys(&reordered[k]);
+            let set: BTreeSet<String> = got.iter().map(Key::to_string).collect();
+            let want: BTreeSet<String> = contexts.keys[i].iter().map(Key::to_string).collect();
+            prop_assert_eq!(set.len(), got.len(), "no document twice in {:?}", got);
+            prop_assert_eq!(set, want, "position {} holds input {}", k, i);
+        }
+        let mut grouped: Vec<usize> = answer["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|g| serde_json::from_value::<Vec<usize>>(g[1].clone()).unwrap())
+            .collect();
+        grouped.sort_unstable();
+        prop_assert_eq!(
+            grouped,
+            (0..n).collect::<Vec<_>>(),
+            "groups partition the contexts"
+        );
+        Ok(())
+    }
+
+    fn fresh() -> Mutex<LiveIndex> {
+        Mutex::new(LiveIndex::new(
+            cluster::DEFAULT_ALPHA,
+            live::Limits::default(),
+        ))
+    }
+
+    /// The optional fields of a live `/reorder` body, sometimes of the
+    /// wrong type; parents name earlier request ids by position.
+    #[derive(Debug, Clone)]
+    struct Options {
+        fields: Vec<(&'static str, Value)>,
+        parents: Option<Vec<Option<usize>>>,
+    }
+
+    fn options() -> impl Strategy<Value = Options> {
+        let text = || prop_oneof![12 => ".{0,8}".prop_map(Value::from), 1 => any_json()];
+        let alpha = prop_oneof![
+            Just(json!(0)),
+            Just(json!(1000)),
+            (0.0..=MAX_ALPHA).prop_map(|a| json!(a)),
+        ];
+        let template = prop_oneof![
+            select(
+                &[
+                    "Doc {doc_id}",
+                    "{doc_id} from turn {turn} ({source})",
+                    "{",
+                    ""
+                ][..]
+            )
+            .prop_map(Value::from),
+            text(),
+        ];
+        (
+            proptest::option::of(alpha.prop_map(|v| ("alpha", v))),
+            proptest::option::of(text().prop_map(|v| ("conversation_id", v))),
+            proptest::option::of(template.prop_map(|v| ("hint_template", v))),
+            proptest::option::of(any::<bool>().prop_map(|v| ("deduplicate", Value::from(v)))),
+            proptest::option::of(vec(proptest::option::of(0..64usize), 0..12)),
+        )
+            .prop_map(|(a, b, c, d, parents)| Options {
+                fields: [a, b, c, d].into_iter().flatten().collect(),
+                parents,
+            })
+    }
+
+    proptest! {
+        #![proptest_config(testing::config(256))]
+
+        /// `contexts` of any shape parses exactly as documented.
+        #[test]
+        fn contexts_parse_as_documented(
+            value in prop_oneof![any_json(), valid_contexts()],
+            absent in proptest::bool::weighted(0.05),
+        ) {
+            let value = (!absent).then_some(value);
+            let parsed = parse_contexts(value.as_ref(), "contexts");
+            match (parsed, value.as_ref().and_then(expected_contexts)) {
+                (Ok(contexts), Some(keys)) => {
+                    prop_assert_eq!(&contexts.keys, &keys);
+                    let any_string = keys.iter().flatten().any(|k| matches!(k, Key::Str(_)));
+                    prop_assert_eq!(contexts.strings, any_string);
+                }
+                (Err(message), None) => prop_assert!(message.contains("contexts"), "{}", message),
+                (Ok(contexts), None) => {
+                    prop_assert!(false, "accepted {:?} as {:?}", value, contexts.keys)
+                }
+                (Err(message), Some(_)) => prop_assert!(false, "refused {:?}: {}", value, message),
+            }
+        }
+
+        /// `alpha` is the default, a number from 0 to `MAX_ALPHA`, or an
+        /// error; `parent_request_ids` has one entry per context or is an
+        /// error.
+        #[test]
+        fn alpha_and_parents_are_bounded(
+            alpha in proptest::option::of(any_json()),
+            parents in proptest::option::of(prop_oneof![
+                any_json(),
+                vec(prop_oneof![Just(Value::Null), ".{0,4}".prop_map(Value::from)], 0..6)
+                    .prop_map(Value::from),
+            ]),
+            n in 0..6usize,
+        ) {
+            let mut body = json!({});
+            if let Some(alpha) = &alpha {
+                body["alpha"] = alpha.clone();
+            }
+            if let Some(parents) = &parents {
+                body["parent_request_ids"] = parents.clone();
+            }
+            let in_range = |v: &Value| v.as_f64().filter(|a| (0.0..=MAX_ALPHA).contains(a));
+            match (parse_alpha(&body), alpha.as_ref().filter(|a| !a.is_null())) {
+                (Ok(a), None) => prop_assert_eq!(a, cluster::DEFAULT_ALPHA),
+                (Ok(a), Some(v)) => prop_assert_eq!(Some(a), in_range(v)),
+                (Err(_), Some(v)) => prop_assert!(in_range(v).is_none()),
+                (Err(e), None) => prop_assert!(false, "{}", e),
+            }
+            match parse_parents(&body, n) {
+                Ok(ids) => {
+                    prop_assert_eq!(ids.len(), n);
+                    if let Some(Value::Array(given)) = &parents {
+                        let want: Vec<Option<String>> =
+                            given.iter().map(|v| v.as_str().map(str::to_string)).collect();
+                        prop_assert_eq!(ids, want);
+                    }
+                }
+                Err(e) => {
+                    let fits = match &parents {
+                        None | Some(Value::Null) => true,
+                        Some(Value::Array(given)) => {
+                            given.len() == n && given.iter().all(|v| v.is_null() || v.is_string())
+                        }
+                        Some(_) => false,
+                    };
+                    prop_assert!(!fits, "{}", e);
+                }
+            }
+        }
+
+        /// Stateless clustering of any accepted contexts.
+        #[test]
+        fn stateless_answers_keep_their_promises(
+            value in prop_oneof![4 => valid_contexts(), 1 => any_json()],
+            alpha in prop_oneof![
+                Just(cluster::DEFAULT_ALPHA),
+                Just(0.0),
+                Just(MAX_ALPHA),
+                0.0..=MAX_ALPHA,
+            ],
+        ) {
+            if let Ok(contexts) = parse_contexts(Some(&value), "contexts") {
+                let answer = stateless(&contexts, alpha);
+                prop_assert_eq!(&answer["input_type"], contexts.input_type());
+                check_answer(&answer, &contexts)?;
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(testing::config(256))]
+
+        /// Calls in a row on one live index, with dedup, parents, ids and
+        /// templates of any kind: an answer or a message, and the index is
+        /// never left poisoned.
+        #[test]
+        fn live_answers_keep_their_promises(
+            calls in vec((valid_contexts(), options()), 1..4),
+        ) {
+            let index = fresh();
+            let mut earlier: Vec<String> = Vec::new();
+            for (value, options) in calls {
+                let contexts = parse_contexts(Some(&value), "contexts").unwrap();
+                let mut body = json!({ "contexts": value });
+                for (key, field) in options.fields {
+                    body[key] = field;
+                }
+                if let Some(mut parents) = options.parents {
+                    // Mostly one per context, as a client sends them.
+                    if parents.len() % 4 != 0 {
+                        parents.resize(contexts.keys.len(), None);
+                    }
+                    body["parent_request_ids"] = parents
+                        .into_iter()
+                        .map(|p| p.and_then(|i| earlier.get(i % earlier.len().max(1)).cloned()))
+                        .collect();
+                }
+                let alpha = parse_alpha(&body).unwrap();
+                match reorder_live(&index, &contexts, alpha, &body) {
+                    Ok(answer) => {
+                        check_answer(&answer, &contexts)?;
+                        let ids: Vec<String> =
+                            serde_json::from_value(answer["request_ids"].clone()).unwrap();
+                        prop_assert_eq!(ids.len(), contexts.keys.len());
+                        if body["deduplicate"] == json!(true) {
+                            let results = answer["deduplication"]["results"].as_array().unwrap();
+                            prop_assert_eq!(results.len(), contexts.keys.len());
+                        }
+                        earlier.extend(ids);
+                    }
+                    Err(message) => prop_assert!(!message.is_empty()),
+                }
+                prop_assert!(!index.is_poisoned());
+            }
+        }
+    }
+}

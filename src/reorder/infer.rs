@@ -691,3 +691,187 @@ mod tests {
         );
     }
 }
+
+/// A conversation of any shape, sent turn after turn: no panic, the same
+/// messages come back in their roles, and every turn replays the earlier
+/// turn's forwarded messages byte for byte (the prefix the KV cache holds).
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use crate::reorder::extract::{Mode, Scope};
+    use crate::testing;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use proptest::sample::select;
+
+    /// Few documents, so that lists repeat and overlap.
+    const POOL: &[&str] = &[
+        "alpha",
+        "beta",
+        "gamma",
+        "delta",
+        "epsilon",
+        "zeta",
+        "a long document that is repeated verbatim across tool results, \
+         long enough to count as one",
+    ];
+
+    fn documents() -> impl Strategy<Value = Vec<&'static str>> {
+        vec(select(POOL), 1..6)
+    }
+
+    /// A document list in one of the layouts inferred mode finds.
+    fn list() -> impl Strategy<Value = String> {
+        (documents(), 0..4u8).prop_map(|(docs, layout)| match layout {
+            0 => format!(
+                "<documents>\n{}\n</documents>",
+                docs.iter()
+                    .map(|d| format!("<document>{d}</document>"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            ),
+            1 => docs
+                .iter()
+                .enumerate()
+                .map(|(i, d)| format!("[{}] {d}\n", i + 1))
+                .collect(),
+            2 => {
+                let results: Vec<Value> = docs
+                    .iter()
+                    .map(|d| json!({"url": d, "snippet": d}))
+                    .collect();
+                json!({ "results": results }).to_string()
+            }
+            _ => docs
+                .iter()
+                .map(|d| format!("<document id=\"{d}\">{d}</document>"))
+                .collect(),
+        })
+    }
+
+    const TOKENS: &[&str] = &[
+        "<document>",
+        "</document>",
+        "[2]",
+        "{",
+        "<<<EXTERNAL_UNTRUSTED_CONTENT id=\"ab\">>>",
+    ];
+
+    fn content() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => list(),
+            2 => testing::mutated_text(list(), TOKENS, 3),
+            1 => select(POOL).prop_map(|d| d.repeat(2)),
+            1 => ".{0,24}",
+        ]
+    }
+
+    /// One message after the opening: a tool call and its result (OpenAI
+    /// or Anthropic shaped), a user turn, or an odd one.
+    fn message() -> impl Strategy<Value = Vec<Value>> {
+        (0..5u8, content(), 0..4u8).prop_map(|(kind, text, call)| {
+            let id = format!("call_{call}");
+            match kind {
+                0 | 1 => vec![
+                    json!({"role": "assistant", "content": null,
+                           "tool_calls": [{"id": id, "type": "function",
+                                           "function": {"name": "search", "arguments": "{}"}}]}),
+                    json!({"role": "tool", "tool_call_id": id, "content": text}),
+                ],
+                2 => vec![json!({"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": id,
+                     "content": [{"type": "text", "text": text}]}
+                ]})],
+                3 => vec![json!({"role": "user", "content": text})],
+                _ => vec![
+                    json!({"role": "tool", "content": [{"type": "text", "text": text}]}),
+                    json!(null),
+                ],
+            }
+        })
+    }
+
+    fn conversation() -> impl Strategy<Value = Vec<Value>> {
+        (
+            prop_oneof![content(), Just("You are helpful.".to_string())],
+            ".{1,12}",
+            vec(message(), 0..8),
+        )
+            .prop_map(|(system, question, rest)| {
+                let mut messages = vec![
+                    json!({"role": "system", "content": system}),
+                    json!({"role": "user", "content": question}),
+                ];
+                messages.extend(rest.into_iter().flatten());
+                messages
+            })
+    }
+
+    fn config() -> impl Strategy<Value = InterceptConfig> {
+        (
+            proptest::bool::weighted(0.9),
+            prop_oneof![
+                3 => Just(Mode::Auto),
+                1 => Just(Mode::XmlTag),
+                1 => Just(Mode::Numbered),
+                1 => Just(Mode::JsonResults),
+            ],
+            select(&[Scope::All, Scope::System, Scope::ToolResults][..]),
+        )
+            .prop_map(|(enabled, mode, scope)| InterceptConfig {
+                enabled,
+                mode,
+                scope,
+                ..InterceptConfig::default()
+            })
+    }
+
+    fn roles(messages: &[Value]) -> Vec<Option<&str>> {
+        messages
+            .iter()
+            .map(|m| m.get("role").and_then(Value::as_str))
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(testing::config(256))]
+
+        #[test]
+        fn turns_replay_what_was_forwarded(
+            messages in conversation(),
+            cuts in vec(any::<u64>(), 1..4),
+            config in config(),
+        ) {
+            let (sessions, registry) = (Sessions::default(), Registry::default());
+            // Each turn sends the conversation so far: 2 messages or more.
+            let mut ends: Vec<usize> =
+                cuts.iter().map(|&c| 2 + testing::fit(c, messages.len() - 2)).collect();
+            ends.push(messages.len());
+            ends.sort_unstable();
+            ends.dedup();
+            let mut forwarded: Vec<Value> = Vec::new();
+            for end in ends {
+                let mut body = json!({"model": "m", "messages": messages[..end]});
+                let (report, pending) =
+                    sessions.rewrite(&mut body, &config, &registry, "client", None);
+                let sent = body["messages"].as_array().unwrap();
+                prop_assert_eq!(roles(sent), roles(&messages[..end]));
+                if !config.enabled {
+                    prop_assert!(pending.is_none());
+                    prop_assert_eq!(report.total_documents, 0);
+                    continue;
+                }
+                prop_assert_eq!(report.intercepted, !report.is_empty());
+                prop_assert_eq!(report.message_count, end);
+                prop_assert_eq!(report.replayed_messages, forwarded.len());
+                prop_assert_eq!(
+                    &sent[..forwarded.len()],
+                    &forwarded[..],
+                    "a later turn changed an earlier one"
+                );
+                forwarded = sent.clone();
+                sessions.commit(pending.unwrap());
+            }
+        }
+    }
+}

@@ -32,6 +32,8 @@
 mod layouts;
 mod locations;
 mod markers;
+#[cfg(test)]
+mod properties;
 
 pub use layouts::{extract, Extraction};
 pub use locations::{find_documents, replace_text, Found, Location, Source};
