@@ -23,6 +23,17 @@ pub struct Config {
     pub reorder: ReorderConfig,
     pub cost: CostConfig,
     pub log: LogConfig,
+    pub models: ModelsConfig,
+}
+
+/// Which model names requests may use (`models`).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelsConfig {
+    /// Serve requests that name a model the daemon does not serve with this
+    /// one (for clients that hard-code a name) instead of answering 404
+    /// `model_not_found`.
+    pub fallback: Option<String>,
 }
 
 /// The cost model (`cost`): measured prompt times that slot choice,

@@ -117,6 +117,17 @@ pub fn no_model_message(source: &ConfigSource) -> String {
 
 /// Loads the configuration, checks the model and the binary, reads the
 /// model's header, detects (or reads) the hardware and plans the launch.
+/// The id the model is served under: `[llama] model_alias`, else the file
+/// name without `.gguf`.
+fn model_id(config: &Config, model_path: &Path) -> String {
+    config.llama.model_alias.clone().unwrap_or_else(|| {
+        model_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".to_string())
+    })
+}
+
 pub fn prepare(
     source: ConfigSource,
     hardware_file: Option<&Path>,
@@ -145,6 +156,16 @@ pub fn prepare(
     })?;
     let model = gguf::read_model_facts(&model_path)
         .map_err(|e| ConfigError::new(file, Some("llama.model"), e.to_string()))?;
+    if let Some(fallback) = &config.models.fallback {
+        let served = model_id(&config, &model_path);
+        if !fallback.eq_ignore_ascii_case(&served) {
+            return Err(ConfigError::new(
+                file,
+                Some("models.fallback"),
+                format!("{fallback:?} names no model this daemon serves; it serves {served:?}"),
+            ));
+        }
+    }
     let binary = resolve_binary(&config.llama.binary)
         .map_err(|message| ConfigError::new(file, Some("llama.binary"), message));
     let (hardware, hardware_from_file) = match hardware_file {
@@ -448,19 +469,7 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
         &prepared.plan,
         &prepared.hardware,
     );
-    let model_id = prepared
-        .config
-        .llama
-        .model_alias
-        .clone()
-        .unwrap_or_else(|| {
-            prepared
-                .model
-                .path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "model".to_string())
-        });
+    let model_id = model_id(&prepared.config, &prepared.model.path);
     let slots = prepared.plan.slots as usize;
     let concurrency = prepared.plan.concurrency as usize;
     let unified_pool = prepared.plan.kv_unified.then_some(prepared.plan.ctx_size);
@@ -516,6 +525,7 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
             allowed_hosts: config.server.allowed_hosts.clone(),
             allowed_origins: config.server.allowed_origins.clone(),
         },
+        model_fallback: prepared.config.models.fallback.is_some(),
         model_id,
         scheduler: Scheduler::new(
             slots,

@@ -197,6 +197,16 @@ fn listen_address_in_use() {
 }
 
 #[test]
+fn a_fallback_must_name_the_model_served() {
+    let s = setup();
+    let text = valid(
+        &s,
+        "model_alias = \"mine\"\n[models]\nfallback = \"gpt-4o\"\n",
+    );
+    expect_exit_2(&s, &text, &["models.fallback", "\"gpt-4o\"", "\"mine\""]);
+}
+
+#[test]
 fn non_loopback_listen_requires_an_api_key() {
     let s = setup();
     let text = valid(&s, "").replace("listen = \"127.0.0.1:", "listen = \"0.0.0.0:");

@@ -85,7 +85,6 @@ fn ask(addr: SocketAddr, docs: &[String], question: &str) {
         addr,
         "/v1/chat/completions",
         &json!({
-            "model": "m",
             "messages": [{"role": "user", "content": question}],
             "documents": docs,
             "max_tokens": 1,

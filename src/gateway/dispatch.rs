@@ -189,6 +189,11 @@ fn answer_whole(ticket: Ticket, status: StatusCode, bytes: Bytes) -> Response<Bo
         *response.status_mut() = status;
         return response;
     };
+    // llama-server names the model by its file path; the answer names it as
+    // the client asked for it.
+    if let (Some(reported), Some(name)) = (value.get_mut("model"), ticket.model_name()) {
+        *reported = Value::from(name);
+    }
     let timings = value.get("timings").cloned();
     if let (Some(cached), Some(usage)) = (
         timings.as_ref().and_then(|t| t.get("cache_n")).cloned(),

@@ -20,6 +20,9 @@ pub struct ApiError {
     pub kind: &'static str,
     /// Seconds for `Retry-After`.
     pub retry_after: Option<&'static str>,
+    /// OpenAI's error `code` where it names the error (`model_not_found`);
+    /// otherwise the body's `code` is the HTTP status.
+    pub code: Option<&'static str>,
 }
 
 impl ApiError {
@@ -29,7 +32,13 @@ impl ApiError {
             message: message.into(),
             kind,
             retry_after: None,
+            code: None,
         }
+    }
+
+    pub fn with_code(mut self, code: &'static str) -> ApiError {
+        self.code = Some(code);
+        self
     }
 
     /// The client's request is wrong (400).
@@ -86,7 +95,11 @@ impl ApiError {
 
     /// The JSON body, also sent as an SSE event when a stream breaks.
     pub fn body(&self) -> serde_json::Value {
-        error_body(self.status, &self.message, self.kind)
+        let mut body = error_body(self.status, &self.message, self.kind);
+        if let Some(code) = self.code {
+            body["error"]["code"] = code.into();
+        }
+        body
     }
 
     pub fn into_response(self) -> Response<Body> {

@@ -64,6 +64,8 @@ pub struct Gateway {
     pub guard: guard::Policy,
     /// The model id on `/v1/models` and in every record.
     pub model_id: String,
+    /// Requests naming another model are served anyway (`[models] fallback`).
+    pub model_fallback: bool,
     pub scheduler: Arc<Scheduler>,
     pub meter: Meter,
     pub upstream: Upstream,
@@ -179,6 +181,7 @@ impl Gateway {
             },
             "/metrics" if get => self.metrics().await,
             "/v1/models" | "/models" if get => self.models(),
+            p if get && p.starts_with("/v1/models/") => self.model(&p["/v1/models/".len()..]),
             "/slots" if get => upstream::passthrough(self, request).await,
             // `/build` and `/schedule` are the reference server's older names.
             "/reorder" | "/build" if post => compat::reorder(self, request, false).await,
@@ -239,28 +242,57 @@ impl Gateway {
     }
 
     fn models(&self) -> Response<Body> {
+        json(
+            StatusCode::OK,
+            &serde_json::json!({"object": "list", "data": [self.model_object()]}),
+        )
+    }
+
+    /// `GET /v1/models/{id}`.
+    fn model(&self, id: &str) -> Response<Body> {
+        match self.serves(id) {
+            true => json(StatusCode::OK, &self.model_object()),
+            false => self.model_not_found(id).into_response(),
+        }
+    }
+
+    fn model_object(&self) -> serde_json::Value {
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs().saturating_sub(self.started.elapsed().as_secs()))
             .unwrap_or_default();
-        json(
-            StatusCode::OK,
-            &serde_json::json!({
-                "object": "list",
-                "data": [{
-                    "id": self.model_id,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "contextpilotd",
-                    "meta": {
-                        "path": self.status.model.path,
-                        "architecture": self.status.model.architecture,
-                        "context_length_per_slot": self.status.plan.ctx_per_slot,
-                        "slots": self.status.plan.slots,
-                    },
-                }],
-            }),
+        serde_json::json!({
+            "id": self.model_id,
+            "object": "model",
+            "created": created,
+            "owned_by": "contextpilotd",
+            "meta": {
+                "path": self.status.model.path,
+                "architecture": self.status.model.architecture,
+                "context_length_per_slot": self.status.plan.ctx_per_slot,
+                "slots": self.status.plan.slots,
+            },
+        })
+    }
+
+    /// Whether `name` is the model this daemon serves (ids compare without
+    /// regard to case).
+    pub(crate) fn serves(&self, name: &str) -> bool {
+        name.eq_ignore_ascii_case(&self.model_id)
+    }
+
+    /// The 404 for a request naming a model this daemon does not serve.
+    pub(crate) fn model_not_found(&self, name: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!(
+                "the model {name:?} is not served here; this daemon serves: {:?} \
+                 (or set [models] fallback to answer every name with it)",
+                self.model_id
+            ),
         )
+        .with_code("model_not_found")
     }
 
     async fn metrics(&self) -> Response<Body> {

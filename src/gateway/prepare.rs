@@ -62,8 +62,26 @@ pub(super) fn prepare(
 ) -> Result<Prepared, ApiError> {
     validate(path, &body).map_err(ApiError::bad_request)?;
     let gateway = ticket.gateway().clone();
+    // A name the daemon does not serve is the client's mistake, not a
+    // reason to answer from another model without a word.
+    match body.get("model") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(name)) if name.is_empty() || gateway.serves(name) => {}
+        Some(Value::String(name)) if gateway.model_fallback => {
+            tracing::debug!(requested = %name, "serving the [models] fallback");
+        }
+        Some(Value::String(name)) => return Err(gateway.model_not_found(name)),
+        Some(_) => return Err(ApiError::bad_request("`model` must be a string")),
+    }
     ticket.note(|facts| {
         facts.record.stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        facts.model_name = Some(
+            body.get("model")
+                .and_then(Value::as_str)
+                .filter(|name| !name.is_empty())
+                .unwrap_or(&gateway.model_id)
+                .to_string(),
+        );
         facts.request_id = ["rid", "request_id"]
             .iter()
             .find_map(|k| body.get(*k).and_then(Value::as_str))

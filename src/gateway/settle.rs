@@ -39,6 +39,8 @@ pub(super) struct RequestFacts {
     /// The caller's live-index id (`rid` or `request_id`), as ContextPilot's
     /// clients send it: it leaves the live index when its slot is overwritten.
     pub request_id: Option<String>,
+    /// The model name the answer reports: the one requested, else the id.
+    pub model_name: Option<String>,
     pub commits: Commits,
 }
 
@@ -99,6 +101,7 @@ impl Ticket {
                 record,
                 slot: None,
                 request_id: None,
+                model_name: None,
                 commits: Commits::default(),
             }),
         }
@@ -123,6 +126,11 @@ impl Ticket {
 
     pub fn path(&self) -> &str {
         self.facts.as_ref().map_or("", |f| &f.record.path)
+    }
+
+    /// The model name a whole answer reports.
+    pub fn model_name(&self) -> Option<&str> {
+        self.facts.as_ref()?.model_name.as_deref()
     }
 
     /// The client asked for a stream.

@@ -67,6 +67,7 @@ impl Script {
 
 fn whole(cache_n: u64, prompt_n: u64) -> Response<Body> {
     let body = json!({
+        "model": "/models/scripted.gguf",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
         "usage": {"prompt_tokens": cache_n + prompt_n, "completion_tokens": 1},
         "timings": {"cache_n": cache_n, "prompt_n": prompt_n, "prompt_ms": 2.0 * prompt_n as f64,
@@ -157,6 +158,10 @@ struct Harness {
 }
 
 async fn start(slots: usize) -> Harness {
+    start_with(slots, false).await
+}
+
+async fn start_with(slots: usize, model_fallback: bool) -> Harness {
     let script = Arc::new(Script::default());
     let child_port = scripted_child(script.clone()).await;
     let (view_tx, view) = watch::channel(SupervisorView {
@@ -184,6 +189,7 @@ async fn start(slots: usize) -> Harness {
             allowed_origins: vec!["http://localhost:3000".into()],
         },
         model_id: "scripted".into(),
+        model_fallback,
         scheduler: Scheduler::new(slots, slots, 64, 0, cost),
         meter,
         upstream: Upstream::new(),
@@ -638,4 +644,53 @@ async fn embeddings_wait_for_a_slot_like_completions() {
         .unwrap();
     assert_eq!(status, StatusCode::OK);
     assert_eq!(h.script.received().len(), 2);
+}
+
+#[tokio::test]
+async fn a_model_the_daemon_does_not_serve_is_a_404_naming_the_one_it_does() {
+    let h = start(2).await;
+    let mut body = chat("s", "q");
+    body["model"] = json!("llama3.1:70b");
+    let (status, _, text) = h.post("/v1/chat/completions", &body).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let error: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(error["error"]["code"], "model_not_found");
+    assert_eq!(error["error"]["type"], "invalid_request_error");
+    assert!(error["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("\"scripted\""));
+    assert!(h.script.received().is_empty(), "nothing reached the child");
+    // Its own name (any case) is served, and the answer carries that name
+    // instead of llama-server's file path.
+    body["model"] = json!("Scripted");
+    let (status, _, text) = h.post("/v1/chat/completions", &body).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(answer["model"], "Scripted");
+    let (status, _, text) = h.post("/v1/chat/completions", &chat("s", "q")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["model"],
+        "scripted"
+    );
+    let one = |id: &'static str| h.send_with(hyper::Method::GET, id, &[], &Value::Null);
+    assert_eq!(one("/v1/models/scripted").await.status(), StatusCode::OK);
+    assert_eq!(
+        one("/v1/models/gpt-4o").await.status(),
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn with_a_fallback_any_name_is_served() {
+    let h = start_with(2, true).await;
+    let mut body = chat("s", "q");
+    body["model"] = json!("gpt-4o");
+    let (status, _, text) = h.post("/v1/chat/completions", &body).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["model"],
+        "gpt-4o"
+    );
 }

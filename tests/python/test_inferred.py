@@ -12,7 +12,7 @@ import json
 
 import httpx
 
-from e2e import Daemon
+from e2e import MODEL_ALIAS, Daemon
 
 # The module's shared daemon runs inferred mode.
 DAEMON_REORDER = {"quality": "balanced"}
@@ -38,7 +38,7 @@ def tool_turn(call_id: str, names: list[str]) -> list[dict]:
 
 def ask(client, messages: list[dict], **headers: str):
     raw = client.chat.completions.with_raw_response.create(
-        model="any", messages=messages, max_tokens=4, temperature=0,
+        model=MODEL_ALIAS, messages=messages, max_tokens=4, temperature=0,
         extra_headers=headers or None,
     )
     result = raw.headers.get("x-contextpilot-result")
