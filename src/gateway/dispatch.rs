@@ -21,11 +21,11 @@ use super::{full, json, stream, Body, Gateway};
 use crate::reorder::prepare::Prepared;
 use crate::slots::SlotLease;
 
-/// Attempts after the first for a request nothing of which reached the
-/// client. Each waits for a ready child that has not died under this request
-/// already, so children restarting one after another (a crash loop, or a
-/// faulty machine) cost a request only when the same child fails it again
-/// or the faults outnumber these.
+/// Retries for a request nothing of which reached the client, counted
+/// apart for children that died under it (each retry waits for a ready child
+/// that has not) and for failures on a child that is still there (retried
+/// on it). Children restarting one after another cost a request only when
+/// the faults outnumber these.
 const MAX_RETRIES: u32 = 2;
 
 /// What the child did with one attempt.
@@ -60,7 +60,9 @@ pub(super) async fn dispatch(
     // Children that failed this request and are gone: a retry waits for
     // another one instead of meeting the one that is going away.
     let mut gone: Vec<u32> = Vec::new();
-    let mut retries = 0;
+    // Failures on a child that is still there (a pooled connection it had
+    // just closed): retried on it at once, counted apart.
+    let mut hiccups = 0;
     loop {
         let attempt = attempt(&gateway, &mut ticket, path, &mut prepared, &gone, deadline);
         let (target, lease, forwarded) = match attempt.await {
@@ -73,24 +75,24 @@ pub(super) async fn dispatch(
                 answer_whole(ticket, status, bytes)
             }
             Forwarded::Stream(first, incoming) => stream::relay(ticket, lease, first, incoming),
-            Forwarded::ChildDied { why, refused } if retries < MAX_RETRIES => {
+            Forwarded::ChildDied { why, refused } => {
                 // Nothing has reached the client: try again, on the restarted
                 // child unless this one turns out to be alive.
                 drop(lease);
+                // A refused connection needs no probe: nothing listens there.
+                match refused || gateway.upstream.is_gone(&target).await {
+                    true => gone.push(target.pid),
+                    false => hiccups += 1,
+                }
+                if gone.len() as u32 > MAX_RETRIES || hiccups > MAX_RETRIES {
+                    return ticket.fail(ApiError::failed_every_attempt(&why));
+                }
                 tracing::warn!(query = %ticket.query_id(), "llama-server failed the request ({why}); retrying");
-                retries += 1;
                 ticket.note(|facts| facts.record.retried = true);
                 // The retry gets a full wait of its own: a long request that
                 // crashes late still deserves the restarted child.
                 deadline = Instant::now() + gateway.queue_timeout;
-                // A refused connection needs no probe: nothing listens there.
-                if refused || gateway.upstream.is_gone(&target).await {
-                    gone.push(target.pid);
-                }
                 continue;
-            }
-            Forwarded::ChildDied { why, .. } => {
-                return ticket.fail(ApiError::failed_every_attempt(&why))
             }
         };
         return with_result_header(response, result_header);
