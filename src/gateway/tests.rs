@@ -319,6 +319,27 @@ impl Harness {
     }
 }
 
+/// Starts a stream the child holds open after its first chunk (which has
+/// reached the client) until the returned `Notify` releases it.
+async fn hold_a_stream(h: &Harness) -> (Arc<Notify>, Incoming) {
+    let release = Arc::new(Notify::new());
+    h.script.then(Reply::Stream {
+        events: vec![json!({"choices": [{"index": 0, "delta": {"content": "Hi"}}]})],
+        release: Some(release.clone()),
+        done: true,
+    });
+    let mut body = chat("s", "q");
+    body["stream"] = json!(true);
+    let mut response = h.send("/v1/chat/completions", &body).await.into_body();
+    let first = tokio::time::timeout(DEADLINE, response.frame())
+        .await
+        .expect("the first chunk arrives")
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(first.data_ref().unwrap()).contains("Hi"));
+    (release, response)
+}
+
 fn chat(system: &str, question: &str) -> Value {
     json!({"messages": [
         {"role": "system", "content": system},
@@ -482,21 +503,7 @@ async fn a_stream_the_child_cuts_ends_with_an_error_event_and_done() {
 #[tokio::test]
 async fn a_stream_in_flight_is_settled_before_idle_resolves() {
     let h = start(4).await;
-    let release = Arc::new(Notify::new());
-    h.script.then(Reply::Stream {
-        events: vec![json!({"choices": [{"index": 0, "delta": {"content": "Hi"}}]})],
-        release: Some(release.clone()),
-        done: true,
-    });
-    let mut body = chat("s", "q");
-    body["stream"] = json!(true);
-    let mut response = h.send("/v1/chat/completions", &body).await.into_body();
-    let first = tokio::time::timeout(DEADLINE, response.frame())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert!(String::from_utf8_lossy(first.data_ref().unwrap()).contains("Hi"));
+    let (release, response) = hold_a_stream(&h).await;
     assert_eq!(h.gateway.streams.in_flight(), 1);
     tokio::select! {
         biased;
@@ -610,18 +617,7 @@ async fn head_answers_like_get_without_a_body() {
 #[tokio::test]
 async fn embeddings_wait_for_a_slot_like_completions() {
     let h = Arc::new(start(1).await);
-    let release = Arc::new(Notify::new());
-    h.script.then(Reply::Stream {
-        events: vec![json!({"choices": [{"index": 0, "delta": {"content": "Hi"}}]})],
-        release: Some(release.clone()),
-        done: true,
-    });
-    let mut body = chat("s", "q");
-    body["stream"] = json!(true);
-    let mut stream = h.send("/v1/chat/completions", &body).await.into_body();
-    tokio::time::timeout(DEADLINE, stream.frame())
-        .await
-        .unwrap();
+    let (release, _stream) = hold_a_stream(&h).await;
     assert_eq!(h.gateway.scheduler.busy(), 1);
     let embedding = tokio::spawn({
         let h = h.clone();

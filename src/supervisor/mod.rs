@@ -355,7 +355,11 @@ impl Supervisor {
         port: u16,
         key: Option<&process::ChildKey>,
     ) -> (Outcome, Option<Duration>) {
-        let auth = key.map(process::ChildKey::bearer).unwrap_or_default();
+        let bearer = key.map(process::ChildKey::bearer);
+        let auth: Vec<(&str, &str)> = bearer
+            .iter()
+            .map(|b| ("authorization", b.as_str()))
+            .collect();
         let stop_grace = Duration::from_secs(self.cfg.stop_timeout_s);
         let health_interval = Duration::from_millis(self.cfg.health_interval_ms);
         let hang_timeout = Duration::from_secs(self.cfg.hang_timeout_s);
@@ -453,25 +457,20 @@ impl Supervisor {
         }
     }
 
-    async fn probe_health(&self, base: &str, auth: &str, timeout: Duration) -> bool {
+    /// `auth`: the child's key, as the headers to send (none for an open child).
+    async fn probe_health(&self, base: &str, auth: &[(&str, &str)], timeout: Duration) -> bool {
         let url = format!("{base}/health");
-        let answer = self
-            .http
-            .get_with_headers(&url, &[("authorization", auth)], timeout)
-            .await;
+        let answer = self.http.get_with_headers(&url, auth, timeout).await;
         matches!(answer, Ok((s, _)) if s.is_success())
     }
 
     /// Ready means `/health` 200 and `/props.model_path` naming our model.
-    async fn probe_ready(&self, base: &str, auth: &str, timeout: Duration) -> bool {
+    async fn probe_ready(&self, base: &str, auth: &[(&str, &str)], timeout: Duration) -> bool {
         if !self.probe_health(base, auth, timeout).await {
             return false;
         }
         let props = format!("{base}/props");
-        let answer = self
-            .http
-            .get_with_headers(&props, &[("authorization", auth)], timeout)
-            .await;
+        let answer = self.http.get_with_headers(&props, auth, timeout).await;
         let Ok((status, body)) = answer else {
             return false;
         };

@@ -183,16 +183,8 @@ mod tests {
             "```\n# a\n",
             unterminated.as_str(),
         ];
-        let modes = [
-            Mode::Auto,
-            Mode::XmlTag,
-            Mode::Numbered,
-            Mode::JsonResults,
-            Mode::Separator,
-            Mode::MarkdownHeader,
-        ];
         for input in inputs {
-            for mode in modes {
+            for mode in super::properties::MODES {
                 if let Some(e) = extract(input, &with_mode(mode)) {
                     let order: Vec<usize> = (0..e.len()).rev().collect();
                     assert!(e.rebuild(&order).is_some());

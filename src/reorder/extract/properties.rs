@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::*;
 use crate::testing;
 
-const MODES: [Mode; 6] = [
+pub(super) const MODES: [Mode; 6] = [
     Mode::Auto,
     Mode::XmlTag,
     Mode::Numbered,
