@@ -26,14 +26,162 @@ pub struct Config {
     pub models: ModelsConfig,
 }
 
-/// Which model names requests may use (`models`).
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+/// Which models the daemon serves and how many it keeps loaded (`models`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelsConfig {
     /// Serve requests that name a model the daemon does not serve with this
     /// one (for clients that hard-code a name) instead of answering 404
     /// `model_not_found`.
     pub fallback: Option<String>,
+    /// Folders searched for GGUF files, besides the places other tools keep
+    /// them (the Hugging Face cache, LM Studio, Ollama, `$LLAMA_CACHE`).
+    pub dirs: Vec<PathBuf>,
+    /// Look in those usual places; `false` serves only `[llama] model`,
+    /// `[[models.model]]` and `dirs`.
+    pub discover: bool,
+    /// How long a model loaded on demand stays loaded after its last
+    /// request: seconds or "30s"/"5m"/"1h"; 0 unloads it right after the
+    /// request, -1 never. A request's own `keep_alive` field overrides it
+    /// for that model. `[llama] model` stays loaded unless its
+    /// `[[models.model]]` entry says otherwise.
+    pub keep_alive: KeepAlive,
+    /// Memory the loaded models may use together (weights, KV cache and
+    /// margin, as the planner counts them), in MiB; "auto" is the memory
+    /// the GPU may use. A model that does not fit unloads the least
+    /// recently used idle ones.
+    pub memory_mib: Auto<u32>,
+    /// Models served by name besides `[llama] model` and those discovered.
+    pub model: Vec<ModelEntry>,
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        ModelsConfig {
+            fallback: None,
+            dirs: Vec::new(),
+            discover: true,
+            keep_alive: KeepAlive::After(std::time::Duration::from_secs(300)),
+            memory_mib: Auto::Auto,
+            model: Vec::new(),
+        }
+    }
+}
+
+/// One `[[models.model]]`: a GGUF file served under a name.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    /// The name requests use in `model`.
+    pub name: String,
+    /// The .gguf file.
+    pub path: PathBuf,
+    /// This model's keep-alive (else `[models] keep_alive`).
+    pub keep_alive: Option<KeepAlive>,
+}
+
+/// How long an idle model stays loaded (Ollama's `keep_alive`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepAlive {
+    /// Unload this long after the last request ends (zero: right after).
+    After(std::time::Duration),
+    /// Never unload.
+    Forever,
+}
+
+impl KeepAlive {
+    /// Reads Ollama's forms: a number of seconds (negative: forever), or a
+    /// duration string such as "30s", "5m", "1h", "1h30m", "-1".
+    pub fn from_json(value: &serde_json::Value) -> Result<KeepAlive, String> {
+        let wrong = || {
+            format!(
+                "keep_alive must be seconds (-1 for never) or a duration such as \"30s\", \"5m\"; got {value}"
+            )
+        };
+        match value {
+            serde_json::Value::Number(n) => {
+                let secs = n.as_f64().ok_or_else(wrong)?;
+                Ok(KeepAlive::from_seconds(secs))
+            }
+            serde_json::Value::String(s) => KeepAlive::parse(s).ok_or_else(wrong),
+            _ => Err(wrong()),
+        }
+    }
+
+    fn from_seconds(secs: f64) -> KeepAlive {
+        if secs < 0.0 || !secs.is_finite() {
+            KeepAlive::Forever
+        } else {
+            KeepAlive::After(std::time::Duration::from_secs_f64(secs.min(1e9)))
+        }
+    }
+
+    /// A duration string: digits with units h, m, s, ms (Go's form, as
+    /// Ollama takes it), a bare number of seconds, or a negative number.
+    pub fn parse(text: &str) -> Option<KeepAlive> {
+        let text = text.trim();
+        if let Ok(secs) = text.parse::<f64>() {
+            return Some(KeepAlive::from_seconds(secs));
+        }
+        if let Some(rest) = text.strip_prefix('-') {
+            return KeepAlive::parse(rest).map(|_| KeepAlive::Forever);
+        }
+        let mut total = 0.0;
+        let mut rest = text;
+        while !rest.is_empty() {
+            let digits = rest
+                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .unwrap_or(rest.len());
+            let number: f64 = rest[..digits].parse().ok()?;
+            rest = &rest[digits..];
+            let unit = rest
+                .find(|c: char| c.is_ascii_digit() || c == '.')
+                .unwrap_or(rest.len());
+            total += number
+                * match &rest[..unit] {
+                    "h" => 3600.0,
+                    "m" => 60.0,
+                    "s" => 1.0,
+                    "ms" => 0.001,
+                    _ => return None,
+                };
+            rest = &rest[unit..];
+        }
+        (!text.is_empty()).then(|| KeepAlive::from_seconds(total))
+    }
+
+    /// The idle time after which to unload; `None` for never.
+    pub fn duration(self) -> Option<std::time::Duration> {
+        match self {
+            KeepAlive::After(d) => Some(d),
+            KeepAlive::Forever => None,
+        }
+    }
+}
+
+impl fmt::Display for KeepAlive {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeepAlive::Forever => f.write_str("-1"),
+            KeepAlive::After(d) => write!(f, "{}s", d.as_secs_f64()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for KeepAlive {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(deserializer)?;
+        KeepAlive::from_json(&value).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for KeepAlive {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            KeepAlive::Forever => serializer.serialize_i64(-1),
+            KeepAlive::After(d) => serializer.serialize_f64(d.as_secs_f64()),
+        }
+    }
 }
 
 /// The cost model (`cost`): measured prompt times that slot choice,
@@ -562,6 +710,12 @@ impl Config {
         if let Some(model) = config.llama.model.take() {
             config.llama.model = Some(resolve_path(&model, base));
         }
+        for dir in &mut config.models.dirs {
+            *dir = resolve_path(dir, base);
+        }
+        for entry in &mut config.models.model {
+            entry.path = resolve_path(&entry.path, base);
+        }
         if let Some(dir) = config.log.dir.take() {
             config.log.dir = Some(resolve_path(&dir, base));
         }
@@ -645,6 +799,18 @@ impl Config {
                 return err(
                     "llama.batch",
                     format!("{batch} is too small; allowed: \"auto\" or at least 32"),
+                );
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for entry in &self.models.model {
+            if entry.name.trim().is_empty() {
+                return err("models.model.name", "must not be empty".to_string());
+            }
+            if !names.insert(entry.name.to_ascii_lowercase()) {
+                return err(
+                    "models.model.name",
+                    format!("{:?} is named twice", entry.name),
                 );
             }
         }
@@ -1036,6 +1202,55 @@ mod tests {
         );
         let err = parse("[reorder]\nquality = \"loose\"\n").unwrap_err();
         assert_eq!(err.key.as_deref(), Some("reorder.quality"), "{err}");
+    }
+
+    #[test]
+    fn keep_alive_reads_ollama_forms() {
+        use std::time::Duration;
+        let parse = |s: &str| KeepAlive::parse(s);
+        assert_eq!(
+            parse("5m"),
+            Some(KeepAlive::After(Duration::from_secs(300)))
+        );
+        assert_eq!(
+            parse("1h30m"),
+            Some(KeepAlive::After(Duration::from_secs(5400)))
+        );
+        assert_eq!(parse("2s"), Some(KeepAlive::After(Duration::from_secs(2))));
+        assert_eq!(parse("0"), Some(KeepAlive::After(Duration::ZERO)));
+        assert_eq!(parse("-1"), Some(KeepAlive::Forever));
+        assert_eq!(parse("-5m"), Some(KeepAlive::Forever));
+        assert_eq!(parse("5 minutes"), None);
+        assert_eq!(parse(""), None);
+        assert_eq!(parse("m"), None);
+        let json = |v: serde_json::Value| KeepAlive::from_json(&v);
+        assert_eq!(json(serde_json::json!(-1)), Ok(KeepAlive::Forever));
+        assert_eq!(
+            json(serde_json::json!(2)),
+            Ok(KeepAlive::After(Duration::from_secs(2)))
+        );
+        assert!(json(serde_json::json!(true))
+            .unwrap_err()
+            .contains("keep_alive"));
+    }
+
+    #[test]
+    fn models_config_reads_entries_and_rejects_twins() {
+        let c = parse(
+            "[models]\nkeep_alive = \"2s\"\nmemory_mib = 1024\ndirs = [\"g\"]\n[[models.model]]\nname = \"a\"\npath = \"a.gguf\"\nkeep_alive = -1\n",
+        )
+        .unwrap();
+        assert_eq!(c.models.memory_mib, Auto::Value(1024));
+        assert_eq!(c.models.model[0].keep_alive, Some(KeepAlive::Forever));
+        assert_eq!(
+            c.models.keep_alive,
+            KeepAlive::After(std::time::Duration::from_secs(2))
+        );
+        let twins = "[[models.model]]\nname = \"a\"\npath = \"a.gguf\"\n[[models.model]]\nname = \"A\"\npath = \"b.gguf\"\n";
+        let e = parse(twins).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("models.model.name"));
+        let e = parse("[models]\nkeep_alive = \"soon\"\n").unwrap_err();
+        assert!(e.to_string().contains("keep_alive"), "{e}");
     }
 }
 

@@ -59,6 +59,7 @@ pub mod gguf;
 pub mod hardware;
 pub mod http_client;
 pub mod meter;
+pub mod models;
 pub mod plan;
 pub mod reorder;
 pub mod rotate;

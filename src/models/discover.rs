@@ -1,0 +1,1 @@
+//! Finding GGUF files where other tools keep them.

@@ -1,0 +1,1 @@
+//! Downloading a GGUF from the Hugging Face hub into its cache layout.
