@@ -13,18 +13,18 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{Flock, FlockArg};
 use tokio::net::TcpListener;
 
-use crate::config::{Config, ConfigError, ConfigSource};
-use crate::cost::{self, CostModel, CostProfile};
+use crate::config::{Config, ConfigError, ConfigSource, KeepAlive};
+use crate::cost::CostProfile;
 use crate::gateway::{self, Gateway, Upstream};
 use crate::gguf::{self, ModelFacts};
 use crate::hardware::{self, Hardware};
 use crate::meter::gpu::GpuSampler;
 use crate::meter::Meter;
-use crate::plan::{self, BinaryCaps, LaunchPlan, PlanInputs};
+use crate::models::engine::Launcher;
+use crate::models::{Fleet, ModelSpec};
+use crate::plan::{self, BinaryCaps, LaunchPlan};
 use crate::reorder::prepare::{Reorder, Settings as ReorderSettings};
-use crate::slots::Scheduler;
-use crate::status::StaticStatus;
-use crate::supervisor::{self, process::Watchdog, LaunchSpec};
+use crate::supervisor::process::Watchdog;
 
 /// How long open client connections get to finish on shutdown.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
@@ -157,12 +157,30 @@ pub fn prepare(
     let model = gguf::read_model_facts(&model_path)
         .map_err(|e| ConfigError::new(file, Some("llama.model"), e.to_string()))?;
     if let Some(fallback) = &config.models.fallback {
-        let served = model_id(&config, &model_path);
-        if !fallback.eq_ignore_ascii_case(&served) {
+        let specs = model_specs(&config, &model_path);
+        let named = |s: &ModelSpec| {
+            s.name.eq_ignore_ascii_case(fallback)
+                || s.aliases.iter().any(|a| a.eq_ignore_ascii_case(fallback))
+        };
+        if !specs.iter().any(named) {
+            let served: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
             return Err(ConfigError::new(
                 file,
                 Some("models.fallback"),
                 format!("{fallback:?} names no model this daemon serves; it serves {served:?}"),
+            ));
+        }
+    }
+    for entry in &config.models.model {
+        if !entry.path.is_file() {
+            return Err(ConfigError::new(
+                file,
+                Some("models.model.path"),
+                format!(
+                    "model file {} (of {:?}) does not exist",
+                    entry.path.display(),
+                    entry.name
+                ),
             ));
         }
     }
@@ -177,42 +195,25 @@ pub fn prepare(
         .ok()
         .map(|b| read_caps(b))
         .unwrap_or_default();
-    let unmeasured = plan::plan_with(
-        &hardware,
-        &model,
-        &config.llama,
-        PlanInputs {
-            caps,
-            cost: None,
-            keep_shape: None,
-        },
-    );
     let binary_path = binary
         .clone()
         .unwrap_or_else(|_| PathBuf::from(&config.llama.binary));
-    let cost_key = cost::profile_key(
-        &binary_path,
-        &model_path,
-        &hardware,
-        &unmeasured.speed_flags(),
-    );
-    let cost = match &config.cost.profile {
-        Some(path) => Some(
-            cost::read_profile(path)
-                .map_err(|e| ConfigError::new(file, Some("cost.profile"), e))?,
-        ),
-        None => cost::cached_profile(&cost_key),
-    };
-    let plan = plan::plan_with(
+    let memory_limit = config
+        .models
+        .memory_mib
+        .value()
+        .map(|mib| u64::from(mib) << 20);
+    let planned = crate::models::engine::plan_model(
         &hardware,
         &model,
         &config.llama,
-        PlanInputs {
-            caps,
-            cost: cost.as_ref(),
-            keep_shape: None,
-        },
-    );
+        caps,
+        &config.cost,
+        &binary_path,
+        memory_limit,
+    )
+    .map_err(|e| ConfigError::new(file, Some("cost.profile"), e))?;
+    let (plan, cost, cost_key) = (planned.plan, planned.cost, planned.cost_key);
     Ok(Prepared {
         source,
         config,
@@ -463,44 +464,8 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
         Some(_) => None,
         None => start_watchdog(),
     };
-    let status = StaticStatus::new(
-        listen.to_string(),
-        &prepared.model,
-        &prepared.plan,
-        &prepared.hardware,
-    );
-    let model_id = model_id(&prepared.config, &prepared.model.path);
-    let slots = prepared.plan.slots as usize;
-    let concurrency = prepared.plan.concurrency as usize;
-    let unified_pool = prepared.plan.kv_unified.then_some(prepared.plan.ctx_size);
-    let ctx_per_slot = prepared.plan.ctx_per_slot;
-    let ram_tokens =
-        crate::plan::planned_ram_cache_tokens(&prepared.plan, &prepared.config.llama.extra_args);
-    let cost_model = CostModel::new(
-        prepared
-            .cost
-            .clone()
-            .unwrap_or_else(|| CostProfile::fallback(&prepared.hardware)),
-    );
-    let spec = LaunchSpec {
-        binary,
-        model: prepared.model.path.clone(),
-        plan: prepared.plan.clone(),
-        llama: prepared.config.llama.clone(),
-    };
-    let supervisor = supervisor::start(spec, prepared.config.supervisor.clone(), watchdog);
     let config = &prepared.config;
-    let tuner = Tuner {
-        key: prepared.cost_key.clone(),
-        ctx_per_slot: prepared.plan.ctx_per_slot,
-        ram_tier: ram_tokens > 0,
-        caps: prepared.caps,
-        hardware: prepared.hardware.clone(),
-        model: prepared.model.clone(),
-        llama: prepared.config.llama.clone(),
-        plan: prepared.plan.clone(),
-        replanner: supervisor.replanner(),
-    };
+    let fleet = Arc::new(fleet(&prepared, binary, watchdog));
     let query_log = config.query_log_path();
     match &query_log {
         Some(path) => tracing::info!("query log: {}", path.display()),
@@ -515,25 +480,21 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
         .map(|d| d.as_millis())
         .unwrap_or_default();
     let meter = Meter::start(&config.meter, query_log.clone());
+    let ctx_per_slot = prepared.plan.ctx_per_slot;
     let gateway = Arc::new(Gateway {
         started: Instant::now(),
-        status,
-        supervisor: supervisor.view.clone(),
-        tail: supervisor.tail.clone(),
+        fleet: fleet.clone(),
+        primary_status: crate::status::StaticStatus::new(
+            listen.to_string(),
+            &prepared.model,
+            &prepared.plan,
+            &prepared.hardware,
+        ),
         api_key: config.server.api_key.clone(),
         guard: gateway::guard::Policy {
             allowed_hosts: config.server.allowed_hosts.clone(),
             allowed_origins: config.server.allowed_origins.clone(),
         },
-        model_fallback: prepared.config.models.fallback.is_some(),
-        model_id,
-        scheduler: Scheduler::new(
-            slots,
-            concurrency,
-            config.server.max_queue,
-            ram_tokens,
-            cost_model.clone(),
-        ),
         meter: meter.clone(),
         query_log,
         upstream: Upstream::new(),
@@ -557,23 +518,26 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
         next_query: AtomicU64::new(0),
         streams: Default::default(),
     });
-    gateway.scheduler.set_unified_pool(unified_pool);
     let header_timeout = Duration::from_secs(config.server.header_timeout_s);
-    let tuning = (config.cost.measure && prepared.cost.is_none())
-        .then(|| tokio::spawn(tuner.run(supervisor.view.clone(), gateway.scheduler.clone())));
+    // The primary model loads now; the others when a request names them.
+    if let Ok(primary) = fleet.resolve(None) {
+        let primary = primary.clone();
+        if let Err(e) = fleet.load(&primary, None).await {
+            tracing::error!("{e}");
+        }
+    }
+    let reaper = tokio::spawn(fleet.clone().reap());
 
     let stop = async {
         signals.recv().await;
         // From here on a child that dies is not replaced.
-        supervisor.drain();
+        fleet.drain();
     };
     let streams = gateway.streams.clone();
     gateway::serve(listener, gateway, stop, DRAIN_GRACE, header_timeout).await;
     tracing::info!("shutting down: stopping llama-server");
-    if let Some(task) = tuning {
-        task.abort();
-    }
-    supervisor.shutdown().await;
+    reaper.abort();
+    fleet.shutdown().await;
     // A stream the stop cut records itself when it notices: wait for the
     // last one before writing it all.
     if tokio::time::timeout(DRAIN_GRACE, streams.idle())
@@ -591,154 +555,72 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
     Ok(())
 }
 
-/// Measures the first child that becomes ready (see [`cost::tune`]), in the
-/// background, on a slot leased like any request's, and caches what it
-/// found; a child that fails the measurement is measured again when the
-/// next one is ready.
-struct Tuner {
-    key: String,
-    ctx_per_slot: u32,
-    ram_tier: bool,
-    caps: BinaryCaps,
-    hardware: Hardware,
-    model: ModelFacts,
-    llama: crate::config::LlamaConfig,
-    /// The plan the child runs with now.
-    plan: LaunchPlan,
-    replanner: supervisor::Replanner,
+/// The models this daemon serves by name, the primary (`[llama] model`)
+/// first, and the fleet that loads them.
+fn fleet(prepared: &Prepared, binary: PathBuf, watchdog: Option<Watchdog>) -> Fleet {
+    let config = &prepared.config;
+    let specs = model_specs(config, &prepared.model.path);
+    let budget = config
+        .models
+        .memory_mib
+        .value()
+        .map(|mib| u64::from(mib) << 20)
+        .unwrap_or_else(|| plan::gpu_usable_memory(&prepared.hardware).0);
+    let launcher = Launcher {
+        binary,
+        caps: prepared.caps,
+        hardware: prepared.hardware.clone(),
+        config: config.clone(),
+        watchdog,
+        listen: config.server.listen.to_string(),
+    };
+    Fleet::new(specs, config.models.fallback.as_deref(), launcher, budget)
 }
 
-/// How long a new plan waits for the daemon to be idle before the child is
-/// restarted with it anyway.
-const REPLAN_IDLE_WAIT: Duration = Duration::from_secs(600);
-
-impl Tuner {
-    async fn run(
-        self,
-        mut view: tokio::sync::watch::Receiver<supervisor::SupervisorView>,
-        scheduler: Arc<Scheduler>,
-    ) {
-        let cost = scheduler.cost().clone();
-        let mut tried_pid = None;
-        loop {
-            let target = {
-                let v = view.borrow_and_update();
-                match (v.state, v.pid, v.port) {
-                    (supervisor::State::Ready, Some(pid), Some(port)) if Some(pid) != tried_pid => {
-                        Some((pid, port, v.key.clone()))
-                    }
-                    _ => None,
-                }
-            };
-            let Some((pid, port, key)) = target else {
-                if view.changed().await.is_err() {
-                    return;
-                }
-                continue;
-            };
-            tried_pid = Some(pid);
-            cost.set_note(true, Some("measuring prompt times on one slot".into()));
-            let lease = match scheduler
-                .acquire(
-                    &mut crate::slots::ReservePolicy,
-                    pid,
-                    Duration::from_secs(300),
-                )
-                .await
-            {
-                Ok(lease) => lease,
-                Err(_) => {
-                    cost.set_note(false, Some("no slot came free to measure on".into()));
-                    continue;
-                }
-            };
-            let result = cost::tune::measure(cost::tune::TuneTarget {
-                port,
-                slot: lease.id(),
-                ctx_per_slot: self.ctx_per_slot,
-                n_vocab: None,
-                ram_tier: self.ram_tier,
-                key,
-            })
-            .await;
-            // Whatever the measurement left in the slot is nothing anyone
-            // asked for.
-            scheduler.forget(lease.id(), lease.contents());
-            drop(lease);
-            match result {
-                Ok(mut profile) => {
-                    profile.key = self.key.clone();
-                    let replanned = plan::plan_with(
-                        &self.hardware,
-                        &self.model,
-                        &self.llama,
-                        PlanInputs {
-                            caps: self.caps,
-                            cost: Some(&profile),
-                            keep_shape: Some(&self.plan),
-                        },
-                    );
-                    let mut message = format!(
-                        "measured in {:.1} s: prefill {:.3} ms/token + {:.1} ms, exact hit {:.1} ms",
-                        profile.took_ms / 1000.0,
-                        profile.prefill_ms_per_token,
-                        profile.prefill_fixed_ms,
-                        profile.hit_ms
-                    );
-                    if let Some((_, why)) = cost::ram_tier_decision(Some(&profile)) {
-                        message.push_str(&format!("; {why}"));
-                    }
-                    let flags_change = plan::command_line(
-                        Path::new(""),
-                        Path::new(""),
-                        0,
-                        &replanned,
-                        &self.llama,
-                    ) != plan::command_line(
-                        Path::new(""),
-                        Path::new(""),
-                        0,
-                        &self.plan,
-                        &self.llama,
-                    );
-                    if flags_change {
-                        message.push_str(
-                            "; llama-server restarts with the measured flags when no request is in flight",
-                        );
-                    }
-                    tracing::info!("cost model: {message}");
-                    match cost::store_profile(&profile) {
-                        Ok(path) => tracing::info!("cost profile cached in {}", path.display()),
-                        Err(e) => tracing::warn!("could not cache the cost profile: {e}"),
-                    }
-                    cost.replace(profile);
-                    cost.set_note(false, Some(message));
-                    cost.set_decisions(crate::status::cost_decisions(&replanned));
-                    if flags_change {
-                        wait_idle(&scheduler, REPLAN_IDLE_WAIT).await;
-                        scheduler.set_ram_tokens(plan::planned_ram_cache_tokens(
-                            &replanned,
-                            &self.llama.extra_args,
-                        ));
-                        self.replanner.replan(replanned);
-                    }
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!("could not measure llama-server's prompt times: {e}");
-                    cost.set_note(false, Some(format!("measurement failed: {e}")));
-                }
-            }
+/// `[llama] model` (kept loaded unless its `[[models.model]]` entry says
+/// otherwise), then each `[[models.model]]`; a name or file listed twice
+/// is served once, by its first entry.
+pub fn model_specs(config: &Config, primary_path: &Path) -> Vec<ModelSpec> {
+    let primary_name = model_id(config, primary_path);
+    let same_file = |a: &Path, b: &Path| {
+        a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+    };
+    let entry_for_primary =
+        config.models.model.iter().find(|e| {
+            e.name.eq_ignore_ascii_case(&primary_name) || same_file(&e.path, primary_path)
+        });
+    let mut specs = vec![ModelSpec {
+        name: primary_name.clone(),
+        aliases: entry_for_primary
+            .map(|e| e.name.clone())
+            .into_iter()
+            .filter(|n| !n.eq_ignore_ascii_case(&primary_name))
+            .collect(),
+        path: primary_path.to_path_buf(),
+        keep_alive: entry_for_primary
+            .and_then(|e| e.keep_alive)
+            .unwrap_or(KeepAlive::Forever),
+        primary: true,
+    }];
+    for entry in &config.models.model {
+        let taken = specs.iter().any(|s: &ModelSpec| {
+            s.name.eq_ignore_ascii_case(&entry.name)
+                || s.aliases
+                    .iter()
+                    .any(|a| a.eq_ignore_ascii_case(&entry.name))
+                || same_file(&s.path, &entry.path)
+        });
+        if !taken {
+            specs.push(ModelSpec {
+                name: entry.name.clone(),
+                aliases: Vec::new(),
+                path: entry.path.clone(),
+                keep_alive: entry.keep_alive.unwrap_or(config.models.keep_alive),
+                primary: false,
+            });
         }
     }
-}
-
-/// Returns once no request is in flight or waiting, or after `limit`.
-async fn wait_idle(scheduler: &Scheduler, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while (scheduler.busy() > 0 || scheduler.queued() > 0) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    specs
 }
 
 fn start_watchdog() -> Option<Watchdog> {

@@ -91,6 +91,9 @@ pub struct PlanInputs<'a> {
     /// A running plan whose slots and context to keep: a child restarted
     /// with measured flags keeps the slot table the daemon already has.
     pub keep_shape: Option<&'a LaunchPlan>,
+    /// At most this much memory for this model (`[models] memory_mib`, less
+    /// what the other loaded models take), when less than the GPU may use.
+    pub memory_limit: Option<u64>,
 }
 
 /// The settings the daemon gives llama-server, and why.
@@ -279,7 +282,16 @@ pub fn plan_with(
     let mut warnings = Vec::new();
     let mut decisions = Vec::new();
 
-    let (gpu_usable_bytes, gpu_usable_rule) = gpu_usable_memory(hw);
+    let (gpu_usable_bytes, gpu_usable_rule) = match (gpu_usable_memory(hw), inputs.memory_limit) {
+        ((usable, _), Some(limit)) if limit < usable => (
+            limit,
+            format!(
+                "{:.2} GiB: the share of the [models] memory budget this model may use",
+                gib(limit)
+            ),
+        ),
+        (usable, _) => usable,
+    };
     let margin_bytes = if gpu_usable_bytes >= 16 * GIB {
         GIB
     } else {

@@ -35,6 +35,9 @@ pub struct Status {
     /// What each slot holds, in short.
     #[serde(default)]
     pub slots: Vec<crate::slots::SlotSummary>,
+    /// Every loaded model (what `contextpilotd ps` shows).
+    #[serde(default)]
+    pub models: Vec<crate::models::LoadedModel>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -194,6 +197,7 @@ impl StaticStatus {
             gpu_sampling: None,
             cost: None,
             slots: Vec::new(),
+            models: Vec::new(),
         }
     }
 }

@@ -493,6 +493,7 @@ fn a_unified_kv_without_the_ram_cache_plans_resident_prompts() {
         caps,
         cost,
         keep_shape: None,
+        memory_limit: None,
     };
     let unified = plan_with(&hw, &llama_8b(), &cfg, inputs(Some(&costly)));
     assert_eq!(split.slots, split.concurrency);
@@ -532,6 +533,7 @@ fn a_unified_kv_without_the_ram_cache_plans_resident_prompts() {
             caps,
             cost: Some(&costly),
             keep_shape: Some(&split),
+            memory_limit: None,
         },
     );
     assert_eq!(

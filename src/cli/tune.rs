@@ -33,6 +33,7 @@ pub fn run(arg: ConfigArg, json: bool) -> i32 {
             caps: prepared.caps,
             cost: None,
             keep_shape: None,
+            memory_limit: None,
         },
     );
     let ram_tier = plan::planned_ram_cache_tokens(&unmeasured, &llama.extra_args) > 0;
@@ -83,6 +84,7 @@ pub fn run(arg: ConfigArg, json: bool) -> i32 {
             caps: prepared.caps,
             cost: Some(&profile),
             keep_shape: None,
+            memory_limit: None,
         },
     );
     if json {

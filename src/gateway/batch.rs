@@ -108,7 +108,12 @@ pub(super) async fn batch(gateway: &Arc<Gateway>, request: Request<Incoming>) ->
 
     // At most `slots` in flight; permits are handed out in schedule order.
     // The JoinSet aborts whatever still runs if the client goes away.
-    let running = Arc::new(Semaphore::new(gateway.scheduler.concurrency()));
+    // As many in flight as the primary model runs at once.
+    let concurrency = gateway
+        .fleet
+        .primary()
+        .map_or(1, |engine| engine.scheduler.concurrency());
+    let running = Arc::new(Semaphore::new(concurrency));
     let mut tasks = tokio::task::JoinSet::new();
     for &index in &order {
         let permit = running

@@ -18,6 +18,7 @@ use super::error::ApiError;
 use super::settle::{Outcome, Ticket};
 use super::upstream::Target;
 use super::{full, json, stream, Body, Gateway};
+use crate::models::Engine;
 use crate::reorder::prepare::Prepared;
 use crate::slots::SlotLease;
 
@@ -55,6 +56,11 @@ pub(super) async fn dispatch(
     mut prepared: Prepared,
 ) -> Response<Body> {
     let gateway = ticket.gateway().clone();
+    let Some(engine) = ticket.engine() else {
+        return ticket.fail(ApiError::internal(
+            "the request reached dispatch without a model",
+        ));
+    };
     let result_header = prepared.facts.result_header.take();
     let mut deadline = ticket.arrived() + gateway.queue_timeout;
     // Children that failed this request and are gone: a retry waits for
@@ -64,7 +70,15 @@ pub(super) async fn dispatch(
     // just closed): retried on it at once, counted apart.
     let mut hiccups = 0;
     loop {
-        let attempt = attempt(&gateway, &mut ticket, path, &mut prepared, &gone, deadline);
+        let attempt = attempt(
+            &gateway,
+            &engine,
+            &mut ticket,
+            path,
+            &mut prepared,
+            &gone,
+            deadline,
+        );
         let (target, lease, forwarded) = match attempt.await {
             Ok(attempt) => attempt,
             Err(error) => return ticket.fail(error),
@@ -102,16 +116,17 @@ pub(super) async fn dispatch(
 /// One attempt: a ready child, a slot on it, the request forwarded.
 async fn attempt(
     gateway: &Gateway,
+    engine: &Engine,
     ticket: &mut Ticket,
     path: &str,
     prepared: &mut Prepared,
     gone: &[u32],
     deadline: Instant,
 ) -> Result<(Target, SlotLease, Forwarded), ApiError> {
-    let target = gateway.wait_ready(gone, deadline).await?;
+    let target = super::upstream::wait_ready(engine, gateway.queue_timeout, gone, deadline).await?;
     let remaining = deadline.saturating_duration_since(Instant::now());
     let leased = prepared
-        .lease(&gateway.scheduler, target.pid, remaining)
+        .lease(&engine.scheduler, target.pid, remaining)
         .await?;
     let lease = leased.lease;
     let wants_stream = ticket.wants_stream();

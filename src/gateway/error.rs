@@ -8,6 +8,7 @@ use hyper::header::{HeaderValue, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 
 use super::{json, Body};
+use crate::models::FleetError;
 use crate::slots::AdmitError;
 use crate::supervisor::State;
 
@@ -126,6 +127,34 @@ impl From<AdmitError> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable_error",
                 "no slot came free in time (queue_timeout_s); try again",
+            )
+            .retry_after("5"),
+        }
+    }
+}
+
+impl From<FleetError> for ApiError {
+    fn from(error: FleetError) -> ApiError {
+        let message = error.to_string();
+        match error {
+            FleetError::NotFound { .. } => {
+                ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
+                    .with_code("model_not_found")
+            }
+            FleetError::NoRoom { .. } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable_error",
+                message,
+            )
+            .with_code("insufficient_memory")
+            .retry_after("5"),
+            FleetError::Unloadable { .. } => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+            }
+            FleetError::Stopping => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable_error",
+                message,
             )
             .retry_after("5"),
         }

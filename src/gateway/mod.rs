@@ -11,6 +11,7 @@ mod dispatch;
 mod error;
 pub mod guard;
 mod headers;
+mod models;
 mod prepare;
 mod request;
 mod settle;
@@ -44,10 +45,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::meter::{Gauges, Meter};
-use crate::slots::Scheduler;
-use crate::status::StaticStatus;
-use crate::supervisor::process::OutputTail;
-use crate::supervisor::{State, SupervisorView};
+use crate::models::{Engine, Fleet};
+use crate::supervisor::State;
 
 /// Response bodies: whole (`Full`) or streamed from a channel.
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -55,18 +54,14 @@ pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 /// What request handlers can see.
 pub struct Gateway {
     pub started: Instant,
-    pub status: StaticStatus,
-    pub supervisor: watch::Receiver<SupervisorView>,
-    pub tail: OutputTail,
+    /// The models served by name, and the loaded ones' children and slots.
+    pub fleet: Arc<Fleet>,
+    /// The primary model's fixed status, shown while it is not loaded.
+    pub primary_status: crate::status::StaticStatus,
     pub api_key: Option<String>,
     /// Which hosts and web origins may call (`[server] allowed_hosts`,
     /// `allowed_origins`), applied by the outer layer.
     pub guard: guard::Policy,
-    /// The model id on `/v1/models` and in every record.
-    pub model_id: String,
-    /// Requests naming another model are served anyway (`[models] fallback`).
-    pub model_fallback: bool,
-    pub scheduler: Arc<Scheduler>,
     pub meter: Meter,
     pub upstream: Upstream,
     pub max_body_bytes: usize,
@@ -180,8 +175,13 @@ impl Gateway {
                 ),
             },
             "/metrics" if get => self.metrics().await,
-            "/v1/models" | "/models" if get => self.models(),
-            p if get && p.starts_with("/v1/models/") => self.model(&p["/v1/models/".len()..]),
+            "/v1/models" | "/models" if get => models::list(self),
+            "/models/loaded" if get => models::loaded(self),
+            "/models/load" if post => models::load(self, request).await,
+            "/models/unload" if post => models::unload(self, request).await,
+            p if get && p.starts_with("/v1/models/") => {
+                models::one(self, &p["/v1/models/".len()..])
+            }
             "/slots" if get => upstream::passthrough(self, request).await,
             // `/build` and `/schedule` are the reference server's older names.
             "/reorder" | "/build" if post => compat::reorder(self, request, false).await,
@@ -199,7 +199,8 @@ impl Gateway {
                 upstream::passthrough(self, request).await
             }
             "/health" | "/status" | "/stats" | "/metrics" | "/v1/models" | "/models" | "/slots"
-            | "/requests" => method_not_allowed(&method, &path, "GET"),
+            | "/requests" | "/models/loaded" => method_not_allowed(&method, &path, "GET"),
+            "/models/load" | "/models/unload" => method_not_allowed(&method, &path, "POST"),
             p if MODEL_ROUTES.contains(&p)
                 || POST_PASSTHROUGH.contains(&p)
                 || COMPAT_POST.contains(&p) =>
@@ -226,8 +227,13 @@ impl Gateway {
             .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), key.as_bytes()))
     }
 
+    /// 200 when the primary model is ready (or nothing is loaded: models
+    /// load on demand); else 503 with its state.
     fn health(&self) -> Response<Body> {
-        let state = self.supervisor.borrow().state;
+        let state = self
+            .fleet
+            .primary()
+            .map_or(State::Ready, |engine| engine.supervisor.borrow().state);
         if state == State::Ready {
             json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
         } else {
@@ -241,67 +247,16 @@ impl Gateway {
         }
     }
 
-    fn models(&self) -> Response<Body> {
-        json(
-            StatusCode::OK,
-            &serde_json::json!({"object": "list", "data": [self.model_object()]}),
-        )
-    }
-
-    /// `GET /v1/models/{id}`.
-    fn model(&self, id: &str) -> Response<Body> {
-        match self.serves(id) {
-            true => json(StatusCode::OK, &self.model_object()),
-            false => self.model_not_found(id).into_response(),
-        }
-    }
-
-    fn model_object(&self) -> serde_json::Value {
-        let created = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs().saturating_sub(self.started.elapsed().as_secs()))
-            .unwrap_or_default();
-        serde_json::json!({
-            "id": self.model_id,
-            "object": "model",
-            "created": created,
-            "owned_by": "contextpilotd",
-            "meta": {
-                "path": self.status.model.path,
-                "architecture": self.status.model.architecture,
-                "context_length_per_slot": self.status.plan.ctx_per_slot,
-                "slots": self.status.plan.slots,
-            },
-        })
-    }
-
-    /// Whether `name` is the model this daemon serves (ids compare without
-    /// regard to case).
-    pub(crate) fn serves(&self, name: &str) -> bool {
-        name.eq_ignore_ascii_case(&self.model_id)
-    }
-
-    /// The 404 for a request naming a model this daemon does not serve.
-    pub(crate) fn model_not_found(&self, name: &str) -> ApiError {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            format!(
-                "the model {name:?} is not served here; this daemon serves: {:?} \
-                 (or set [models] fallback to answer every name with it)",
-                self.model_id
-            ),
-        )
-        .with_code("model_not_found")
-    }
-
     async fn metrics(&self) -> Response<Body> {
-        let view = self.supervisor.borrow().clone();
+        let engines = self.fleet.engines();
         let gauges = Gauges {
-            child_up: view.state == State::Ready,
-            slots_busy: self.scheduler.busy(),
-            queue_depth: self.scheduler.queued(),
-            child_restarts: view.restarts,
+            child_up: self
+                .fleet
+                .primary()
+                .is_some_and(|e| e.supervisor.borrow().state == State::Ready),
+            slots_busy: engines.iter().map(|e| e.scheduler.busy()).sum(),
+            queue_depth: engines.iter().map(|e| e.scheduler.queued()).sum(),
+            child_restarts: engines.iter().map(|e| e.supervisor.borrow().restarts).sum(),
         };
         match self.meter.metrics(gauges).await {
             Some(text) => {
@@ -339,27 +294,41 @@ impl Gateway {
         status
     }
 
+    /// The status of the primary model's engine (or the first loaded), and
+    /// every loaded model in short.
     pub fn status_document(&self) -> crate::status::Status {
-        let view = self.supervisor.borrow().clone();
-        let mut status =
-            self.status
-                .snapshot(self.started.elapsed().as_secs(), &view, self.tail.lines());
-        let cost = self.scheduler.cost();
-        let note = cost.note();
-        status.cost = Some(crate::status::CostStatus {
-            profile: cost.profile().as_ref().clone(),
-            token_scale: (cost.token_scale() * 1000.0).round() / 1000.0,
-            measuring: note.measuring,
-            note: note.message,
-            decisions: if note.decisions.is_empty() {
-                self.status.cost_decisions.clone()
-            } else {
-                note.decisions
-            },
-        });
-        status.slots = self.scheduler.summary();
+        let uptime = self.started.elapsed().as_secs();
+        let mut status = match self.fleet.primary() {
+            Some(engine) => engine_status(&engine, uptime),
+            None => {
+                let unloaded = crate::supervisor::SupervisorView::unloaded();
+                self.primary_status.snapshot(uptime, &unloaded, Vec::new())
+            }
+        };
+        status.models = self.fleet.ps();
         status
     }
+}
+
+/// One engine's part of `/status`.
+fn engine_status(engine: &Engine, uptime_s: u64) -> crate::status::Status {
+    let view = engine.supervisor.borrow().clone();
+    let mut status = engine.status.snapshot(uptime_s, &view, engine.tail.lines());
+    let cost = engine.scheduler.cost();
+    let note = cost.note();
+    status.cost = Some(crate::status::CostStatus {
+        profile: cost.profile().as_ref().clone(),
+        token_scale: (cost.token_scale() * 1000.0).round() / 1000.0,
+        measuring: note.measuring,
+        note: note.message,
+        decisions: if note.decisions.is_empty() {
+            engine.status.cost_decisions.clone()
+        } else {
+            note.decisions
+        },
+    });
+    status.slots = engine.scheduler.summary();
+    status
 }
 
 fn method_not_allowed(method: &Method, path: &str, allowed: &'static str) -> Response<Body> {

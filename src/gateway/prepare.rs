@@ -52,35 +52,37 @@ pub(super) fn parse_object(raw: &[u8]) -> Result<Value, ApiError> {
     }
 }
 
-/// Validates a model request's body, notes what its record needs, and
-/// rewrites it for forwarding.
-pub(super) fn prepare(
+/// Validates a model request's body, notes what its record needs, gets
+/// the engine of the model it names (loading it if need be), and rewrites
+/// the body for forwarding to it.
+pub(super) async fn prepare(
     ticket: &mut Ticket,
     path: &str,
     options: &RequestOptions,
-    body: Value,
+    mut body: Value,
 ) -> Result<Prepared, ApiError> {
     validate(path, &body).map_err(ApiError::bad_request)?;
     let gateway = ticket.gateway().clone();
     // A name the daemon does not serve is the client's mistake, not a
-    // reason to answer from another model without a word.
-    match body.get("model") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(name)) if name.is_empty() || gateway.serves(name) => {}
-        Some(Value::String(name)) if gateway.model_fallback => {
-            tracing::debug!(requested = %name, "serving the [models] fallback");
-        }
-        Some(Value::String(name)) => return Err(gateway.model_not_found(name)),
+    // reason to answer from another model without a word (unless
+    // `[models] fallback` says so).
+    let requested = match body.get("model") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(name)) => Some(name.clone()),
         Some(_) => return Err(ApiError::bad_request("`model` must be a string")),
+    };
+    let spec = gateway.fleet.resolve(requested.as_deref())?.clone();
+    // Ollama's per-request keep-alive is the daemon's to act on.
+    let keep_alive = super::models::keep_alive(&body)?;
+    if let Some(object) = body.as_object_mut() {
+        object.remove("keep_alive");
     }
     ticket.note(|facts| {
         facts.record.stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
         facts.model_name = Some(
-            body.get("model")
-                .and_then(Value::as_str)
+            requested
                 .filter(|name| !name.is_empty())
-                .unwrap_or(&gateway.model_id)
-                .to_string(),
+                .unwrap_or_else(|| spec.name.clone()),
         );
         facts.request_id = ["rid", "request_id"]
             .iter()
@@ -90,15 +92,17 @@ pub(super) fn prepare(
             facts.record.prompt = body.get("messages").or_else(|| body.get("prompt")).cloned();
         }
     });
+    let engine = gateway.fleet.acquire(&spec, keep_alive).await?;
     let hints = Hints {
         intercept: &options.intercept,
         client: &options.client,
         conversation: options.conversation.clone(),
     };
-    let mut prepared = gateway
+    let prepared = gateway
         .reorder
-        .prepare(path, body, hints, &gateway.scheduler)
-        .map_err(ApiError::bad_request)?;
+        .prepare(path, body, hints, &engine.scheduler);
+    ticket.note(|facts| facts.engine = Some(engine));
+    let mut prepared = prepared.map_err(ApiError::bad_request)?;
     let commits = std::mem::take(&mut prepared.commits);
     ticket.note(|facts| {
         facts.commits = commits;

@@ -59,7 +59,7 @@ pub(super) async fn serve_model(
     options: &RequestOptions,
     body: Value,
 ) -> Response<Body> {
-    match prepare::prepare(&mut ticket, path, options, body) {
+    match prepare::prepare(&mut ticket, path, options, body).await {
         Ok(prepared) => dispatch::dispatch(ticket, path, prepared).await,
         Err(error) => ticket.fail(error),
     }

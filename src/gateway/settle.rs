@@ -18,6 +18,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::Gateway;
 use crate::meter::{round2, CacheReuse, QueryRecord};
+use crate::models::{Engine, EngineUse};
 use crate::reorder::dedup::DedupStats;
 use crate::reorder::prepare::Commits;
 use crate::reorder::ReorderInfo;
@@ -41,6 +42,8 @@ pub(super) struct RequestFacts {
     pub request_id: Option<String>,
     /// The model name the answer reports: the one requested, else the id.
     pub model_name: Option<String>,
+    /// The loaded model the request runs on, held until it settles.
+    pub engine: Option<EngineUse>,
     pub commits: Commits,
 }
 
@@ -102,6 +105,7 @@ impl Ticket {
                 slot: None,
                 request_id: None,
                 model_name: None,
+                engine: None,
                 commits: Commits::default(),
             }),
         }
@@ -109,6 +113,11 @@ impl Ticket {
 
     pub fn gateway(&self) -> &Arc<Gateway> {
         &self.gateway
+    }
+
+    /// The engine prepare chose (every request that reaches dispatch has one).
+    pub fn engine(&self) -> Option<Arc<Engine>> {
+        self.facts.as_ref()?.engine.as_deref().cloned()
     }
 
     /// Adds to what is known about the request.
@@ -174,7 +183,9 @@ impl Drop for Ticket {
 fn settle(gateway: &Gateway, facts: RequestFacts, outcome: Outcome) {
     let succeeded = outcome.status == 200;
     let reuse = outcome.timings.as_ref().and_then(CacheReuse::from_timings);
-    let decision = facts.slot.map(|slot| {
+    let engine = facts.engine;
+    let model = engine.as_ref().map(|e| e.name.clone());
+    let decision = facts.slot.zip(engine.as_ref()).map(|(slot, engine)| {
         // llama.cpp reused less than half of what the daemon expected: its
         // picture of this slot is wrong.
         let diverged = match (&facts.record.reorder, &reuse) {
@@ -189,11 +200,11 @@ fn settle(gateway: &Gateway, facts: RequestFacts, outcome: Outcome) {
             diverged,
             request_id: facts.request_id.as_deref(),
         };
-        let displaced = gateway.scheduler.settle(&slot, slot_outcome);
+        let displaced = engine.scheduler.settle(&slot, slot_outcome);
         gateway.compat.evict_displaced(displaced);
         if let (true, Some(reuse)) = (succeeded, &reuse) {
             // Calibrate the token estimates slot choice predicts with.
-            gateway.scheduler.cost().observe_tokens(
+            engine.scheduler.cost().observe_tokens(
                 slot.decision.predicted_prompt_tokens,
                 reuse.total_prompt_tokens,
             );
@@ -205,15 +216,25 @@ fn settle(gateway: &Gateway, facts: RequestFacts, outcome: Outcome) {
     if succeeded {
         gateway.reorder.commit(facts.commits);
     }
-    gateway
-        .meter
-        .record(record(gateway, facts.record, decision, outcome, reuse));
+    let model = model.or(facts.model_name).unwrap_or_default();
+    gateway.meter.record(record(
+        gateway,
+        facts.record,
+        model,
+        decision,
+        outcome,
+        reuse,
+    ));
+    // The engine is let go only now, after its slot table learnt the
+    // outcome: it may unload as soon as it is idle.
+    drop(engine);
 }
 
 /// The request's record for the meter.
 fn record(
     gateway: &Gateway,
     facts: RecordFacts,
+    model: String,
     slot: Option<(usize, crate::slots::SlotDecision)>,
     outcome: Outcome,
     cache_reuse: Option<CacheReuse>,
@@ -244,7 +265,7 @@ fn record(
         query_id: facts.query_id,
         timestamp: facts.timestamp,
         path: facts.path,
-        model: gateway.model_id.clone(),
+        model,
         slot_id,
         status_code: outcome.status,
         stream: facts.stream,

@@ -19,9 +19,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch, Barrier, Notify};
 
 use super::{serve, Body, ChannelBody, Gateway, Upstream};
-use crate::config::MeterConfig;
+use crate::config::{KeepAlive, MeterConfig};
 use crate::cost::{CostModel, CostView};
 use crate::meter::Meter;
+use crate::models::{Engine, Fleet, ModelSpec};
 use crate::reorder::prepare::{Reorder, Settings};
 use crate::slots::Scheduler;
 use crate::status::{HardwareStatus, ModelStatus, PlanStatus, StaticStatus};
@@ -178,19 +179,37 @@ async fn start_with(slots: usize, model_fallback: bool) -> Harness {
     let log = dir.path().join("query_log.jsonl");
     let meter = Meter::start(&MeterConfig::default(), Some(log.clone()));
     let cost = CostModel::new(CostView::for_tests().profile.as_ref().clone());
+    let scheduler = Scheduler::new(slots, slots, 64, 0, cost);
+    let spec = ModelSpec {
+        name: "scripted".into(),
+        aliases: Vec::new(),
+        path: "scripted.gguf".into(),
+        keep_alive: KeepAlive::Forever,
+        primary: true,
+    };
+    let idle = Arc::new(Notify::new());
+    let engine = Engine::from_parts(
+        "scripted",
+        &spec.path,
+        static_status(slots),
+        0,
+        view,
+        Default::default(),
+        scheduler,
+        KeepAlive::Forever,
+        idle,
+    );
+    let fallback = model_fallback.then_some("scripted");
+    let fleet = Arc::new(Fleet::over(vec![spec], fallback, vec![Arc::new(engine)]));
     let gateway = Arc::new(Gateway {
         started: std::time::Instant::now(),
-        status: static_status(slots),
-        supervisor: view,
-        tail: Default::default(),
+        fleet,
+        primary_status: static_status(slots),
         api_key: None,
         guard: super::guard::Policy {
             allowed_hosts: vec![],
             allowed_origins: vec!["http://localhost:3000".into()],
         },
-        model_id: "scripted".into(),
-        model_fallback,
-        scheduler: Scheduler::new(slots, slots, 64, 0, cost),
         meter,
         upstream: Upstream::new(),
         max_body_bytes: 1 << 20,
@@ -262,6 +281,11 @@ fn static_status(slots: usize) -> StaticStatus {
 }
 
 impl Harness {
+    /// The scripted model's slot table.
+    fn scheduler(&self) -> Arc<Scheduler> {
+        self.gateway.fleet.primary().unwrap().scheduler.clone()
+    }
+
     /// Sends one request; the response as it comes (headers first).
     async fn send(&self, path: &str, body: &Value) -> Response<Incoming> {
         self.send_with(hyper::Method::POST, path, &[], body).await
@@ -497,7 +521,7 @@ async fn a_stream_the_child_cuts_ends_with_an_error_event_and_done() {
         .unwrap()
         .contains("stopped during the response"));
     // The slot is free again and the daemon no longer trusts its contents.
-    assert_eq!(h.gateway.scheduler.busy(), 0);
+    assert_eq!(h.scheduler().busy(), 0);
 }
 
 #[tokio::test]
@@ -618,14 +642,14 @@ async fn head_answers_like_get_without_a_body() {
 async fn embeddings_wait_for_a_slot_like_completions() {
     let h = Arc::new(start(1).await);
     let (release, _stream) = hold_a_stream(&h).await;
-    assert_eq!(h.gateway.scheduler.busy(), 1);
+    assert_eq!(h.scheduler().busy(), 1);
     let embedding = tokio::spawn({
         let h = h.clone();
         async move { h.post("/v1/embeddings", &json!({"input": "hello"})).await }
     });
     // The one slot is taken, so the embedding queues behind the stream.
     let queued = async {
-        while h.gateway.scheduler.queued() == 0 {
+        while h.scheduler().queued() == 0 {
             tokio::task::yield_now().await;
         }
     };

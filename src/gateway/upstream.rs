@@ -16,6 +16,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::prepare::read_body;
 use super::{full, Body, Gateway};
+use crate::models::Engine;
 use crate::slots::ReservePolicy;
 use crate::supervisor::process::ChildKey;
 use crate::supervisor::State;
@@ -84,30 +85,30 @@ pub(super) struct Target {
     pub key: Option<ChildKey>,
 }
 
-impl Gateway {
-    /// Waits until the child is ready (and, after failures, is none of the
-    /// `gone` ones); past the deadline, the 503 for the state it was stuck in.
-    pub(super) async fn wait_ready(
-        &self,
-        gone: &[u32],
-        deadline: Instant,
-    ) -> Result<Target, ApiError> {
-        let mut view = self.supervisor.clone();
-        loop {
-            {
-                let v = view.borrow_and_update();
-                if let (State::Ready, Some(pid), Some(port)) = (v.state, v.pid, v.port) {
-                    if !gone.contains(&pid) {
-                        let key = v.key.clone();
-                        return Ok(Target { pid, port, key });
-                    }
+/// Waits until the engine's child is ready (and, after failures, is none
+/// of the `gone` ones); past the deadline, the 503 for the state it was
+/// stuck in.
+pub(super) async fn wait_ready(
+    engine: &Engine,
+    queue_timeout: Duration,
+    gone: &[u32],
+    deadline: Instant,
+) -> Result<Target, ApiError> {
+    let mut view = engine.supervisor.clone();
+    loop {
+        {
+            let v = view.borrow_and_update();
+            if let (State::Ready, Some(pid), Some(port)) = (v.state, v.pid, v.port) {
+                if !gone.contains(&pid) {
+                    let key = v.key.clone();
+                    return Ok(Target { pid, port, key });
                 }
             }
-            let state = view.borrow().state;
-            match tokio::time::timeout_at(deadline.into(), view.changed()).await {
-                Ok(Ok(())) => continue,
-                _ => return Err(ApiError::not_ready(state, self.queue_timeout)),
-            }
+        }
+        let state = view.borrow().state;
+        match tokio::time::timeout_at(deadline.into(), view.changed()).await {
+            Ok(Ok(())) => continue,
+            _ => return Err(ApiError::not_ready(state, queue_timeout)),
         }
     }
 }
@@ -139,8 +140,14 @@ async fn relay(gateway: &Gateway, request: Request<Incoming>) -> Result<Response
     if method == Method::POST && serde_json::from_slice::<Value>(&body).is_err() {
         return Err(ApiError::bad_request("the request body is not valid JSON"));
     }
+    // The model a JSON body names (embeddings), else the primary one.
+    let named = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|b| b.get("model").and_then(Value::as_str).map(str::to_string));
+    let spec = gateway.fleet.resolve(named.as_deref())?.clone();
+    let engine = gateway.fleet.acquire(&spec, None).await?;
     let deadline = Instant::now() + gateway.queue_timeout;
-    let target = gateway.wait_ready(&[], deadline).await?;
+    let target = wait_ready(&engine, gateway.queue_timeout, &[], deadline).await?;
     // Embeddings take a slot in llama-server like a completion, so they go
     // through admission too. llama-server picks that slot itself, so the
     // lease takes the free slot worth least and forgets what it held: the
@@ -148,7 +155,7 @@ async fn relay(gateway: &Gateway, request: Request<Incoming>) -> Result<Response
     let _lease = match embeddings {
         true => {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let lease = gateway
+            let lease = engine
                 .scheduler
                 .acquire(&mut ReservePolicy, target.pid, remaining)
                 .await?;

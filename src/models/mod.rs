@@ -5,6 +5,17 @@
 //!   `[models] dirs`), read from their headers.
 //! * `pull`: downloading a GGUF from the Hugging Face hub into the hub
 //!   cache's own layout.
+//! * `fleet`: the models served by name and which are loaded: loading on
+//!   demand within the memory budget, least-recently-used unloading,
+//!   `keep_alive`.
+//! * `engine`: one loaded model: its supervised child, plan, slot table
+//!   and cost model; `tuner`: its background measurement.
 
 pub mod discover;
+pub mod engine;
+pub mod fleet;
 pub mod pull;
+pub mod tuner;
+
+pub use engine::{Engine, EngineUse, LoadedModel};
+pub use fleet::{Fleet, FleetError, ModelSpec};

@@ -42,6 +42,8 @@ pub enum State {
     Crashloop,
     /// The daemon is shutting down.
     Stopping,
+    /// The model is not loaded; a request naming it loads it.
+    Unloaded,
 }
 
 impl State {
@@ -52,6 +54,7 @@ impl State {
             State::Restarting => "restarting",
             State::Crashloop => "crashloop",
             State::Stopping => "stopping",
+            State::Unloaded => "unloaded",
         }
     }
 }
@@ -70,6 +73,22 @@ pub struct SupervisorView {
     /// The key the current child requires (never shown in `/status`).
     #[serde(skip)]
     pub key: Option<process::ChildKey>,
+}
+
+impl SupervisorView {
+    /// The view of a model with no child: not loaded.
+    pub fn unloaded() -> SupervisorView {
+        SupervisorView {
+            state: State::Unloaded,
+            pid: None,
+            port: None,
+            restarts: 0,
+            last_exit: None,
+            started_at: None,
+            command: Vec::new(),
+            key: None,
+        }
+    }
 }
 
 /// What to run: everything the argv is built from.

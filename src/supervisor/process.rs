@@ -229,10 +229,12 @@ pub fn free_loopback_port() -> io::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// The daemon's end of the watchdog pipe.
+/// The daemon's end of the watchdog pipe, shared by every model's
+/// supervisor (one watchdog watches every child's group).
+#[derive(Clone)]
 pub struct Watchdog {
-    stdin: Option<ChildStdin>,
-    _process: Child,
+    stdin: Arc<tokio::sync::Mutex<Option<ChildStdin>>>,
+    _process: Arc<Child>,
 }
 
 impl Watchdog {
@@ -249,8 +251,8 @@ impl Watchdog {
             .spawn()?;
         let stdin = process.stdin.take();
         Ok(Watchdog {
-            stdin,
-            _process: process,
+            stdin: Arc::new(tokio::sync::Mutex::new(stdin)),
+            _process: Arc::new(process),
         })
     }
 
@@ -265,10 +267,11 @@ impl Watchdog {
     }
 
     async fn send(&mut self, line: String) {
-        if let Some(stdin) = self.stdin.as_mut() {
-            if let Err(e) = stdin.write_all(line.as_bytes()).await {
+        let mut stdin = self.stdin.lock().await;
+        if let Some(pipe) = stdin.as_mut() {
+            if let Err(e) = pipe.write_all(line.as_bytes()).await {
                 tracing::warn!("watchdog pipe failed: {e}; the child may outlive a crashed daemon");
-                self.stdin = None;
+                *stdin = None;
             }
         }
     }

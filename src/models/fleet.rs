@@ -1,0 +1,395 @@
+//! The models served by name, and which of them are loaded.
+//!
+//! The fleet owns every [`Engine`]. A request names a model; `acquire`
+//! returns the loaded engine, or loads it first. Loads are one at a time
+//! (a second request for a model that is loading waits for the same load
+//! and gets the same engine). A model gets the plan it would get alone
+//! within `[models] memory_mib`; when that does not fit next to the loaded
+//! models, the least recently used idle ones are unloaded first, and only
+//! when none is left to unload is the new model planned smaller. An idle
+//! model unloads `keep_alive` after its last request (the reaper task).
+//!
+//! Invariants: an engine with a request holding it (`EngineUse`) is never
+//! unloaded; the models loaded together fit the budget, except a single
+//! model larger than the budget alone, which loads with the planner's
+//! warning; an engine is stopped only after it left the list, and a new
+//! one is started only once the engines it displaced have stopped.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::Notify;
+
+use super::engine::{plan_model, Engine, EngineUse, Launcher, LoadedModel, Planned, REAPER_TICK};
+use crate::config::KeepAlive;
+use crate::sync::lock;
+
+/// A model that can be served by name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    pub name: String,
+    /// Other names it answers to.
+    pub aliases: Vec<String>,
+    pub path: std::path::PathBuf,
+    /// How long it stays loaded once idle.
+    pub keep_alive: KeepAlive,
+    /// `[llama] model`: loaded at start, and the one that may use `[llama] port`.
+    pub primary: bool,
+}
+
+impl ModelSpec {
+    fn answers_to(&self, name: &str) -> bool {
+        self.name.eq_ignore_ascii_case(name)
+            || self.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
+    }
+}
+
+/// Why a model could not be had.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FleetError {
+    /// No model answers to this name.
+    NotFound { name: String, served: Vec<String> },
+    /// It does not fit next to the models in use, which cannot be unloaded.
+    NoRoom {
+        name: String,
+        needs_bytes: u64,
+        free_bytes: u64,
+        busy: Vec<String>,
+    },
+    /// Its file could not be read or planned.
+    Unloadable { name: String, why: String },
+    /// The daemon is shutting down.
+    Stopping,
+}
+
+impl std::fmt::Display for FleetError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const MIB: f64 = (1 << 20) as f64;
+        match self {
+            FleetError::NotFound { name, served } => write!(
+                f,
+                "the model {name:?} is not served here; this daemon serves: {} \
+                 (`contextpilotd models` lists them; or set [models] fallback to answer every name with one)",
+                served.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
+            ),
+            FleetError::NoRoom { name, needs_bytes, free_bytes, busy } => write!(
+                f,
+                "the model {name:?} needs {:.0} MiB but only {:.0} MiB of the memory budget are free, \
+                 and the models holding the rest are in use ({}); retry when they are idle, or raise [models] memory_mib",
+                *needs_bytes as f64 / MIB,
+                *free_bytes as f64 / MIB,
+                busy.join(", ")
+            ),
+            FleetError::Unloadable { name, why } => write!(f, "the model {name:?} cannot be loaded: {why}"),
+            FleetError::Stopping => f.write_str("the daemon is shutting down"),
+        }
+    }
+}
+
+/// Every servable model, the loaded ones, and the budget they share.
+pub struct Fleet {
+    specs: Vec<ModelSpec>,
+    /// The spec that answers names nothing else answers to (`[models] fallback`).
+    fallback: Option<usize>,
+    /// `None` when models cannot be started here (tests over a scripted child).
+    launcher: Option<Launcher>,
+    budget_bytes: u64,
+    engines: std::sync::Mutex<Vec<Arc<Engine>>>,
+    /// Held while a model loads or unloads, so memory is counted one change
+    /// at a time.
+    changing: tokio::sync::Mutex<()>,
+    /// Told when an engine goes idle or a keep-alive changes (the reaper).
+    idle: Arc<Notify>,
+    stopping: AtomicBool,
+}
+
+impl Fleet {
+    /// A fleet that starts models with `launcher`, within `budget_bytes`.
+    pub fn new(
+        specs: Vec<ModelSpec>,
+        fallback: Option<&str>,
+        launcher: Launcher,
+        budget_bytes: u64,
+    ) -> Fleet {
+        let mut fleet = Fleet::over(specs, fallback, Vec::new());
+        fleet.launcher = Some(launcher);
+        fleet.budget_bytes = budget_bytes;
+        fleet
+    }
+
+    /// A fleet over engines started elsewhere; it cannot load others.
+    pub fn over(specs: Vec<ModelSpec>, fallback: Option<&str>, engines: Vec<Arc<Engine>>) -> Fleet {
+        let fallback = fallback.and_then(|name| specs.iter().position(|s| s.answers_to(name)));
+        Fleet {
+            specs,
+            fallback,
+            launcher: None,
+            budget_bytes: u64::MAX,
+            engines: std::sync::Mutex::new(engines),
+            changing: tokio::sync::Mutex::new(()),
+            idle: Arc::new(Notify::new()),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    /// What engines report their idleness to.
+    pub fn idle_signal(&self) -> Arc<Notify> {
+        self.idle.clone()
+    }
+
+    pub fn specs(&self) -> &[ModelSpec] {
+        &self.specs
+    }
+
+    pub fn budget_bytes(&self) -> u64 {
+        self.budget_bytes
+    }
+
+    /// The model a request naming `name` gets (`None`: the primary one).
+    pub fn resolve(&self, name: Option<&str>) -> Result<&ModelSpec, FleetError> {
+        let wanted = name.filter(|n| !n.is_empty());
+        let found = match wanted {
+            None => self.specs.iter().find(|s| s.primary).or(self.specs.first()),
+            Some(name) => self.specs.iter().find(|s| s.answers_to(name)),
+        };
+        found
+            .or_else(|| self.fallback.map(|i| &self.specs[i]))
+            .ok_or_else(|| FleetError::NotFound {
+                name: wanted.unwrap_or_default().to_string(),
+                served: self.specs.iter().map(|s| s.name.clone()).collect(),
+            })
+    }
+
+    /// The engine of a loaded model.
+    pub fn loaded(&self, name: &str) -> Option<Arc<Engine>> {
+        lock(&self.engines).iter().find(|e| e.name == name).cloned()
+    }
+
+    /// Every loaded engine, in load order.
+    pub fn engines(&self) -> Vec<Arc<Engine>> {
+        lock(&self.engines).clone()
+    }
+
+    /// The primary model's engine, when loaded; else the first loaded.
+    pub fn primary(&self) -> Option<Arc<Engine>> {
+        let engines = lock(&self.engines);
+        let primary = self
+            .specs
+            .iter()
+            .find(|s| s.primary)
+            .map(|s| s.name.as_str());
+        engines
+            .iter()
+            .find(|e| Some(e.name.as_str()) == primary)
+            .or(engines.first())
+            .cloned()
+    }
+
+    pub fn ps(&self) -> Vec<LoadedModel> {
+        self.engines().iter().map(|e| e.loaded_model()).collect()
+    }
+
+    /// The model's engine for one request, loading it first if need be;
+    /// `keep_alive` (the request's) replaces the model's from now on.
+    pub async fn acquire(
+        &self,
+        spec: &ModelSpec,
+        keep_alive: Option<KeepAlive>,
+    ) -> Result<EngineUse, FleetError> {
+        loop {
+            if self.stopping.load(Ordering::Acquire) {
+                return Err(FleetError::Stopping);
+            }
+            if let Some(engine) = self.use_loaded(&spec.name, keep_alive) {
+                return Ok(engine);
+            }
+            let _changing = self.changing.lock().await;
+            // Someone else's load of this model may have finished while we waited.
+            if self.loaded(&spec.name).is_some() {
+                continue;
+            }
+            self.load_locked(spec).await?;
+        }
+    }
+
+    fn use_loaded(&self, name: &str, keep_alive: Option<KeepAlive>) -> Option<EngineUse> {
+        let engines = lock(&self.engines);
+        engines
+            .iter()
+            .find(|e| e.name == name)
+            .map(|e| e.use_now(keep_alive))
+    }
+
+    /// Loads `spec` (no-op when loaded); for `POST /models/load`.
+    pub async fn load(
+        &self,
+        spec: &ModelSpec,
+        keep_alive: Option<KeepAlive>,
+    ) -> Result<Arc<Engine>, FleetError> {
+        let engine = self.acquire(spec, keep_alive).await?;
+        Ok(Arc::clone(&engine))
+    }
+
+    /// Unloads a model: its child stops now if nothing uses it, else right
+    /// after its last request. Returns whether it was loaded.
+    pub async fn unload(&self, name: &str) -> bool {
+        let _changing = self.changing.lock().await;
+        let Some(engine) = self.loaded(name) else {
+            return false;
+        };
+        if engine.in_use() > 0 {
+            engine.set_keep_alive(KeepAlive::After(std::time::Duration::ZERO));
+            return true;
+        }
+        self.remove(&engine);
+        engine.stop().await;
+        true
+    }
+
+    fn remove(&self, engine: &Arc<Engine>) {
+        lock(&self.engines).retain(|e| !Arc::ptr_eq(e, engine));
+        tracing::info!(model = %engine.name, "unloading the model");
+    }
+
+    /// Plans and starts `spec`, unloading idle models it needs room from.
+    /// Called with `changing` held.
+    async fn load_locked(&self, spec: &ModelSpec) -> Result<(), FleetError> {
+        let Some(launcher) = &self.launcher else {
+            return Err(FleetError::Unloadable {
+                name: spec.name.clone(),
+                why: "this daemon cannot start models".into(),
+            });
+        };
+        let unloadable = |why: String| FleetError::Unloadable {
+            name: spec.name.clone(),
+            why,
+        };
+        let facts =
+            crate::gguf::read_model_facts(&spec.path).map_err(|e| unloadable(e.to_string()))?;
+        let plan = |limit| {
+            plan_model(
+                &launcher.hardware,
+                &facts,
+                &launcher.config.llama,
+                launcher.caps,
+                &launcher.config.cost,
+                &launcher.binary,
+                limit,
+            )
+            .map_err(unloadable)
+        };
+        let alone = plan(Some(self.budget_bytes))?;
+        let planned = loop {
+            let (used, victim, busy) = {
+                let engines = lock(&self.engines);
+                let used: u64 = engines.iter().map(|e| e.footprint_bytes).sum();
+                let victim = engines
+                    .iter()
+                    .filter(|e| e.in_use() == 0)
+                    .min_by_key(|e| e.last_used())
+                    .cloned();
+                let busy: Vec<String> = engines.iter().map(|e| e.name.clone()).collect();
+                (used, victim, busy)
+            };
+            let free = self.budget_bytes.saturating_sub(used);
+            if used == 0 || alone.footprint_bytes() <= free {
+                break alone;
+            }
+            if let Some(victim) = victim {
+                tracing::info!(
+                    model = %victim.name,
+                    "unloading the least recently used model to make room for {}",
+                    spec.name
+                );
+                self.remove(&victim);
+                victim.stop().await;
+                continue;
+            }
+            // Everything loaded is in use: the new model gets what is left,
+            // if that is enough for it at all.
+            let shrunk = plan(Some(free))?;
+            if shrunk.footprint_bytes() <= free {
+                break shrunk;
+            }
+            return Err(FleetError::NoRoom {
+                name: spec.name.clone(),
+                needs_bytes: alone.footprint_bytes(),
+                free_bytes: free,
+                busy,
+            });
+        };
+        self.start(launcher, spec, planned);
+        Ok(())
+    }
+
+    fn start(&self, launcher: &Launcher, spec: &ModelSpec, planned: Planned) {
+        tracing::info!(
+            model = %spec.name,
+            path = %spec.path.display(),
+            "loading the model: {} slots × {} tokens, {:.0} MiB",
+            planned.plan.slots,
+            planned.plan.ctx_per_slot,
+            planned.footprint_bytes() as f64 / (1 << 20) as f64
+        );
+        for warning in &planned.plan.warnings {
+            tracing::warn!(model = %spec.name, "{warning}");
+        }
+        let engine = Engine::start(
+            launcher,
+            &spec.name,
+            planned,
+            spec.keep_alive,
+            self.idle.clone(),
+            spec.primary,
+        );
+        lock(&self.engines).push(Arc::new(engine));
+    }
+
+    /// Unloads idle models whose keep-alive has run out, until the daemon
+    /// stops; woken whenever a model goes idle or a keep-alive changes.
+    pub async fn reap(self: Arc<Self>) {
+        while !self.stopping.load(Ordering::Acquire) {
+            let now = Instant::now();
+            let next = self.engines().iter().filter_map(|e| e.unload_at()).min();
+            match next {
+                Some(at) if at <= now => {
+                    let _changing = self.changing.lock().await;
+                    let expired: Vec<Arc<Engine>> = self
+                        .engines()
+                        .into_iter()
+                        .filter(|e| e.unload_at().is_some_and(|at| at <= Instant::now()))
+                        .collect();
+                    for engine in expired {
+                        tracing::info!(model = %engine.name, "idle for its keep_alive");
+                        self.remove(&engine);
+                        engine.stop().await;
+                    }
+                }
+                next => {
+                    let wake = next.unwrap_or(now + REAPER_TICK).min(now + REAPER_TICK);
+                    let _ = tokio::time::timeout_at(wake.into(), self.idle.notified()).await;
+                }
+            }
+        }
+    }
+
+    /// No child is restarted any more; no model loads.
+    pub fn drain(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.idle.notify_one();
+        for engine in self.engines() {
+            engine.drain();
+        }
+    }
+
+    /// Stops every child and waits until they are gone.
+    pub async fn shutdown(&self) {
+        self.drain();
+        let _changing = self.changing.lock().await;
+        let engines = std::mem::take(&mut *lock(&self.engines));
+        for engine in &engines {
+            engine.stop().await;
+        }
+    }
+}
