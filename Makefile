@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 DEMO_DIR := target/demo
 
-.PHONY: run test lint fmt bench bench-quick bench-abc bench-quality build provision provision-bench test-tools demo-config clean-cache
+.PHONY: run test lint fmt bench bench-quick bench-abc bench-quality build provision provision-models provision-bench test-tools demo-config clean-cache
 
 ## Provision llama-server and the demo model (if needed), build, and run the
 ## daemon in the foreground on 127.0.0.1:8765.
@@ -14,9 +14,10 @@ run: provision build demo-config
 ## real llama-server with a real model: cargo's tests, then the end-to-end
 ## suite with the official OpenAI Python SDK (its pinned venv is provisioned
 ## into the cache too).
-test: provision test-tools
+test: provision-models test-tools
 	eval "$$(bash scripts/provision.sh paths)" && \
-	  export CONTEXTPILOTD_TEST_LLAMA_SERVER="$$LLAMA_SERVER" CONTEXTPILOTD_TEST_MODEL="$$MODEL" && \
+	  export CONTEXTPILOTD_TEST_LLAMA_SERVER="$$LLAMA_SERVER" CONTEXTPILOTD_TEST_MODEL="$$MODEL" \
+	    CONTEXTPILOTD_TEST_GEMMA_MODEL="$$GEMMA_MODEL" && \
 	  $(CARGO) test --all-targets --locked && \
 	  $(CARGO) build --locked && \
 	  PY="$$(bash scripts/python-env.sh | tail -n 1)" && \
@@ -82,9 +83,12 @@ test-tools:
 provision:
 	bash scripts/provision.sh all
 
-## The tests' parts and the quality eval's second model (Gemma 3 270M).
-provision-bench: provision
+## The tests' parts and their second model (Gemma 3 270M: several models by
+## name, and the quality eval's second model).
+provision-models: provision
 	bash scripts/provision.sh gemma
+
+provision-bench: provision-models
 
 demo-config:
 	@mkdir -p $(DEMO_DIR)

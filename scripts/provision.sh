@@ -5,7 +5,7 @@
 #   scripts/provision.sh            # both
 #   scripts/provision.sh server     # llama-server only
 #   scripts/provision.sh model      # the model only
-#   scripts/provision.sh gemma      # the second model of the quality eval (bench only)
+#   scripts/provision.sh gemma      # the second model (several-model tests, quality eval)
 #   scripts/provision.sh paths      # print LLAMA_SERVER=..., MODEL=... and GEMMA_MODEL=...
 #
 # Cache layout (keyed by version, so a pin change never reuses a stale build):

@@ -99,4 +99,43 @@ impl HttpClient {
             .await
             .map_err(|_| HttpError::Timeout(timeout))?
     }
+
+    /// POSTs a JSON `body` to `url` and reads the whole answer, within
+    /// `timeout`.
+    pub async fn post_json(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: &serde_json::Value,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Bytes), HttpError> {
+        let mut builder = Request::post(url).header("content-type", "application/json");
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let request = builder
+            .body(http_body_util::Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| HttpError::Other(e.to_string()))?;
+        let client = loopback_client::<http_body_util::Full<Bytes>>();
+        let call = async {
+            let response = client.request(request).await.map_err(|e| {
+                if e.is_connect() {
+                    HttpError::Connect(e.to_string())
+                } else {
+                    HttpError::Other(e.to_string())
+                }
+            })?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| HttpError::Other(e.to_string()))?
+                .to_bytes();
+            Ok((status, body))
+        };
+        tokio::time::timeout(timeout, call)
+            .await
+            .map_err(|_| HttpError::Timeout(timeout))?
+    }
 }

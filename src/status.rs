@@ -288,6 +288,20 @@ pub fn render(status: &Status) -> String {
             let _ = writeln!(out, "  query log     {log}");
         }
     }
+    // With more than one model loaded, each in short (`ps` has the rest).
+    if status.models.len() > 1 {
+        for m in &status.models {
+            let _ = writeln!(
+                out,
+                "  loaded        {} ({}, {}, {} busy, {} queued)",
+                m.name,
+                m.state,
+                human_bytes(m.size_bytes),
+                m.busy,
+                m.queued
+            );
+        }
+    }
     if let Some(reason) = &status.gpu_sampling {
         let _ = writeln!(out, "  gpu sampling  off: {reason}");
     }

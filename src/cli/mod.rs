@@ -6,6 +6,7 @@
 mod doctor;
 mod logging;
 mod print_command;
+mod ps;
 mod run;
 mod service;
 mod status;
@@ -34,6 +35,8 @@ Examples:
       Explain every derived setting for another machine's hardware profile.
   contextpilotd tune
       Measure prompt times on this machine; run uses them for slots and flags.
+  contextpilotd ps
+      Show the loaded models; `load NAME` and `unload NAME` change that.
   contextpilotd service install
       Start the daemon at login (launchd on macOS, systemd --user on Linux).
 
@@ -100,6 +103,30 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Show the models the running daemon has loaded: size, slots, busy, until when.
+    Ps {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Load a model in the running daemon (it answers once the model is ready).
+    Load {
+        /// The model's name (`contextpilotd models` lists them).
+        model: String,
+        /// How long it stays loaded once idle: seconds, "5m", or -1 for ever.
+        #[arg(long, allow_hyphen_values = true)]
+        keep_alive: Option<String>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Unload a model from the running daemon (after its requests, if busy).
+    Unload {
+        model: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Run the daemon as a login service: install, uninstall, start, stop, restart, status, print.
     Service {
         #[command(subcommand)]
@@ -123,6 +150,13 @@ pub fn main() -> i32 {
             hardware,
         } => doctor::run(config, hardware, json),
         Command::Tune { json, config } => tune::run(config, json),
+        Command::Ps { json, config } => ps::ps(config, json),
+        Command::Load {
+            model,
+            keep_alive,
+            config,
+        } => ps::load(config, model, keep_alive),
+        Command::Unload { model, config } => ps::unload(config, model),
         Command::Service { command } => service::run(command),
         Command::Watchdog => {
             crate::supervisor::process::run_watchdog(
@@ -164,4 +198,58 @@ fn prepare(
 /// Prints a start-up error the way every command does.
 fn report(error: &dyn std::fmt::Display) {
     eprintln!("contextpilotd: error: {error}");
+}
+
+/// One request to the running daemon named by the configuration: GET
+/// `path`, or POST `body`; the answer's JSON, or the exit code after
+/// saying what went wrong.
+fn ask_daemon(
+    arg: &ConfigArg,
+    path: &str,
+    body: Option<serde_json::Value>,
+    timeout: std::time::Duration,
+) -> Result<serde_json::Value, i32> {
+    use crate::http_client::{HttpClient, HttpError};
+    let source = crate::config::ConfigSource::locate(arg.config.as_deref());
+    let config = crate::config::Config::load(&source).map_err(|e| {
+        report(&e);
+        EXIT_CONFIG
+    })?;
+    let listen = config.server.listen;
+    let url = format!("http://{listen}{path}");
+    let auth = config
+        .server
+        .api_key
+        .as_ref()
+        .map(|k| format!("Bearer {k}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+    let client = HttpClient::new();
+    let answer = runtime(false)?.block_on(async {
+        match &body {
+            Some(body) => client.post_json(&url, &headers, body, timeout).await,
+            None => client.get_with_headers(&url, &headers, timeout).await,
+        }
+    });
+    let (code, bytes) = match answer {
+        Ok(answer) => answer,
+        Err(HttpError::Connect(_)) => {
+            eprintln!("contextpilotd is not running: nothing is listening on {listen} (configuration: {source})");
+            return Err(EXIT_NOT_RUNNING);
+        }
+        Err(e) => {
+            report(&format!("{url}: {e}"));
+            return Err(EXIT_FAILURE);
+        }
+    };
+    let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    if !code.is_success() {
+        let message = value
+            .pointer("/error/message")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+        report(&message);
+        return Err(EXIT_FAILURE);
+    }
+    Ok(value)
 }

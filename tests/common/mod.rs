@@ -121,6 +121,28 @@ pub fn http_request(
     Ok((code, body.to_string()))
 }
 
+/// POSTs a JSON body and reads the JSON answer (`Null` when it is not
+/// JSON); the read may take as long as a model load.
+pub fn http_post_json(addr: SocketAddr, path: &str, body: &Value) -> std::io::Result<(u16, Value)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(180)))?;
+    let body = body.to_string();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {head:?}")))?;
+    Ok((code, serde_json::from_str(body).unwrap_or(Value::Null)))
+}
+
 /// True while `pid` exists and is not a zombie.
 pub fn process_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
