@@ -1,9 +1,11 @@
 //! Reads the facts the planner needs from a GGUF model file's header.
 //!
-//! Only the key/value section is read; tensor data is never touched, so this
-//! costs a few milliseconds even for a 70 GB file. The format is documented in
-//! ggml's `docs/gguf.md`: magic `GGUF`, a version, tensor and key/value counts,
-//! then typed key/value pairs, all little-endian.
+//! Only the header is read: the key/value section and the tensor infos after
+//! it (names and shapes, for the parameter count); tensor data is never
+//! touched, so this costs a few milliseconds even for a 70 GB file. The format
+//! is documented in ggml's `docs/gguf.md`: magic `GGUF`, a version, tensor and
+//! key/value counts, typed key/value pairs, then per tensor its name, number
+//! of dimensions, dimensions, type and data offset, all little-endian.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -35,9 +37,42 @@ pub struct ModelFacts {
     pub sliding_window: Option<u64>,
     /// `general.file_type` (llama.cpp's ftype enum).
     pub file_type: Option<u64>,
+    /// Weights in this file: the sum over its tensor infos of each shape's
+    /// product. `None` when the tensor infos are cut short or absurd (the
+    /// key/values still count), or list no tensors. A split model's first
+    /// part counts only its own tensors.
+    pub parameter_count: Option<u64>,
+    /// `general.size_label`, the publisher's own size ("8B", "8x7B").
+    pub size_label: Option<String>,
 }
 
 impl ModelFacts {
+    /// The quantisation's name as llama.cpp's tools write it ("Q4_K_M"), from
+    /// `general.file_type`; `None` when absent or a number this table lacks.
+    pub fn quantization(&self) -> Option<&'static str> {
+        ftype_name(self.file_type?)
+    }
+
+    /// The model's size for people: `general.size_label` when the file has
+    /// one, else the parameter count rounded ("135M", "8.0B").
+    pub fn parameter_label(&self) -> Option<String> {
+        if let Some(label) = self.size_label.as_deref().filter(|l| !l.trim().is_empty()) {
+            return Some(label.trim().to_string());
+        }
+        let count = self.parameter_count? as f64;
+        Some(if count >= 1e12 {
+            format!("{:.1}T", count / 1e12)
+        } else if count >= 1e9 {
+            format!("{:.1}B", count / 1e9)
+        } else if count >= 1e6 {
+            format!("{:.0}M", count / 1e6)
+        } else if count >= 1e3 {
+            format!("{:.0}K", count / 1e3)
+        } else {
+            format!("{count}")
+        })
+    }
+
     /// Bytes of KV cache one token occupies with f16 K and V over all layers.
     /// `None` when the header lacks the attention shape.
     pub fn kv_bytes_per_token(&self) -> Option<u64> {
@@ -60,6 +95,50 @@ impl ModelFacts {
     }
 }
 
+/// llama.cpp's `enum llama_ftype` (`include/llama.h`) by value, named the
+/// way `llama-quantize` and file names spell them. 4 to 6 and 33 to 35 were
+/// removed from llama.cpp; 1024 (`GUESSED`) is never written to a file.
+fn ftype_name(file_type: u64) -> Option<&'static str> {
+    Some(match file_type {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        19 => "IQ2_XXS",
+        20 => "IQ2_XS",
+        21 => "Q2_K_S",
+        22 => "IQ3_XS",
+        23 => "IQ3_XXS",
+        24 => "IQ1_S",
+        25 => "IQ4_NL",
+        26 => "IQ3_S",
+        27 => "IQ3_M",
+        28 => "IQ2_S",
+        29 => "IQ2_M",
+        30 => "IQ4_XS",
+        31 => "IQ1_M",
+        32 => "BF16",
+        36 => "TQ1_0",
+        37 => "TQ2_0",
+        38 => "MXFP4_MOE",
+        39 => "NVFP4",
+        40 => "Q1_0",
+        _ => return None,
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
     #[error("cannot open model file {path}: {source}")]
@@ -77,6 +156,10 @@ pub enum GgufError {
     Invalid { path: PathBuf, detail: String },
     #[error("{path}: the GGUF header lacks {key}")]
     MissingKey { path: PathBuf, key: String },
+    /// A GGUF that llama-server cannot serve on its own: a multimodal
+    /// projector (`--mmproj`) or a LoRA adapter (`--lora`).
+    #[error("{path} is a {kind}, not a model llama-server can serve on its own")]
+    NotAModel { path: PathBuf, kind: &'static str },
 }
 
 /// A value from the header, reduced to what the planner uses.
@@ -92,6 +175,11 @@ enum Value {
 /// without end.
 const MAX_STRING_BYTES: u64 = 64 << 20;
 const MAX_KV_PAIRS: u64 = 1 << 20;
+/// ggml's `GGML_MAX_DIMS`; its loader refuses more.
+const MAX_TENSOR_DIMS: u32 = 4;
+/// The least a tensor info takes: an empty name's length, the dimension
+/// count, one dimension, the type and the offset.
+const MIN_TENSOR_INFO_BYTES: u64 = 8 + 4 + 8 + 4 + 8;
 
 struct Reader<R> {
     inner: R,
@@ -243,6 +331,24 @@ impl<R: Read> Reader<R> {
 
 /// Reads the header of the GGUF file at `path`.
 pub fn read_model_facts(path: &Path) -> Result<ModelFacts, GgufError> {
+    let (reader, file_size) = open(path)?;
+    read_header(reader, path, file_size)
+}
+
+/// The parameter count alone, for files that hold tensors but not a
+/// model's keys: the second and later parts of a split model.
+pub fn read_parameter_count(path: &Path) -> Result<Option<u64>, GgufError> {
+    let (inner, file_size) = open(path)?;
+    let mut reader = Reader {
+        inner,
+        path: path.to_path_buf(),
+        file_size,
+    };
+    let (_, tensor_count) = read_key_values(&mut reader)?;
+    parameter_count(&mut reader, tensor_count)
+}
+
+fn open(path: &Path) -> Result<(BufReader<File>, u64), GgufError> {
     let file = File::open(path).map_err(|source| GgufError::Open {
         path: path.to_path_buf(),
         source,
@@ -254,7 +360,7 @@ pub fn read_model_facts(path: &Path) -> Result<ModelFacts, GgufError> {
             source,
         })?
         .len();
-    read_header(BufReader::with_capacity(1 << 16, file), path, file_size)
+    Ok((BufReader::with_capacity(1 << 16, file), file_size))
 }
 
 /// Reads a header from `inner`, the start of the file at `path` of
@@ -265,7 +371,20 @@ fn read_header(inner: impl Read, path: &Path, file_size: u64) -> Result<ModelFac
         path: path.to_path_buf(),
         file_size,
     };
+    let (kv, tensor_count) = read_key_values(&mut reader)?;
+    let mut facts = facts_from_kv(path, file_size, &kv)?;
+    // The key/values are what the planner needs; a file whose tensor infos
+    // are cut short or garbled still has them, so that is no error here.
+    facts.parameter_count = parameter_count(&mut reader, tensor_count).ok().flatten();
+    Ok(facts)
+}
 
+/// Reads the fixed part and the key/values, leaving `reader` at the tensor
+/// infos; returns the values and the declared tensor count.
+fn read_key_values(
+    reader: &mut Reader<impl Read>,
+) -> Result<(BTreeMap<String, Value>, u64), GgufError> {
+    let path = reader.path.clone();
     let magic = reader
         .bytes::<4>("the magic number")
         .map_err(|_| GgufError::NotGguf {
@@ -285,7 +404,7 @@ fn read_header(inner: impl Read, path: &Path, file_size: u64) -> Result<ModelFac
             version,
         });
     }
-    let _tensor_count = reader.u64("the tensor count")?;
+    let tensor_count = reader.u64("the tensor count")?;
     let kv_count = reader.u64("the key/value count")?;
     if kv_count > MAX_KV_PAIRS {
         return Err(reader.invalid(format!("it claims {kv_count} key/value pairs")));
@@ -298,7 +417,44 @@ fn read_header(inner: impl Read, path: &Path, file_size: u64) -> Result<ModelFac
         let value = reader.value(ty, &key)?;
         kv.insert(key, value);
     }
-    facts_from_kv(path, file_size, &kv)
+    Ok((kv, tensor_count))
+}
+
+/// The sum of the tensors' element counts from the tensor infos, read up to
+/// the start of the tensor data and no further. `Ok(None)` for no tensors
+/// or a sum that does not fit; `Err` for infos that end early or are absurd.
+fn parameter_count(
+    reader: &mut Reader<impl Read>,
+    tensor_count: u64,
+) -> Result<Option<u64>, GgufError> {
+    if tensor_count == 0 {
+        return Ok(None);
+    }
+    if tensor_count > reader.file_size / MIN_TENSOR_INFO_BYTES {
+        return Err(reader.invalid(format!("it claims {tensor_count} tensors")));
+    }
+    let mut total: Option<u64> = Some(0);
+    for _ in 0..tensor_count {
+        // Names are skipped, never allocated: only shapes are wanted.
+        let name_len = reader.u64("a tensor name")?;
+        if name_len > MAX_STRING_BYTES || name_len > reader.file_size {
+            return Err(reader.invalid(format!("a tensor name claims {name_len} bytes")));
+        }
+        reader.skip(name_len, "a tensor name")?;
+        let n_dims = reader.u32("a tensor's dimension count")?;
+        if n_dims > MAX_TENSOR_DIMS {
+            return Err(reader.invalid(format!("a tensor has {n_dims} dimensions")));
+        }
+        let mut elements: Option<u64> = Some(1);
+        for _ in 0..n_dims {
+            let dim = reader.u64("a tensor dimension")?;
+            elements = elements.and_then(|e| e.checked_mul(dim));
+        }
+        reader.u32("a tensor type")?;
+        reader.u64("a tensor offset")?;
+        total = total.zip(elements).and_then(|(t, e)| t.checked_add(e));
+    }
+    Ok(total)
 }
 
 fn facts_from_kv(
@@ -306,6 +462,26 @@ fn facts_from_kv(
     size_bytes: u64,
     kv: &BTreeMap<String, Value>,
 ) -> Result<ModelFacts, GgufError> {
+    let string = |key: &str| match kv.get(key) {
+        Some(Value::Str(s)) => Some(s.clone()),
+        _ => None,
+    };
+    // Projectors and adapters lack the keys of a model (a projector's are
+    // `clip.vision.*`); saying what they are beats naming a missing key.
+    let kind = match string("general.type").as_deref().unwrap_or_default() {
+        "mmproj" => Some("multimodal projector"),
+        "adapter" => Some("adapter"),
+        _ if string("general.architecture").as_deref() == Some("clip") => {
+            Some("multimodal projector")
+        }
+        _ => None,
+    };
+    if let Some(kind) = kind {
+        return Err(GgufError::NotAModel {
+            path: path.to_path_buf(),
+            kind,
+        });
+    }
     let architecture = match kv.get("general.architecture") {
         Some(Value::Str(s)) => s.clone(),
         _ => {
@@ -331,10 +507,7 @@ fn facts_from_kv(
     Ok(ModelFacts {
         path: path.to_path_buf(),
         size_bytes,
-        name: match kv.get("general.name") {
-            Some(Value::Str(s)) => Some(s.clone()),
-            _ => None,
-        },
+        name: string("general.name"),
         context_length: int("context_length").filter(|c| *c > 0),
         block_count,
         embedding_length: int("embedding_length"),
@@ -347,6 +520,8 @@ fn facts_from_kv(
             Some(Value::Int(v)) => Some(*v),
             _ => None,
         },
+        parameter_count: None,
+        size_label: string("general.size_label"),
         architecture,
     })
 }
@@ -364,12 +539,25 @@ pub mod writer {
         F32(f32),
     }
 
+    /// One tensor info: name, dimensions, ggml type.
+    pub type TensorInfo<'a> = (&'a str, &'a [u64], u32);
+
     /// Serialises a GGUF v3 header with the given key/values and no tensors.
     pub fn header(kv: &[(&str, WriteValue<'_>)]) -> Vec<u8> {
+        header_with_tensors(kv, &[])
+    }
+
+    /// Serialises a GGUF v3 header with the given key/values and tensor
+    /// infos, ending where tensor data would start (no data follows; the
+    /// offsets are those of tightly packed f32 data).
+    pub fn header_with_tensors(
+        kv: &[(&str, WriteValue<'_>)],
+        tensors: &[TensorInfo<'_>],
+    ) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(b"GGUF");
         out.extend_from_slice(&3u32.to_le_bytes());
-        out.extend_from_slice(&0u64.to_le_bytes());
+        out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
         out.extend_from_slice(&(kv.len() as u64).to_le_bytes());
         let put_str = |out: &mut Vec<u8>, s: &str| {
             out.extend_from_slice(&(s.len() as u64).to_le_bytes());
@@ -411,6 +599,18 @@ pub mod writer {
                     }
                 }
             }
+        }
+        let mut offset = 0u64;
+        for (name, dims, ty) in tensors {
+            put_str(&mut out, name);
+            out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            for dim in *dims {
+                out.extend_from_slice(&dim.to_le_bytes());
+            }
+            out.extend_from_slice(&ty.to_le_bytes());
+            out.extend_from_slice(&offset.to_le_bytes());
+            let elements = dims.iter().fold(1u64, |n, d| n.saturating_mul(*d));
+            offset = offset.saturating_add(elements.saturating_mul(4));
         }
         out
     }
@@ -552,6 +752,149 @@ mod tests {
         assert_eq!(absurd.kv_bytes_per_token(), None);
     }
 
+    /// SmolLM2-135M's shape, cut down: embeddings, one block's attention
+    /// and norm, tied output.
+    const TENSORS: &[writer::TensorInfo<'static>] = &[
+        ("token_embd.weight", &[576, 49152], 3),
+        ("blk.0.attn_q.weight", &[576, 576], 3),
+        ("blk.0.attn_norm.weight", &[576], 0),
+    ];
+
+    #[test]
+    fn parameters_are_counted_from_the_tensor_infos() {
+        let kv = [
+            ("general.architecture", Str("llama")),
+            ("llama.block_count", U32(1)),
+            ("general.file_type", U32(3)),
+        ];
+        let file = write(&writer::header_with_tensors(&kv, TENSORS));
+        let facts = read_model_facts(file.path()).unwrap();
+        assert_eq!(facts.parameter_count, Some(576 * 49152 + 576 * 576 + 576));
+        assert_eq!(facts.parameter_label().as_deref(), Some("29M"));
+        assert_eq!(facts.quantization(), Some("Q4_1"));
+        assert_eq!(facts.size_label, None);
+        // No tensors: nothing to count, not zero parameters.
+        let file = write(&header(&kv));
+        assert_eq!(read_model_facts(file.path()).unwrap().parameter_count, None);
+    }
+
+    #[test]
+    fn cut_or_absurd_tensor_infos_keep_the_key_values() {
+        let kv = [
+            ("general.architecture", Str("llama")),
+            ("llama.block_count", U32(1)),
+            ("llama.context_length", U32(8192)),
+        ];
+        let kv_only = header(&kv).len();
+        let bytes = writer::header_with_tensors(&kv, TENSORS);
+        for len in kv_only..bytes.len() {
+            let file = write(&bytes[..len]);
+            let facts =
+                read_model_facts(file.path()).unwrap_or_else(|e| panic!("cut at {len}: {e}"));
+            assert_eq!(facts.context_length, Some(8192));
+            assert_eq!(facts.parameter_count, None, "cut at {len}");
+        }
+        let mut five_dims = writer::header_with_tensors(&kv, &[("t", &[1, 2, 3, 4, 5], 0)]);
+        five_dims.extend_from_slice(&[0; 64]);
+        let file = write(&five_dims);
+        assert_eq!(read_model_facts(file.path()).unwrap().parameter_count, None);
+        let overflowing = writer::header_with_tensors(&kv, &[("t", &[u64::MAX, 2], 0)]);
+        let file = write(&overflowing);
+        assert_eq!(read_model_facts(file.path()).unwrap().parameter_count, None);
+    }
+
+    #[test]
+    fn quantization_names_follow_llama_ftype() {
+        let named = |file_type: Option<u64>| ModelFacts {
+            file_type,
+            ..read_model_facts(write(&llama_8b_header()).path()).unwrap()
+        };
+        for (value, name) in [
+            (0, "F32"),
+            (1, "F16"),
+            (2, "Q4_0"),
+            (7, "Q8_0"),
+            (10, "Q2_K"),
+            (15, "Q4_K_M"),
+            (18, "Q6_K"),
+            (21, "Q2_K_S"),
+            (30, "IQ4_XS"),
+            (32, "BF16"),
+            (37, "TQ2_0"),
+            (38, "MXFP4_MOE"),
+        ] {
+            assert_eq!(named(Some(value)).quantization(), Some(name), "{value}");
+        }
+        for removed in [4, 5, 6, 33, 34, 35, 1024, u64::MAX] {
+            assert_eq!(named(Some(removed)).quantization(), None, "{removed}");
+        }
+        assert_eq!(named(None).quantization(), None);
+    }
+
+    #[test]
+    fn parameter_labels_prefer_the_publishers_own() {
+        let facts = ModelFacts {
+            parameter_count: Some(134_515_008),
+            ..read_model_facts(write(&llama_8b_header()).path()).unwrap()
+        };
+        assert_eq!(facts.parameter_label().as_deref(), Some("135M"));
+        let big = ModelFacts {
+            parameter_count: Some(8_030_261_248),
+            ..facts.clone()
+        };
+        assert_eq!(big.parameter_label().as_deref(), Some("8.0B"));
+        let labelled = ModelFacts {
+            size_label: Some("8x7B".into()),
+            ..big
+        };
+        assert_eq!(labelled.parameter_label().as_deref(), Some("8x7B"));
+        let unknown = ModelFacts {
+            parameter_count: None,
+            ..facts
+        };
+        assert_eq!(unknown.parameter_label(), None);
+    }
+
+    #[test]
+    fn size_label_is_read() {
+        let file = write(&header(&[
+            ("general.architecture", Str("llama")),
+            ("llama.block_count", U32(1)),
+            ("general.size_label", Str("135M")),
+        ]));
+        let facts = read_model_facts(file.path()).unwrap();
+        assert_eq!(facts.size_label.as_deref(), Some("135M"));
+    }
+
+    #[test]
+    fn projectors_and_adapters_are_not_models() {
+        for kv in [
+            vec![
+                ("general.type", Str("mmproj")),
+                ("general.architecture", Str("clip")),
+            ],
+            vec![
+                ("general.architecture", Str("clip")),
+                ("clip.vision.block_count", U32(2)),
+            ],
+            vec![
+                ("general.type", Str("adapter")),
+                ("general.architecture", Str("llama")),
+                ("llama.block_count", U32(2)),
+            ],
+        ] {
+            let file = write(&header(&kv));
+            let err = read_model_facts(file.path()).unwrap_err();
+            assert!(matches!(err, GgufError::NotAModel { .. }), "{err}");
+        }
+        let model = write(&header(&[
+            ("general.type", Str("model")),
+            ("general.architecture", Str("llama")),
+            ("llama.block_count", U32(2)),
+        ]));
+        assert!(read_model_facts(model.path()).is_ok());
+    }
+
     #[test]
     fn missing_architecture_is_named() {
         let file = write(&header(&[("general.name", Str("x"))]));
@@ -633,7 +976,7 @@ mod properties {
             any::<u64>().prop_map(Owned::U64),
         ];
         (
-            "[a-z][a-z0-9]{0,9}",
+            "[a-z][a-z0-9]{0,9}".prop_filter("clip is a projector's", |a| a != "clip"),
             proptest::option::of(".{0,20}"),
             (opt(), small(), opt(), opt(), opt()),
             (heads_kv, opt(), opt(), opt()),
@@ -691,6 +1034,8 @@ mod properties {
                         value_length,
                         sliding_window: sliding.filter(|w| *w > 0),
                         file_type,
+                        parameter_count: None,
+                        size_label: None,
                     };
                     Written { kv, facts }
                 },
@@ -901,6 +1246,8 @@ mod properties {
                 value_length,
                 sliding_window: None,
                 file_type: None,
+                parameter_count: None,
+                size_label: None,
             };
             let want = (|| {
                 let heads = u128::from(heads.filter(|h| *h > 0)?);

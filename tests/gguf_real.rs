@@ -19,6 +19,24 @@ fn reads_the_real_model() {
     assert_eq!(facts.sliding_window, None);
     // 30 layers × 3 KV heads × (64 + 64) dims × 2 bytes.
     assert_eq!(facts.kv_bytes_per_token(), Some(23_040));
+    assert_eq!(facts.quantization(), Some("Q4_1"));
+}
+
+/// The parameter count from the tensor infos, on the model named by
+/// `$CONTEXTPILOTD_TEST_MODEL` only (so no provisioning is needed to skip
+/// it): SmolLM2-135M has 134.5M weights (its embeddings tied to the output).
+#[test]
+fn counts_the_real_models_parameters() {
+    let Some(model) = std::env::var_os("CONTEXTPILOTD_TEST_MODEL") else {
+        return;
+    };
+    let facts = read_model_facts(std::path::Path::new(&model)).unwrap();
+    let count = facts.parameter_count.expect("the tensor infos are read");
+    assert!(
+        (130_000_000..140_000_000).contains(&count),
+        "{count} parameters"
+    );
+    assert_eq!(facts.parameter_label().as_deref(), Some("135M"));
 }
 
 #[test]

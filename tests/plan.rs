@@ -38,6 +38,8 @@ fn llama_8b() -> ModelFacts {
         value_length: None,
         sliding_window: None,
         file_type: Some(15),
+        parameter_count: Some(8_030_261_248),
+        size_label: Some("8B".into()),
     }
 }
 
@@ -49,6 +51,8 @@ fn llama_1b() -> ModelFacts {
         block_count: 16,
         embedding_length: Some(2048),
         name: Some("Llama 3.2 1B Instruct".into()),
+        parameter_count: Some(1_235_814_400),
+        size_label: Some("1B".into()),
         ..llama_8b()
     }
 }
