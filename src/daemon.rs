@@ -117,23 +117,38 @@ pub fn no_model_message(source: &ConfigSource) -> String {
 
 /// Loads the configuration, checks the model and the binary, reads the
 /// model's header, detects (or reads) the hardware and plans the launch.
-/// The id the model is served under: `[llama] model_alias`, else the file
-/// name without `.gguf`.
-fn model_id(config: &Config, model_path: &Path) -> String {
-    config.llama.model_alias.clone().unwrap_or_else(|| {
-        model_path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".to_string())
-    })
+/// What the command line says instead of the configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `run --model PATH|NAME`.
+    pub model: Option<String>,
 }
 
 pub fn prepare(
     source: ConfigSource,
     hardware_file: Option<&Path>,
 ) -> Result<Prepared, ConfigError> {
-    let config = Config::load(&source)?;
+    prepare_with(source, hardware_file, &Overrides::default())
+}
+
+/// [`prepare`] with the command line's overrides applied to the
+/// configuration first.
+pub fn prepare_with(
+    source: ConfigSource,
+    hardware_file: Option<&Path>,
+    overrides: &Overrides,
+) -> Result<Prepared, ConfigError> {
+    let mut config = Config::load(&source)?;
     let file = source.path();
+    if let Some(model) = &overrides.model {
+        let path = model_by_path_or_name(&config, model)
+            .map_err(|message| ConfigError::new(None, Some("--model"), message))?;
+        if config.llama.model.as_deref() != Some(path.as_path()) {
+            // The configured alias named the configured model, not this one.
+            config.llama.model_alias = None;
+        }
+        config.llama.model = Some(path);
+    }
     let model_path =
         config.llama.model.as_deref().ok_or_else(|| {
             ConfigError::new(file, Some("llama.model"), no_model_message(&source))
@@ -226,6 +241,23 @@ pub fn prepare(
         cost_key,
         plan,
     })
+}
+
+/// `--model`'s argument: a GGUF file, or the name of one the daemon can
+/// serve (`contextpilotd models`).
+fn model_by_path_or_name(config: &Config, model: &str) -> Result<PathBuf, String> {
+    let path = Path::new(model);
+    if path.is_file() {
+        return path.canonicalize().map_err(|e| format!("{model}: {e}"));
+    }
+    let servable = crate::models::discover::servable(config);
+    match crate::models::discover::find(&servable, model) {
+        Some(found) => Ok(found.path.clone()),
+        None => Err(format!(
+            "{model} is neither a GGUF file nor the name of a model found here; \
+             `contextpilotd models` lists the names, `contextpilotd pull <repo>` fetches one"
+        )),
+    }
 }
 
 /// What `binary --help` says it supports; nothing when it cannot be run
@@ -577,50 +609,52 @@ fn fleet(prepared: &Prepared, binary: PathBuf, watchdog: Option<Watchdog>) -> Fl
     Fleet::new(specs, config.models.fallback.as_deref(), launcher, budget)
 }
 
-/// `[llama] model` (kept loaded unless its `[[models.model]]` entry says
-/// otherwise), then each `[[models.model]]`; a name or file listed twice
-/// is served once, by its first entry.
+/// What the daemon serves by name ([`crate::models::discover::servable`]):
+/// `[llama] model` first (kept loaded unless its `[[models.model]]` entry
+/// says otherwise), then each `[[models.model]]`, then the GGUF files found
+/// where other tools keep them. Files whose header cannot be read are left
+/// out.
 pub fn model_specs(config: &Config, primary_path: &Path) -> Vec<ModelSpec> {
-    let primary_name = model_id(config, primary_path);
     let same_file = |a: &Path, b: &Path| {
         a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
     };
-    let entry_for_primary =
-        config.models.model.iter().find(|e| {
-            e.name.eq_ignore_ascii_case(&primary_name) || same_file(&e.path, primary_path)
-        });
-    let mut specs = vec![ModelSpec {
-        name: primary_name.clone(),
-        aliases: entry_for_primary
-            .map(|e| e.name.clone())
-            .into_iter()
-            .filter(|n| !n.eq_ignore_ascii_case(&primary_name))
-            .collect(),
-        path: primary_path.to_path_buf(),
-        keep_alive: entry_for_primary
-            .and_then(|e| e.keep_alive)
-            .unwrap_or(KeepAlive::Forever),
-        primary: true,
-    }];
-    for entry in &config.models.model {
-        let taken = specs.iter().any(|s: &ModelSpec| {
-            s.name.eq_ignore_ascii_case(&entry.name)
-                || s.aliases
-                    .iter()
-                    .any(|a| a.eq_ignore_ascii_case(&entry.name))
-                || same_file(&s.path, &entry.path)
-        });
-        if !taken {
-            specs.push(ModelSpec {
-                name: entry.name.clone(),
-                aliases: Vec::new(),
-                path: entry.path.clone(),
-                keep_alive: entry.keep_alive.unwrap_or(config.models.keep_alive),
-                primary: false,
+    let entry_of =
+        |found: &crate::models::discover::Found| {
+            config.models.model.iter().find(|e| {
+                e.name.eq_ignore_ascii_case(&found.name) || same_file(&e.path, &found.path)
+            })
+        };
+    crate::models::discover::servable(config)
+        .into_iter()
+        .enumerate()
+        .filter(|(_, found)| found.facts.is_ok())
+        .map(|(i, found)| {
+            let primary = i == 0 && config.llama.model.is_some();
+            let entry = entry_of(&found);
+            let mut aliases = found.aliases.clone();
+            if let Some(e) = entry.filter(|e| !e.name.eq_ignore_ascii_case(&found.name)) {
+                aliases.push(e.name.clone());
+            }
+            let keep_alive = entry.and_then(|e| e.keep_alive).unwrap_or(if primary {
+                KeepAlive::Forever
+            } else {
+                config.models.keep_alive
             });
-        }
-    }
-    specs
+            ModelSpec {
+                name: found.name,
+                aliases,
+                // The canonical path: llama-server reports it back in
+                // /props.model_path, which is how readiness is recognised.
+                path: if primary {
+                    primary_path.to_path_buf()
+                } else {
+                    found.path.canonicalize().unwrap_or(found.path)
+                },
+                keep_alive,
+                primary,
+            }
+        })
+        .collect()
 }
 
 fn start_watchdog() -> Option<Watchdog> {

@@ -25,6 +25,10 @@
 //!   llama-server's flags are decided by.
 //! * [`slots`]: the slot table, slot choice by predicted time (prompt time
 //!   plus the value of what a request overwrites) and FIFO admission.
+//! * [`models`]: the models served by name: discovery of the GGUFs other
+//!   tools keep, `pull` from the Hugging Face hub, and the fleet of loaded
+//!   models (one engine each: supervised child, slot table, cost model),
+//!   loaded on demand within the memory budget, unloaded after `keep_alive`.
 //! * [`meter`]: the meter thread (JSONL query log, `/stats`, Prometheus) and
 //!   the GPU sampler.
 //! * [`rotate`]: a file of whole lines rotated by size, under the query log
@@ -42,11 +46,12 @@
 //!
 //! # Data flow
 //!
-//! `run` prepares (config → model header → hardware → plan), then starts the
-//! supervisor task, which publishes its [`supervisor::SupervisorView`] on a
-//! `watch` channel. The gateway answers requests from that view; a request
-//! for the model goes through three stages, listed in `gateway::request`:
-//! prepare (body checks, then `reorder::prepare` rewrites it) → dispatch
+//! `run` prepares (config → model header → hardware → plan), then loads the
+//! primary model into the fleet: its engine starts a supervisor task, which
+//! publishes its [`supervisor::SupervisorView`] on a `watch` channel. The
+//! gateway answers requests from those views; a model request goes through
+//! three stages, listed in `gateway::request`: prepare (body checks, the
+//! model's engine from the fleet, then `reorder::prepare` rewrites it) → dispatch
 //! (child, slot lease, forward, stream, retry) → settle (slot table, live
 //! index, cost model, conversation stores, then the meter's record).
 

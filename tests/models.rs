@@ -244,3 +244,70 @@ fn two_requests_for_a_loading_model_share_one_load() {
     assert_eq!(unknown.status.code(), Some(1), "{unknown:?}");
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("not served here"));
 }
+
+/// `run --model NAME` with no `[llama] model`: the name is one discovery
+/// gives a file in the Hugging Face cache's layout, and a model in LM
+/// Studio's layout is served by its name on demand.
+#[test]
+fn run_model_by_a_discovered_name_and_serve_another_found_one() {
+    let parts = real_parts();
+    let home = tempfile::tempdir().unwrap();
+    let snapshot = home
+        .path()
+        .join("hf/hub/models--HuggingFaceTB--SmolLM2-135M-Instruct-GGUF/snapshots/0123abc");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::os::unix::fs::symlink(
+        &parts.model,
+        snapshot.join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+    )
+    .unwrap();
+    let studio = home
+        .path()
+        .join(".lmstudio/models/lmstudio-community/gemma-3-270m-it-GGUF");
+    std::fs::create_dir_all(&studio).unwrap();
+    std::os::unix::fs::symlink(gemma(), studio.join("gemma-3-270m-it-Q4_K_M.gguf")).unwrap();
+    let hf_home = home.path().join("hf");
+    let envs = [
+        ("HOME", home.path().to_str().unwrap()),
+        ("HF_HOME", hf_home.to_str().unwrap()),
+    ];
+    let listing = Command::new(common::BIN)
+        .args(["models", "--json"])
+        .envs(envs)
+        .env_remove("CONTEXTPILOTD_CONFIG")
+        .output()
+        .unwrap();
+    let listing: Value = serde_json::from_slice(&listing.stdout).unwrap();
+    let names: Vec<&str> = listing
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    let smol = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF:Q4_1";
+    let gemma_name = names
+        .iter()
+        .find(|n| n.starts_with("lmstudio-community/gemma"))
+        .unwrap_or_else(|| panic!("LM Studio's Gemma is not listed: {names:?}"))
+        .to_string();
+    assert!(names.contains(&smol), "{names:?}");
+
+    let mut daemon = Daemon::start_with_args(
+        |listen| {
+            common::test_config(&parts, listen, "")
+                .lines()
+                .filter(|l| !l.starts_with("model = "))
+                .collect::<Vec<_>>()
+                .join("\n")
+        },
+        &envs,
+        &["--model", smol],
+    );
+    let status = daemon.wait_ready();
+    assert_eq!(status["models"][0]["name"], smol, "{status}");
+    let (code, answer) = chat(&daemon, smol);
+    assert_eq!(code, 200, "{answer}");
+    let (code, answer) = chat(&daemon, &gemma_name);
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(loaded(&daemon).len(), 2);
+}

@@ -25,6 +25,8 @@ const EXAMPLES: &str = "\
 Examples:
   contextpilotd run --config ~/.config/contextpilotd/config.toml
       Run the daemon in the foreground (what launchd and systemd run).
+  contextpilotd run --model ~/models/Qwen3-8B-Q4_K_M.gguf
+      Serve one model, no configuration file needed.
   contextpilotd status
       Ask the running daemon how it and its llama-server are doing.
   contextpilotd status --json | jq .child
@@ -67,6 +69,9 @@ pub enum Command {
     Run {
         #[command(flatten)]
         config: ConfigArg,
+        /// Serve this model (a .gguf path, or a name `contextpilotd models` lists) instead of `[llama] model`.
+        #[arg(long, value_name = "PATH|NAME")]
+        model: Option<String>,
     },
     /// Show what the running daemon and its llama-server are doing.
     Status {
@@ -141,7 +146,7 @@ pub enum Command {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => run::run(config),
+        Command::Run { config, model } => run::run(config, model),
         Command::Status { json, config } => status::run(config, json),
         Command::PrintCommand { config, hardware } => print_command::run(config, hardware),
         Command::Doctor {
@@ -188,8 +193,17 @@ fn prepare(
     arg: &ConfigArg,
     hardware: Option<&std::path::Path>,
 ) -> Result<crate::daemon::Prepared, i32> {
+    prepare_with(arg, hardware, &crate::daemon::Overrides::default())
+}
+
+/// [`prepare`] with what the command line overrides.
+fn prepare_with(
+    arg: &ConfigArg,
+    hardware: Option<&std::path::Path>,
+    overrides: &crate::daemon::Overrides,
+) -> Result<crate::daemon::Prepared, i32> {
     let source = crate::config::ConfigSource::locate(arg.config.as_deref());
-    crate::daemon::prepare(source, hardware).map_err(|e| {
+    crate::daemon::prepare_with(source, hardware, overrides).map_err(|e| {
         report(&e);
         EXIT_CONFIG
     })

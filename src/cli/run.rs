@@ -3,7 +3,9 @@
 use super::{logging, report, ConfigArg, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK};
 use crate::daemon;
 
-pub fn run(arg: ConfigArg) -> i32 {
+/// `model`: `--model PATH|NAME`, served instead of `[llama] model` (a
+/// one-off run needs no configuration file at all).
+pub fn run(arg: ConfigArg, model: Option<String>) -> i32 {
     let runtime = match super::runtime(true) {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -17,7 +19,8 @@ pub fn run(arg: ConfigArg) -> i32 {
                 return (EXIT_FAILURE, None);
             }
         };
-        let prepared = match super::prepare(&arg, None) {
+        let overrides = daemon::Overrides { model };
+        let prepared = match super::prepare_with(&arg, None, &overrides) {
             Ok(p) => p,
             Err(code) => return (code, None),
         };

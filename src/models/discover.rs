@@ -276,7 +276,7 @@ pub fn servable(config: &Config) -> Vec<Found> {
     let mut entries = Vec::new();
     if let Some(path) = &config.llama.model {
         let stem = file_stem(path);
-        // The daemon's own rule for the id it serves (`daemon::model_id`).
+        // The id the primary model is served under: `[llama] model_alias`, else the file stem.
         let name = config
             .llama
             .model_alias

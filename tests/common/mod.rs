@@ -212,19 +212,29 @@ impl Daemon {
         config_text: impl FnOnce(SocketAddr) -> String,
         envs: &[(&str, &str)],
     ) -> Daemon {
-        Daemon::spawn(config_text, envs, false)
+        Daemon::spawn(config_text, envs, false, &[])
+    }
+
+    /// [`Daemon::start_with`], with more arguments for `run`.
+    pub fn start_with_args(
+        config_text: impl FnOnce(SocketAddr) -> String,
+        envs: &[(&str, &str)],
+        args: &[&str],
+    ) -> Daemon {
+        Daemon::spawn(config_text, envs, false, args)
     }
 
     /// Like [`Daemon::start`], with `JOURNAL_STREAM` naming the stderr file's
     /// device and inode, as systemd does when stderr is the journal.
     pub fn start_as_if_journald(parts: &RealParts) -> Daemon {
-        Daemon::spawn(|listen| test_config(parts, listen, ""), &[], true)
+        Daemon::spawn(|listen| test_config(parts, listen, ""), &[], true, &[])
     }
 
     fn spawn(
         config_text: impl FnOnce(SocketAddr) -> String,
         envs: &[(&str, &str)],
         journal: bool,
+        args: &[&str],
     ) -> Daemon {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
@@ -238,6 +248,7 @@ impl Daemon {
             .arg("run")
             .arg("--config")
             .arg(&config)
+            .args(args)
             .env("XDG_RUNTIME_DIR", dir.path())
             .env_remove("JOURNAL_STREAM")
             .envs(envs.iter().copied())
@@ -265,7 +276,12 @@ impl Daemon {
         let (code, body) = http_get(self.listen, "/status").ok()?;
         assert_eq!(code, 200, "GET /status: {body}");
         let status: Value = serde_json::from_str(&body).expect("status is JSON");
-        if let Some(pid) = status["child"]["pid"].as_u64() {
+        let models = status["models"].as_array().cloned().unwrap_or_default();
+        let pids = models
+            .iter()
+            .map(|m| &m["pid"])
+            .chain([&status["child"]["pid"]]);
+        for pid in pids.filter_map(Value::as_u64) {
             if !self.seen_children.contains(&(pid as u32)) {
                 self.seen_children.push(pid as u32);
             }
