@@ -5,6 +5,7 @@
 
 mod doctor;
 mod logging;
+mod models;
 mod print_command;
 mod ps;
 mod run;
@@ -35,6 +36,8 @@ Examples:
       Show the llama-server command line the daemon would run.
   contextpilotd doctor --hardware m3max.json
       Explain every derived setting for another machine's hardware profile.
+  contextpilotd models
+      List the GGUF models found (Hugging Face cache, LM Studio, Ollama, ...) by name.
   contextpilotd tune
       Measure prompt times on this machine; run uses them for slots and flags.
   contextpilotd ps
@@ -100,6 +103,14 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         hardware: Option<PathBuf>,
     },
+    /// List the models that can be served by name: the config's, and GGUF files in the Hugging Face cache, LM Studio, Ollama, llama.cpp's cache and [models] dirs.
+    Models {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Measure this machine's prompt costs with a llama-server of its own, cache them, and say what they decide.
     Tune {
         /// Print as JSON.
@@ -154,6 +165,7 @@ pub fn main() -> i32 {
             config,
             hardware,
         } => doctor::run(config, hardware, json),
+        Command::Models { json, config } => models::run(config, json),
         Command::Tune { json, config } => tune::run(config, json),
         Command::Ps { json, config } => ps::ps(config, json),
         Command::Load {
