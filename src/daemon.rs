@@ -141,11 +141,12 @@ pub fn prepare_with(
     let mut config = Config::load(&source)?;
     let file = source.path();
     if let Some(model) = &overrides.model {
-        let path = model_by_path_or_name(&config, model)
+        let (path, name) = model_by_path_or_name(&config, model)
             .map_err(|message| ConfigError::new(None, Some("--model"), message))?;
-        if config.llama.model.as_deref() != Some(path.as_path()) {
-            // The configured alias named the configured model, not this one.
-            config.llama.model_alias = None;
+        if name.is_some() || config.llama.model.as_deref() != Some(path.as_path()) {
+            // Served under the name it was asked for (a path: its file
+            // stem); the configured alias named the configured model.
+            config.llama.model_alias = name;
         }
         config.llama.model = Some(path);
     }
@@ -244,15 +245,19 @@ pub fn prepare_with(
 }
 
 /// `--model`'s argument: a GGUF file, or the name of one the daemon can
-/// serve (`contextpilotd models`).
-fn model_by_path_or_name(config: &Config, model: &str) -> Result<PathBuf, String> {
+/// serve (`contextpilotd models`), with the name it is served under.
+fn model_by_path_or_name(
+    config: &Config,
+    model: &str,
+) -> Result<(PathBuf, Option<String>), String> {
     let path = Path::new(model);
     if path.is_file() {
-        return path.canonicalize().map_err(|e| format!("{model}: {e}"));
+        let path = path.canonicalize().map_err(|e| format!("{model}: {e}"))?;
+        return Ok((path, None));
     }
     let servable = crate::models::discover::servable(config);
     match crate::models::discover::find(&servable, model) {
-        Some(found) => Ok(found.path.clone()),
+        Some(found) => Ok((found.path.clone(), Some(found.name.clone()))),
         None => Err(format!(
             "{model} is neither a GGUF file nor the name of a model found here; \
              `contextpilotd models` lists the names, `contextpilotd pull <repo>` fetches one"
