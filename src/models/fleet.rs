@@ -238,18 +238,28 @@ impl Fleet {
         let Some(engine) = self.loaded(name) else {
             return false;
         };
-        if engine.in_use() > 0 {
-            engine.set_keep_alive(KeepAlive::After(std::time::Duration::ZERO));
-            return true;
+        match self.take_idle(|e| Arc::ptr_eq(e, &engine)) {
+            Some(idle) => idle.stop().await,
+            // In use: it goes once its last request is done.
+            None => engine.set_keep_alive(KeepAlive::After(std::time::Duration::ZERO)),
         }
-        self.remove(&engine);
-        engine.stop().await;
         true
     }
 
-    fn remove(&self, engine: &Arc<Engine>) {
-        lock(&self.engines).retain(|e| !Arc::ptr_eq(e, engine));
+    /// Takes out of the list the first engine (least recently used first)
+    /// that `pick` chooses and nothing uses, checked under the same lock
+    /// every use is taken under, so no request can start using it after.
+    fn take_idle(&self, pick: impl Fn(&Arc<Engine>) -> bool) -> Option<Arc<Engine>> {
+        let mut engines = lock(&self.engines);
+        let index = engines
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.in_use() == 0 && pick(e))
+            .min_by_key(|(_, e)| e.last_used())
+            .map(|(i, _)| i)?;
+        let engine = engines.remove(index);
         tracing::info!(model = %engine.name, "unloading the model");
+        Some(engine)
     }
 
     /// Plans and starts `spec`, unloading idle models it needs room from.
@@ -261,6 +271,9 @@ impl Fleet {
                 why: "this daemon cannot start models".into(),
             });
         };
+        if self.stopping.load(Ordering::Acquire) {
+            return Err(FleetError::Stopping);
+        }
         let unloadable = |why: String| FleetError::Unloadable {
             name: spec.name.clone(),
             why,
@@ -281,31 +294,21 @@ impl Fleet {
         };
         let alone = plan(Some(self.budget_bytes))?;
         let planned = loop {
-            let (used, victim, busy) = {
-                let engines = lock(&self.engines);
-                let used: u64 = engines.iter().map(|e| e.footprint_bytes).sum();
-                let victim = engines
-                    .iter()
-                    .filter(|e| e.in_use() == 0)
-                    .min_by_key(|e| e.last_used())
-                    .cloned();
-                let busy: Vec<String> = engines.iter().map(|e| e.name.clone()).collect();
-                (used, victim, busy)
-            };
+            let used: u64 = self.engines().iter().map(|e| e.footprint_bytes).sum();
             let free = self.budget_bytes.saturating_sub(used);
             if used == 0 || alone.footprint_bytes() <= free {
                 break alone;
             }
-            if let Some(victim) = victim {
+            if let Some(victim) = self.take_idle(|_| true) {
                 tracing::info!(
                     model = %victim.name,
-                    "unloading the least recently used model to make room for {}",
+                    "unloaded as the least recently used model, to make room for {}",
                     spec.name
                 );
-                self.remove(&victim);
                 victim.stop().await;
                 continue;
             }
+            let busy: Vec<String> = self.engines().iter().map(|e| e.name.clone()).collect();
             // Everything loaded is in use: the new model gets what is left,
             // if that is enough for it at all.
             let shrunk = plan(Some(free))?;
@@ -355,14 +358,10 @@ impl Fleet {
             match next {
                 Some(at) if at <= now => {
                     let _changing = self.changing.lock().await;
-                    let expired: Vec<Arc<Engine>> = self
-                        .engines()
-                        .into_iter()
-                        .filter(|e| e.unload_at().is_some_and(|at| at <= Instant::now()))
-                        .collect();
-                    for engine in expired {
+                    let expired =
+                        |e: &Arc<Engine>| e.unload_at().is_some_and(|at| at <= Instant::now());
+                    while let Some(engine) = self.take_idle(expired) {
                         tracing::info!(model = %engine.name, "idle for its keep_alive");
-                        self.remove(&engine);
                         engine.stop().await;
                     }
                 }
@@ -391,5 +390,110 @@ impl Fleet {
         for engine in &engines {
             engine.stop().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cost::{CostModel, CostProfile};
+    use crate::slots::Scheduler;
+    use crate::supervisor::SupervisorView;
+
+    fn spec(name: &str, aliases: &[&str], primary: bool) -> ModelSpec {
+        ModelSpec {
+            name: name.into(),
+            aliases: aliases.iter().map(|a| a.to_string()).collect(),
+            path: format!("/models/{name}.gguf").into(),
+            keep_alive: KeepAlive::Forever,
+            primary,
+        }
+    }
+
+    fn engine(name: &str, idle: Arc<Notify>) -> Arc<Engine> {
+        let (_, view) = tokio::sync::watch::channel(SupervisorView::unloaded());
+        let cost = CostModel::new(CostProfile::unmeasured(5.0, 1.0, 5.0));
+        use crate::status::{HardwareStatus, ModelStatus, PlanStatus, StaticStatus};
+        let status = StaticStatus {
+            listen: String::new(),
+            model: ModelStatus {
+                path: name.into(),
+                size_bytes: 1,
+                architecture: "llama".into(),
+                context_length: None,
+            },
+            plan: PlanStatus {
+                slots: 1,
+                concurrency: 1,
+                ctx_per_slot: 512,
+                ctx_size: 512,
+                threads: 1,
+                gpu_layers: 0,
+                cache_reuse: 0,
+            },
+            hardware: HardwareStatus {
+                chip: "test".into(),
+                memory_bytes: 0,
+                perf_cores: 1,
+                efficiency_cores: 0,
+                gpu_cores: None,
+            },
+            warnings: Vec::new(),
+            cost_decisions: Vec::new(),
+        };
+        Arc::new(Engine::from_parts(
+            name,
+            std::path::Path::new(name),
+            status,
+            1,
+            view,
+            Default::default(),
+            Scheduler::new(1, 1, 4, 0, cost),
+            KeepAlive::After(std::time::Duration::ZERO),
+            idle,
+        ))
+    }
+
+    #[test]
+    fn names_aliases_and_the_fallback_resolve() {
+        let specs = vec![spec("smol", &["SmolLM2-135M"], true), spec("gemma", &[], false)];
+        let fleet = Fleet::over(specs.clone(), None, Vec::new());
+        assert_eq!(fleet.resolve(Some("GEMMA")).unwrap().name, "gemma");
+        assert_eq!(fleet.resolve(Some("smollm2-135m")).unwrap().name, "smol");
+        assert_eq!(fleet.resolve(None).unwrap().name, "smol");
+        assert_eq!(fleet.resolve(Some("")).unwrap().name, "smol");
+        match fleet.resolve(Some("llama3.1:70b")) {
+            Err(e @ FleetError::NotFound { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains("\"smol\", \"gemma\""), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let with_fallback = Fleet::over(specs, Some("gemma"), Vec::new());
+        assert_eq!(with_fallback.resolve(Some("gpt-4o")).unwrap().name, "gemma");
+    }
+
+    #[tokio::test]
+    async fn an_engine_in_use_is_never_taken_and_goes_once_idle() {
+        let fleet = Fleet::over(vec![spec("a", &[], true)], None, Vec::new());
+        let a = engine("a", fleet.idle_signal());
+        let b = engine("b", fleet.idle_signal());
+        lock(&fleet.engines).extend([a.clone(), b.clone()]);
+        let using_a = fleet.use_loaded("a", None).unwrap();
+        let using_b = fleet.use_loaded("b", None).unwrap();
+        assert!(fleet.take_idle(|_| true).is_none(), "both are in use");
+        drop(using_b);
+        let taken = fleet.take_idle(|_| true).expect("b is idle");
+        assert_eq!(taken.name, "b");
+        assert!(fleet.take_idle(|_| true).is_none(), "a is still in use");
+        // An unload of a busy model waits for its last request.
+        assert!(fleet.unload("a").await);
+        assert_eq!(fleet.engines().len(), 1);
+        assert_eq!(a.unload_at(), None, "in use: no unload time");
+        drop(using_a);
+        assert!(a.unload_at().is_some_and(|at| at <= Instant::now()));
+        assert!(fleet.unload("a").await);
+        assert!(fleet.engines().is_empty());
+        assert!(!fleet.unload("a").await);
     }
 }
