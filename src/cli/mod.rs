@@ -8,6 +8,7 @@ mod logging;
 mod models;
 mod print_command;
 mod ps;
+mod pull;
 mod run;
 mod service;
 mod status;
@@ -42,6 +43,8 @@ Examples:
       Measure prompt times on this machine; run uses them for slots and flags.
   contextpilotd ps
       Show the loaded models; `load NAME` and `unload NAME` change that.
+  contextpilotd pull unsloth/Qwen3-0.6B-GGUF:Q4_K_M
+      Download a GGUF into the Hugging Face hub cache; prints its path.
   contextpilotd service install
       Start the daemon at login (launchd on macOS, systemd --user on Linux).
 
@@ -143,6 +146,15 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Download a GGUF from the Hugging Face hub into the hub cache; prints its path.
+    Pull {
+        /// The hub repository, owner/name, with an optional quantisation or file name after ':' [default quant: Q4_K_M, else Q4_0, else the first GGUF].
+        #[arg(value_name = "REPO[:QUANT]")]
+        spec: String,
+        /// The branch, tag or commit to pull from.
+        #[arg(long, value_name = "REV", default_value = "main")]
+        revision: String,
+    },
     /// Run the daemon as a login service: install, uninstall, start, stop, restart, status, print.
     Service {
         #[command(subcommand)]
@@ -174,6 +186,7 @@ pub fn main() -> i32 {
             config,
         } => ps::load(config, model, keep_alive),
         Command::Unload { model, config } => ps::unload(config, model),
+        Command::Pull { spec, revision } => pull::run(&spec, revision),
         Command::Service { command } => service::run(command),
         Command::Watchdog => {
             crate::supervisor::process::run_watchdog(

@@ -456,7 +456,10 @@ mod tests {
 
     #[test]
     fn names_aliases_and_the_fallback_resolve() {
-        let specs = vec![spec("smol", &["SmolLM2-135M"], true), spec("gemma", &[], false)];
+        let specs = vec![
+            spec("smol", &["SmolLM2-135M"], true),
+            spec("gemma", &[], false),
+        ];
         let fleet = Fleet::over(specs.clone(), None, Vec::new());
         assert_eq!(fleet.resolve(Some("GEMMA")).unwrap().name, "gemma");
         assert_eq!(fleet.resolve(Some("smollm2-135m")).unwrap().name, "smol");
