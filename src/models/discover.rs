@@ -158,16 +158,15 @@ impl Places {
         let home = directories::BaseDirs::new().map(|b| b.home_dir().to_path_buf());
         let var = |key: &str| std::env::var_os(key).filter(|v| !v.is_empty());
         let mut places = Places::for_home(models, home.as_deref(), var, cfg!(target_os = "macos"));
-        if let Some(home) = &home {
-            // LM Studio 0.3 keeps the path of its home, when moved, here.
-            if let Ok(text) = fs::read_to_string(home.join(".lmstudio-home-pointer")) {
-                let pointed = PathBuf::from(text.trim()).join("models");
-                if models.discover
-                    && !text.trim().is_empty()
-                    && !places.lm_studio.contains(&pointed)
-                {
-                    places.lm_studio.insert(0, pointed);
-                }
+        // LM Studio 0.3 keeps the path of its home folder (which may have
+        // been moved) in this file.
+        let pointer = home
+            .as_ref()
+            .and_then(|h| fs::read_to_string(h.join(".lmstudio-home-pointer")).ok());
+        if let Some(lm_home) = pointer.as_deref().map(str::trim).filter(|p| !p.is_empty()) {
+            let pointed = Path::new(lm_home).join("models");
+            if models.discover && !places.lm_studio.contains(&pointed) {
+                places.lm_studio.insert(0, pointed);
             }
         }
         // Ollama's Linux installer runs it as its own user, whose home is
