@@ -178,8 +178,8 @@ const MAX_KV_PAIRS: u64 = 1 << 20;
 /// ggml's `GGML_MAX_DIMS`; its loader refuses more.
 const MAX_TENSOR_DIMS: u32 = 4;
 /// The least a tensor info takes: an empty name's length, the dimension
-/// count, one dimension, the type and the offset.
-const MIN_TENSOR_INFO_BYTES: u64 = 8 + 4 + 8 + 4 + 8;
+/// count (of none), the type and the offset.
+const MIN_TENSOR_INFO_BYTES: u64 = 8 + 4 + 4 + 8;
 
 struct Reader<R> {
     inner: R,
@@ -1159,6 +1159,32 @@ mod properties {
             let facts = read(&bytes, file_size).map_err(|e| TestCaseError::fail(e.to_string()))?;
             let want = ModelFacts { size_bytes: file_size, ..written.facts };
             prop_assert_eq!(facts, want);
+        }
+
+        /// Tensor infos read back to the sum of their shapes' products;
+        /// cut anywhere, they leave the key/values as they were.
+        #[test]
+        fn tensor_infos_count_parameters_or_nothing(
+            tensors in vec(("[a-z.0-9]{0,24}", vec(0..2_000u64, 0..=4), 0..40u32), 0..12),
+            cut in any::<u64>(),
+        ) {
+            let kv = [
+                ("general.architecture", WriteValue::Str("llama")),
+                ("llama.block_count", WriteValue::U32(2)),
+            ];
+            let infos: Vec<writer::TensorInfo<'_>> =
+                tensors.iter().map(|(n, d, t)| (n.as_str(), d.as_slice(), *t)).collect();
+            let bytes = writer::header_with_tensors(&kv, &infos);
+            let want: u64 = tensors.iter().map(|(_, d, _)| d.iter().product::<u64>()).sum();
+            let facts = read(&bytes, bytes.len() as u64).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(facts.parameter_count, (!tensors.is_empty()).then_some(want));
+            let kv_end = header(&kv).len();
+            if bytes.len() > kv_end {
+                let cut = kv_end + testing::fit(cut, bytes.len() - kv_end - 1);
+                let facts = read(&bytes[..cut], LARGE_FILE).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(facts.parameter_count, None);
+                prop_assert_eq!(facts.block_count, 2);
+            }
         }
 
         /// A header cut anywhere before its end is an error naming the file.

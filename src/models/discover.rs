@@ -22,7 +22,7 @@
 //! split model (the first part stands for the whole). Every header read is
 //! the header only; a file that cannot be read is listed with its error.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fmt;
 use std::fs;
@@ -158,16 +158,15 @@ impl Places {
         let home = directories::BaseDirs::new().map(|b| b.home_dir().to_path_buf());
         let var = |key: &str| std::env::var_os(key).filter(|v| !v.is_empty());
         let mut places = Places::for_home(models, home.as_deref(), var, cfg!(target_os = "macos"));
-        if let Some(home) = &home {
-            // LM Studio 0.3 keeps the path of its home, when moved, here.
-            if let Ok(text) = fs::read_to_string(home.join(".lmstudio-home-pointer")) {
-                let pointed = PathBuf::from(text.trim()).join("models");
-                if models.discover
-                    && !text.trim().is_empty()
-                    && !places.lm_studio.contains(&pointed)
-                {
-                    places.lm_studio.insert(0, pointed);
-                }
+        // LM Studio 0.3 keeps the path of its home folder (which may have
+        // been moved) in this file.
+        let pointer = home
+            .as_ref()
+            .and_then(|h| fs::read_to_string(h.join(".lmstudio-home-pointer")).ok());
+        if let Some(lm_home) = pointer.as_deref().map(str::trim).filter(|p| !p.is_empty()) {
+            let pointed = Path::new(lm_home).join("models");
+            if models.discover && !places.lm_studio.contains(&pointed) {
+                places.lm_studio.insert(0, pointed);
             }
         }
         // Ollama's Linux installer runs it as its own user, whose home is
@@ -252,7 +251,8 @@ impl Places {
 
 /// The GGUF models in `places`, in the order dirs, Hugging Face, LM Studio,
 /// Ollama, llama.cpp cache; a file reached twice (a symlink, a folder
-/// listed twice) is listed once, where it was first found.
+/// listed twice, two Ollama tags) is listed once, where it was first found,
+/// and answers to the later names too.
 pub fn discover(places: &Places) -> Vec<Found> {
     let mut found = Vec::new();
     for (source, place) in places.searched() {
@@ -263,15 +263,14 @@ pub fn discover(places: &Places) -> Vec<Found> {
             _ => loose_files(place, source, &mut found),
         }
     }
-    let mut seen = HashSet::new();
-    found.retain(|f| seen.insert(canonical(&f.path)));
-    found
+    one_per_file(found, false)
 }
 
 /// What the daemon can serve by name: `[llama] model`, each
 /// `[[models.model]]`, then what [`discover`] finds. A file already listed
-/// is not listed again; a name an earlier entry took (in any case) is taken
-/// from the later one, which keeps its other names, or goes when it has none.
+/// is not listed again (its other names become aliases); a name an earlier
+/// entry took (in any case) is taken from the later one, which keeps its
+/// other names, or goes when it has none.
 pub fn servable(config: &Config) -> Vec<Found> {
     let mut entries = Vec::new();
     if let Some(path) = &config.llama.model {
@@ -289,7 +288,7 @@ pub fn servable(config: &Config) -> Vec<Found> {
         entries.push(configured(entry.name.clone(), Vec::new(), &entry.path));
     }
     entries.extend(discover(&Places::from_env(&config.models)));
-    unique(entries)
+    one_per_file(entries, true)
 }
 
 /// The model `name` asks for: a name first, then an alias; case-insensitive.
@@ -314,30 +313,42 @@ fn configured(name: String, aliases: Vec<String>, path: &Path) -> Found {
     }
 }
 
-/// One entry per file, and every name (and alias) on one entry only: the
-/// first keeps it.
-fn unique(entries: Vec<Found>) -> Vec<Found> {
-    let mut files = HashSet::new();
+/// One entry per file: a file found again lends its names to the entry
+/// found first, as aliases (Ollama tags often share a blob: `qwen3:0.6b`
+/// and `qwen3:latest`). With `unique_names`, a name (in any case) belongs
+/// to the first entry that has it, and an entry left with no name goes.
+fn one_per_file(entries: Vec<Found>, unique_names: bool) -> Vec<Found> {
+    let mut index: HashMap<PathBuf, usize> = HashMap::new();
     let mut taken: HashSet<String> = HashSet::new();
-    let mut out = Vec::new();
+    let mut out: Vec<Found> = Vec::new();
     for mut entry in entries {
-        if !files.insert(canonical(&entry.path)) {
-            continue;
-        }
+        let file = canonical(&entry.path);
+        let earlier = index.get(&file).copied();
         let mut names: Vec<String> = Vec::new();
         for name in entry.names() {
             let key = name.to_lowercase();
-            if !taken.contains(&key) && !names.iter().any(|n| n.to_lowercase() == key) {
-                names.push(name.to_string());
+            let had = |f: &Found| f.names().any(|n| n.to_lowercase() == key);
+            if earlier.is_some_and(|i| had(&out[i]))
+                || names.iter().any(|n| n.to_lowercase() == key)
+                || (unique_names && taken.contains(&key))
+            {
+                continue;
+            }
+            names.push(name.to_string());
+        }
+        if unique_names {
+            taken.extend(names.iter().map(|n| n.to_lowercase()));
+        }
+        match earlier {
+            Some(i) => out[i].aliases.extend(names),
+            None if names.is_empty() => {}
+            None => {
+                entry.name = names.remove(0);
+                entry.aliases = names;
+                index.insert(file, out.len());
+                out.push(entry);
             }
         }
-        if names.is_empty() {
-            continue;
-        }
-        taken.extend(names.iter().map(|n| n.to_lowercase()));
-        entry.name = names.remove(0);
-        entry.aliases = names;
-        out.push(entry);
     }
     out
 }
@@ -955,7 +966,8 @@ mod tests {
             ollama: Some(dir.path().to_path_buf()),
             ..Places::default()
         });
-        // The hf.co manifest names the same blob as qwen3: listed once.
+        // The hf.co manifest names the same blob as qwen3: listed once,
+        // under both names.
         assert_eq!(
             names(&found),
             [
@@ -975,6 +987,15 @@ mod tests {
             .as_ref()
             .unwrap_err()
             .contains("not sha256:<hex>"));
+
+        assert_eq!(
+            found[0].aliases,
+            ["qwen3:latest".to_string(), "qwen3".to_string()]
+        );
+        assert_eq!(
+            find(&found, "QWEN3").map(|f| f.source),
+            Some(Source::Ollama)
+        );
 
         fs::remove_dir_all(dir.path().join("manifests/hf.co")).unwrap();
         let found = discover(&Places {
@@ -1071,7 +1092,10 @@ mod tests {
             ]
         );
         assert_eq!(found[0].name, "my-plain");
-        assert!(find(&found, "someone/plain/plain").is_none());
+        assert_eq!(
+            find(&found, "someone/plain/plain").map(|f| f.name.as_str()),
+            Some("my-plain")
+        );
         assert_eq!(
             find(&found, "cached").map(|f| f.source),
             Some(Source::LlamaCache)
@@ -1092,13 +1116,17 @@ mod tests {
             source: Source::Dir,
             facts: Err("unread".into()),
         };
-        let listed = unique(vec![
-            entry("tiny", &[], "/nowhere/a.gguf"),
-            entry("TINY", &["tiny-q8"], "/nowhere/b.gguf"),
-            entry("Tiny", &["TINY-Q8"], "/nowhere/c.gguf"),
-            entry("other", &[], "/nowhere/a.gguf"),
-            entry("x", &["x", "X", "y"], "/nowhere/d.gguf"),
-        ]);
+        let listed = one_per_file(
+            vec![
+                entry("tiny", &[], "/nowhere/a.gguf"),
+                entry("TINY", &["tiny-q8"], "/nowhere/b.gguf"),
+                entry("Tiny", &["TINY-Q8"], "/nowhere/c.gguf"),
+                entry("other", &[], "/nowhere/a.gguf"),
+                entry("x", &["x", "X", "y"], "/nowhere/d.gguf"),
+                entry("z", &["y"], "/nowhere/d.gguf"),
+            ],
+            true,
+        );
         let names: Vec<(&str, &[String])> = listed
             .iter()
             .map(|f| (f.name.as_str(), f.aliases.as_slice()))
@@ -1106,9 +1134,9 @@ mod tests {
         assert_eq!(
             names,
             [
-                ("tiny", &[][..]),
+                ("tiny", &["other".to_string()][..]),
                 ("tiny-q8", &[][..]),
-                ("x", &["y".to_string()][..])
+                ("x", &["y".to_string(), "z".to_string()][..]),
             ]
         );
     }
