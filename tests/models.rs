@@ -109,6 +109,23 @@ fn requests_by_name_reach_their_model_and_unknown_names_are_404() {
             .or_default()
             .push(answer["usage"]["prompt_tokens"].as_u64().unwrap());
     }
+    // A stream names the model as asked in every chunk.
+    let body = json!({
+        "model": "gemma",
+        "messages": [{"role": "user", "content": "Name one colour."}],
+        "max_tokens": 4,
+        "stream": true,
+    });
+    let (code, stream) =
+        common::http_post_text(daemon.listen, "/v1/chat/completions", &body).unwrap();
+    assert_eq!(code, 200, "{stream}");
+    let named = stream.matches("\"model\":").count();
+    assert!(named > 0, "{stream}");
+    assert_eq!(
+        stream.matches("\"model\":\"gemma\"").count(),
+        named,
+        "{stream}"
+    );
     let (smol, gemma) = (&counts["smol"], &counts["gemma"]);
     assert!(smol[0] == smol[1] && gemma[0] == gemma[1], "{counts:?}");
     assert_ne!(smol[0], gemma[0], "both names were answered by one model");
@@ -119,7 +136,7 @@ fn requests_by_name_reach_their_model_and_unknown_names_are_404() {
     assert_ne!(smol_pid, gemma_pid);
     // The records name the model that answered.
     let (_, stats) = http_get(daemon.listen, "/stats").unwrap();
-    assert!(stats.contains("\"total_queries\":4"), "{stats}");
+    assert!(stats.contains("\"total_queries\":5"), "{stats}");
 
     let (code, answer) = chat(&daemon, "llama3.1:70b");
     assert_eq!(code, 404, "{answer}");

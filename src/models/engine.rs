@@ -170,6 +170,9 @@ impl Engine {
             // Only the model of `[llama] model` may have a fixed port.
             llama.port = 0;
         }
+        // llama-server then reports the name requests use in every answer,
+        // streamed chunks included (it splits `--alias` at commas).
+        llama.model_alias = (!name.contains(',')).then(|| name.to_string());
         let ram_tokens = plan::planned_ram_cache_tokens(plan, &llama.extra_args);
         let cost_model = CostModel::new(
             planned

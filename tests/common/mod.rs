@@ -124,6 +124,17 @@ pub fn http_request(
 /// POSTs a JSON body and reads the JSON answer (`Null` when it is not
 /// JSON); the read may take as long as a model load.
 pub fn http_post_json(addr: SocketAddr, path: &str, body: &Value) -> std::io::Result<(u16, Value)> {
+    let (code, text) = http_post_text(addr, path, body)?;
+    Ok((code, serde_json::from_str(&text).unwrap_or(Value::Null)))
+}
+
+/// POSTs a JSON body and reads the answer's body as it came on the wire
+/// (a stream's chunk framing included).
+pub fn http_post_text(
+    addr: SocketAddr,
+    path: &str,
+    body: &Value,
+) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(180)))?;
     let body = body.to_string();
@@ -140,7 +151,7 @@ pub fn http_post_json(addr: SocketAddr, path: &str, body: &Value) -> std::io::Re
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("not HTTP: {head:?}")))?;
-    Ok((code, serde_json::from_str(body).unwrap_or(Value::Null)))
+    Ok((code, body.to_string()))
 }
 
 /// True while `pid` exists and is not a zombie.
