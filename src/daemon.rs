@@ -597,12 +597,7 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
 fn fleet(prepared: &Prepared, binary: PathBuf, watchdog: Option<Watchdog>) -> Fleet {
     let config = &prepared.config;
     let specs = model_specs(config, &prepared.model.path);
-    let budget = config
-        .models
-        .memory_mib
-        .value()
-        .map(|mib| u64::from(mib) << 20)
-        .unwrap_or_else(|| plan::gpu_usable_memory(&prepared.hardware).0);
+    let budget = memory_budget(config, &prepared.hardware);
     let launcher = Launcher {
         binary,
         caps: prepared.caps,
@@ -612,6 +607,17 @@ fn fleet(prepared: &Prepared, binary: PathBuf, watchdog: Option<Watchdog>) -> Fl
         listen: config.server.listen.to_string(),
     };
     Fleet::new(specs, config.models.fallback.as_deref(), launcher, budget)
+}
+
+/// What the loaded models may use together: `[models] memory_mib`, else
+/// the memory the GPU may use.
+pub fn memory_budget(config: &Config, hardware: &Hardware) -> u64 {
+    config
+        .models
+        .memory_mib
+        .value()
+        .map(|mib| u64::from(mib) << 20)
+        .unwrap_or_else(|| plan::gpu_usable_memory(hardware).0)
 }
 
 /// What the daemon serves by name ([`crate::models::discover::servable`]):

@@ -328,3 +328,44 @@ fn run_model_by_a_discovered_name_and_serve_another_found_one() {
     assert_eq!(code, 200, "{answer}");
     assert_eq!(loaded(&daemon).len(), 2);
 }
+
+/// `doctor` names every model servable by name and the budget they share.
+#[test]
+fn doctor_lists_the_models_served_by_name() {
+    let parts = real_parts();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let text = format!(
+        "[llama]\nbinary = \"{}\"\nmodel = \"{}\"\nmodel_alias = \"smol\"\n[models]\ndiscover = false\nmemory_mib = 2048\n[[models.model]]\nname = \"gemma\"\npath = \"{}\"\nkeep_alive = \"2m\"\n",
+        parts.llama_server.display(),
+        parts.model.display(),
+        gemma().display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let run = |json: bool| {
+        let mut command = Command::new(common::BIN);
+        command.arg("doctor").arg("--config").arg(&config);
+        if json {
+            command.arg("--json");
+        }
+        let out = command.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let doc: Value = serde_json::from_str(&run(true)).unwrap();
+    let names: Vec<&str> = doc["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["smol", "gemma"]);
+    assert_eq!(doc["models"][1]["keep_alive"], 120.0);
+    assert_eq!(doc["memory_budget_bytes"], 2048 * MIB);
+    let text = run(false);
+    assert!(text.contains("2 servable"), "{text}");
+    assert!(
+        text.contains("gemma") && text.contains("unloads 120 s after"),
+        "{text}"
+    );
+}

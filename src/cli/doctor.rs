@@ -29,6 +29,10 @@ struct Report<'a> {
     /// The settings decided by measurements and the binary, with why.
     cost_decisions: Vec<String>,
     command: Vec<String>,
+    /// Every model servable by name, `[llama] model` first.
+    models: Vec<crate::models::ModelSpec>,
+    /// What the loaded models may use together (`[models] memory_mib`).
+    memory_budget_bytes: u64,
 }
 
 pub fn run(arg: ConfigArg, hardware: Option<PathBuf>, json: bool) -> i32 {
@@ -52,6 +56,8 @@ pub fn run(arg: ConfigArg, hardware: Option<PathBuf>, json: bool) -> i32 {
             binary_caps: prepared.caps,
             cost_decisions: crate::status::cost_decisions(&prepared.plan),
             command: prepared.argv(prepared.config.llama.port),
+            models: crate::daemon::model_specs(&prepared.config, &prepared.model.path),
+            memory_budget_bytes: memory_budget(&prepared),
         };
         match serde_json::to_string_pretty(&doc) {
             Ok(text) => println!("{text}"),
@@ -172,6 +178,37 @@ fn render(p: &Prepared) -> String {
             );
         }
     }
+    let specs = crate::daemon::model_specs(&p.config, &p.model.path);
+    let _ = writeln!(
+        out,
+        "\nmodels by name  {} servable; loaded together within {} ([models] memory_mib)",
+        specs.len(),
+        human_bytes(memory_budget(p))
+    );
+    const SHOWN: usize = 12;
+    for spec in specs.iter().take(SHOWN) {
+        let _ = writeln!(
+            out,
+            "  {:<40} {}{}",
+            spec.name,
+            if spec.primary {
+                "loaded at start".to_string()
+            } else {
+                "loaded on request".to_string()
+            },
+            match spec.keep_alive.duration() {
+                None => ", stays loaded".to_string(),
+                Some(d) => format!(", unloads {} s after its last request", d.as_secs()),
+            }
+        );
+    }
+    if specs.len() > SHOWN {
+        let _ = writeln!(
+            out,
+            "  … and {} more (`contextpilotd models`)",
+            specs.len() - SHOWN
+        );
+    }
     let warnings: Vec<&String> = hw.warnings.iter().chain(&plan.warnings).collect();
     if !warnings.is_empty() {
         let _ = writeln!(out, "\nwarnings");
@@ -185,4 +222,8 @@ fn render(p: &Prepared) -> String {
         shell_quote(&p.argv(p.config.llama.port))
     );
     out
+}
+
+fn memory_budget(p: &Prepared) -> u64 {
+    crate::daemon::memory_budget(&p.config, &p.hardware)
 }

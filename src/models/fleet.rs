@@ -26,7 +26,7 @@ use crate::config::KeepAlive;
 use crate::sync::lock;
 
 /// A model that can be served by name.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ModelSpec {
     pub name: String,
     /// Other names it answers to.
