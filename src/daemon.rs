@@ -558,7 +558,6 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
     let header_timeout = Duration::from_secs(config.server.header_timeout_s);
     // The primary model loads now; the others when a request names them.
     if let Ok(primary) = fleet.resolve(None) {
-        let primary = primary.clone();
         if let Err(e) = fleet.load(&primary, None).await {
             tracing::error!("{e}");
         }
@@ -596,7 +595,11 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
 /// first, and the fleet that loads them.
 fn fleet(prepared: &Prepared, binary: PathBuf, watchdog: Option<Watchdog>) -> Fleet {
     let config = &prepared.config;
-    let specs = model_specs(config, &prepared.model.path);
+    let rescan = {
+        let config = config.clone();
+        let primary = prepared.model.path.clone();
+        Box::new(move || model_specs(&config, &primary))
+    };
     let budget = memory_budget(config, &prepared.hardware);
     let launcher = Launcher {
         binary,
@@ -606,7 +609,7 @@ fn fleet(prepared: &Prepared, binary: PathBuf, watchdog: Option<Watchdog>) -> Fl
         watchdog,
         listen: config.server.listen.to_string(),
     };
-    Fleet::new(specs, config.models.fallback.as_deref(), launcher, budget)
+    Fleet::new(rescan, config.models.fallback.as_deref(), launcher, budget)
 }
 
 /// What the loaded models may use together: `[models] memory_mib`, else

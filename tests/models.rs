@@ -369,3 +369,24 @@ fn doctor_lists_the_models_served_by_name() {
         "{text}"
     );
 }
+
+/// A model that appears after the start (pulled, copied in) is served by
+/// name without a restart: a name not known makes the daemon look again.
+#[test]
+fn a_model_added_after_the_start_is_found_by_name() {
+    let parts = real_parts();
+    let more = tempfile::tempdir().unwrap();
+    let daemon = start(&parts, &format!("dirs = [\"{}\"]", more.path().display()));
+    let (code, answer) = chat(&daemon, "late-gemma");
+    assert_eq!(code, 404, "{answer}");
+    std::os::unix::fs::symlink(gemma(), more.path().join("late-gemma.gguf")).unwrap();
+    // The daemon looks again at most every two seconds.
+    let answer = wait_for(Duration::from_secs(30), "late-gemma to be found", || {
+        let (code, answer) = chat(&daemon, "late-gemma");
+        (code != 404).then_some((code, answer))
+    });
+    assert_eq!(answer.0, 200, "{}", answer.1);
+    // The file is Gemma's, which is served as "gemma" already: the new
+    // name reaches that model.
+    assert!(pid_of(&daemon, "gemma").is_some(), "{:?}", loaded(&daemon));
+}

@@ -29,7 +29,7 @@ pub(super) fn list(gateway: &Gateway) -> Response<Body> {
 /// `GET /v1/models/{id}`.
 pub(super) fn one(gateway: &Gateway, id: &str) -> Response<Body> {
     match gateway.fleet.resolve(Some(id)) {
-        Ok(spec) => respond(StatusCode::OK, &model_object(gateway, spec)),
+        Ok(spec) => respond(StatusCode::OK, &model_object(gateway, &spec)),
         Err(e) => ApiError::from(e).into_response(),
     }
 }
@@ -88,7 +88,7 @@ async fn named_model(
         .filter(|n| !n.is_empty())
         .ok_or_else(|| ApiError::bad_request("`model` (a model name) is required"))?;
     let keep_alive = keep_alive(&body)?;
-    let spec = gateway.fleet.resolve(Some(name))?.clone();
+    let spec = gateway.fleet.resolve(Some(name))?;
     Ok((spec, keep_alive))
 }
 

@@ -71,7 +71,7 @@ pub(super) async fn prepare(
         Some(Value::String(name)) => Some(name.clone()),
         Some(_) => return Err(ApiError::bad_request("`model` must be a string")),
     };
-    let spec = gateway.fleet.resolve(requested.as_deref())?.clone();
+    let spec = gateway.fleet.resolve(requested.as_deref())?;
     // Ollama's per-request keep-alive is the daemon's to act on.
     let keep_alive = super::models::keep_alive(&body)?;
     if let Some(object) = body.as_object_mut() {

@@ -144,7 +144,7 @@ async fn relay(gateway: &Gateway, request: Request<Incoming>) -> Result<Response
     let named = serde_json::from_slice::<Value>(&body)
         .ok()
         .and_then(|b| b.get("model").and_then(Value::as_str).map(str::to_string));
-    let spec = gateway.fleet.resolve(named.as_deref())?.clone();
+    let spec = gateway.fleet.resolve(named.as_deref())?;
     let engine = gateway.fleet.acquire(&spec, None).await?;
     let deadline = Instant::now() + gateway.queue_timeout;
     let target = wait_ready(&engine, gateway.queue_timeout, &[], deadline).await?;

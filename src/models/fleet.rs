@@ -89,9 +89,15 @@ impl std::fmt::Display for FleetError {
 
 /// Every servable model, the loaded ones, and the budget they share.
 pub struct Fleet {
-    specs: Vec<ModelSpec>,
-    /// The spec that answers names nothing else answers to (`[models] fallback`).
-    fallback: Option<usize>,
+    specs: std::sync::RwLock<Vec<ModelSpec>>,
+    /// The name of the model that answers names nothing else answers to
+    /// (`[models] fallback`).
+    fallback: Option<String>,
+    /// Lists the servable models again (a model pulled or copied in since
+    /// the last look), at most once per [`RESCAN_EVERY`], when a request
+    /// names one not known.
+    rescan: Option<Rescan>,
+    last_scan: std::sync::Mutex<Instant>,
     /// `None` when models cannot be started here (tests over a scripted child).
     launcher: Option<Launcher>,
     budget_bytes: u64,
@@ -104,15 +110,23 @@ pub struct Fleet {
     stopping: AtomicBool,
 }
 
+/// What lists the servable models.
+pub type Rescan = Box<dyn Fn() -> Vec<ModelSpec> + Send + Sync>;
+
+/// The shortest time between two looks for models a request named.
+pub const RESCAN_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Fleet {
-    /// A fleet that starts models with `launcher`, within `budget_bytes`.
+    /// A fleet that starts models with `launcher`, within `budget_bytes`;
+    /// `rescan` lists the servable models again when a name is not known.
     pub fn new(
-        specs: Vec<ModelSpec>,
+        rescan: Rescan,
         fallback: Option<&str>,
         launcher: Launcher,
         budget_bytes: u64,
     ) -> Fleet {
-        let mut fleet = Fleet::over(specs, fallback, Vec::new());
+        let mut fleet = Fleet::over(rescan(), fallback, Vec::new());
+        fleet.rescan = Some(rescan);
         fleet.launcher = Some(launcher);
         fleet.budget_bytes = budget_bytes;
         fleet
@@ -120,10 +134,11 @@ impl Fleet {
 
     /// A fleet over engines started elsewhere; it cannot load others.
     pub fn over(specs: Vec<ModelSpec>, fallback: Option<&str>, engines: Vec<Arc<Engine>>) -> Fleet {
-        let fallback = fallback.and_then(|name| specs.iter().position(|s| s.answers_to(name)));
         Fleet {
-            specs,
-            fallback,
+            specs: std::sync::RwLock::new(specs),
+            fallback: fallback.map(str::to_string),
+            rescan: None,
+            last_scan: std::sync::Mutex::new(Instant::now()),
             launcher: None,
             budget_bytes: u64::MAX,
             engines: std::sync::Mutex::new(engines),
@@ -138,8 +153,8 @@ impl Fleet {
         self.idle.clone()
     }
 
-    pub fn specs(&self) -> &[ModelSpec] {
-        &self.specs
+    pub fn specs(&self) -> Vec<ModelSpec> {
+        crate::sync::read(&self.specs).clone()
     }
 
     pub fn budget_bytes(&self) -> u64 {
@@ -147,18 +162,43 @@ impl Fleet {
     }
 
     /// The model a request naming `name` gets (`None`: the primary one).
-    pub fn resolve(&self, name: Option<&str>) -> Result<&ModelSpec, FleetError> {
+    /// A name not known sends the fleet looking again (a model pulled since
+    /// the last look is found), unless it looked a moment ago.
+    pub fn resolve(&self, name: Option<&str>) -> Result<ModelSpec, FleetError> {
         let wanted = name.filter(|n| !n.is_empty());
-        let found = match wanted {
-            None => self.specs.iter().find(|s| s.primary).or(self.specs.first()),
-            Some(name) => self.specs.iter().find(|s| s.answers_to(name)),
-        };
-        found
-            .or_else(|| self.fallback.map(|i| &self.specs[i]))
-            .ok_or_else(|| FleetError::NotFound {
-                name: wanted.unwrap_or_default().to_string(),
-                served: self.specs.iter().map(|s| s.name.clone()).collect(),
-            })
+        if let Some(spec) = self.find(wanted) {
+            return Ok(spec);
+        }
+        if let (Some(name), Some(rescan)) = (wanted, &self.rescan) {
+            let due = {
+                let mut last = lock(&self.last_scan);
+                let due = last.elapsed() >= RESCAN_EVERY;
+                if due {
+                    *last = Instant::now();
+                }
+                due
+            };
+            if due {
+                tracing::debug!(requested = %name, "looking for models again");
+                *crate::sync::write(&self.specs) = rescan();
+                if let Some(spec) = self.find(wanted) {
+                    return Ok(spec);
+                }
+            }
+        }
+        let fallback = self.fallback.as_deref().and_then(|f| self.find(Some(f)));
+        fallback.ok_or_else(|| FleetError::NotFound {
+            name: wanted.unwrap_or_default().to_string(),
+            served: self.specs().into_iter().map(|s| s.name).collect(),
+        })
+    }
+
+    fn find(&self, name: Option<&str>) -> Option<ModelSpec> {
+        let specs = crate::sync::read(&self.specs);
+        match name {
+            None => specs.iter().find(|s| s.primary).or(specs.first()).cloned(),
+            Some(name) => specs.iter().find(|s| s.answers_to(name)).cloned(),
+        }
     }
 
     /// The engine of a loaded model.
@@ -173,15 +213,11 @@ impl Fleet {
 
     /// The primary model's engine, when loaded; else the first loaded.
     pub fn primary(&self) -> Option<Arc<Engine>> {
+        let primary = self.find(None).filter(|s| s.primary).map(|s| s.name);
         let engines = lock(&self.engines);
-        let primary = self
-            .specs
-            .iter()
-            .find(|s| s.primary)
-            .map(|s| s.name.as_str());
         engines
             .iter()
-            .find(|e| Some(e.name.as_str()) == primary)
+            .find(|e| Some(&e.name) == primary.as_ref())
             .or(engines.first())
             .cloned()
     }
