@@ -28,7 +28,7 @@ REQUIREMENTS="$ROOT/tests/python/requirements.txt"
 NODEPS="$ROOT/tests/python/requirements-nodeps.txt"
 CACHE="${CONTEXTPILOTD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/contextpilotd}"
 # What the suite imports; an environment where these fail is rebuilt.
-IMPORT_CHECK='import openai, pytest, prometheus_client, httpx'
+IMPORT_CHECK='import openai, pytest, prometheus_client, httpx, playwright.sync_api'
 EXTRA=()
 for extra in "$@"; do
   [[ -f "$extra" ]] || { printf '[python-env] error: no requirements file at %s\n' "$extra" >&2; exit 1; }

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Tools the test suite calls besides Rust and Python: systemd-analyze (the
 # generated user unit is verified with it) and ruby (the Homebrew formula is
-# syntax-checked). Installed with apt when missing; idempotent.
+# syntax-checked), and Chromium (the dashboard is tested in a real browser).
+# Installed with apt when missing; idempotent.
 set -euo pipefail
 
 need=()
 [[ -x /usr/bin/systemd-analyze ]] || need+=(systemd)
 command -v ruby >/dev/null 2>&1 || need+=(ruby)
+# The dashboard's browser test (tests/python/test_dashboard.py).
+[[ -x /usr/bin/chromium ]] || need+=(chromium)
 ((${#need[@]})) || exit 0
 
 if ! command -v apt-get >/dev/null 2>&1; then

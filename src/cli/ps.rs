@@ -37,7 +37,7 @@ pub fn render(models: &[LoadedModel], budget: Option<u64>) -> String {
     }
     let mut out = format!(
         "{:<28} {:<10} {:>9} {:>14} {:>5} {:>6}  {}\n",
-        "NAME", "STATE", "SIZE", "SLOTS", "BUSY", "QUEUED", "UNTIL"
+        "NAME", "STATE", "MEMORY", "SLOTS", "BUSY", "QUEUED", "UNTIL"
     );
     for m in models {
         let until = match (m.unloads_in_s, m.in_use) {

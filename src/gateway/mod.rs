@@ -7,6 +7,7 @@
 
 mod batch;
 mod compat;
+mod dashboard;
 mod dispatch;
 mod error;
 pub mod guard;
@@ -146,7 +147,10 @@ const POST_PASSTHROUGH: [&str; 5] = [
 impl Gateway {
     async fn handle(self: &Arc<Self>, request: Request<Incoming>) -> Response<Body> {
         let path = request.uri().path().to_string();
-        if path != "/health" && !self.authorized(&request) {
+        // The dashboard's page and assets hold no data (its script sends
+        // the key with every request for data).
+        let open = path == "/health" || dashboard::ASSETS.contains(&path.as_str());
+        if !open && !self.authorized(&request) {
             return error(
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong API key: send \"Authorization: Bearer <key>\"",
@@ -193,6 +197,8 @@ impl Gateway {
             "/deduplicate" if post => compat::deduplicate(self, request).await,
             "/reset" if post => compat::reset(self).await,
             "/requests" if get => compat::requests(self).await,
+            "/requests/recent" if get => dashboard::recent(self, request.uri().query()).await,
+            p if get && dashboard::ASSETS.contains(&p) => dashboard::asset(p),
             "/v1/batch/chat/completions" if post => batch::batch(self, request).await,
             p if post && MODEL_ROUTES.contains(&p) => request::model_request(self, request).await,
             p if post && POST_PASSTHROUGH.contains(&p) => {

@@ -9,6 +9,7 @@
 
 pub mod gpu;
 pub mod metrics;
+pub mod recent;
 mod stats;
 mod writer;
 
@@ -118,6 +119,8 @@ enum Message {
     Record(Box<QueryRecord>),
     Stats(oneshot::Sender<StatsSnapshot>),
     Metrics(Gauges, oneshot::Sender<String>),
+    /// The records after a number, at most a count.
+    Recent(u64, usize, oneshot::Sender<recent::RecentPage>),
     /// Answered once everything sent before it is written.
     Flush(oneshot::Sender<()>),
 }
@@ -149,6 +152,7 @@ impl Meter {
             .spawn(move || {
                 let mut stats = stats::Stats::new();
                 let mut registry = metrics::Metrics::new();
+                let mut recent = recent::Recent::default();
                 for message in rx {
                     match message {
                         Message::Record(record) => {
@@ -157,6 +161,7 @@ impl Meter {
                             }
                             stats.add(&record);
                             registry.observe(&record);
+                            recent.add(&record);
                         }
                         Message::Stats(reply) => {
                             let failed = writer.as_ref().map(|w| w.failed_writes()).unwrap_or(0);
@@ -166,6 +171,9 @@ impl Meter {
                         }
                         Message::Metrics(gauges, reply) => {
                             let _ = reply.send(registry.encode(gauges));
+                        }
+                        Message::Recent(after, limit, reply) => {
+                            let _ = reply.send(recent.after(after, limit));
                         }
                         Message::Flush(reply) => {
                             let _ = reply.send(());
@@ -211,6 +219,11 @@ impl Meter {
 
     pub async fn metrics(&self, gauges: Gauges) -> Option<String> {
         self.ask(|reply| Message::Metrics(gauges, reply)).await
+    }
+
+    /// The requests recorded after number `after` (at most `limit`).
+    pub async fn recent(&self, after: u64, limit: usize) -> Option<recent::RecentPage> {
+        self.ask(|reply| Message::Recent(after, limit, reply)).await
     }
 
     /// Waits until every record sent so far is written (at shutdown).
