@@ -55,6 +55,8 @@ function renderStatus(status) {
   $("plan").textContent = `plan: ${p.slots} slot${p.slots === 1 ? "" : "s"} × ${p.ctx_per_slot} tokens, ${p.concurrency} at once, ${p.threads} threads, -ngl ${p.gpu_layers}` +
     (status.cost ? ` · prefill ${status.cost.profile.prefill_ms_per_token.toFixed(3)} ms/token (${status.cost.profile.source})` : "");
   state.msPerToken = status.cost ? status.cost.profile.prefill_ms_per_token : null;
+  $("c-saved-sub").textContent = status.cost && status.cost.profile.source !== "default"
+    ? "at the measured (or configured) prefill speed" : "at rough figures: not measured yet";
 
   const models = $("models").tBodies[0];
   models.replaceChildren(...(status.models || []).map((m) => {
