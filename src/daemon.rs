@@ -202,10 +202,7 @@ pub fn prepare_with(
     }
     let binary = resolve_binary(&config.llama.binary)
         .map_err(|message| ConfigError::new(file, Some("llama.binary"), message));
-    let (hardware, hardware_from_file) = match hardware_file {
-        Some(path) => (read_hardware_file(path)?, true),
-        None => (hardware::detect(), false),
-    };
+    let (hardware, hardware_from_file) = hardware_for(hardware_file)?;
     let caps = binary
         .as_ref()
         .ok()
@@ -303,6 +300,15 @@ pub fn read_caps(binary: &Path) -> BinaryCaps {
         out = reader.join().unwrap_or_default();
     }
     BinaryCaps::from_help(&out)
+}
+
+/// The machine to plan for: the `--hardware FILE` profile (then `true`), or
+/// what this one is.
+pub fn hardware_for(hardware_file: Option<&Path>) -> Result<(Hardware, bool), ConfigError> {
+    Ok(match hardware_file {
+        Some(path) => (read_hardware_file(path)?, true),
+        None => (hardware::detect(), false),
+    })
 }
 
 fn read_hardware_file(path: &Path) -> Result<Hardware, ConfigError> {

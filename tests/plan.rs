@@ -373,6 +373,123 @@ fn write_config(dir: &Path, model: &Path, port: u16) -> PathBuf {
     config
 }
 
+/// An executable that answers `--help` with nothing: a binary that exists,
+/// with no optional flags, as the planner sees a missing one.
+fn stub_binary(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("llama-server");
+    std::fs::write(&path, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+fn write_config_with(dir: &Path, model: &Path, binary: &Path) -> PathBuf {
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[llama]\nbinary = \"{}\"\nmodel = \"{}\"\nport = 8081\n",
+            binary.display(),
+            model.display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// A PROBLEM in doctor's report is what would stop `run`, with its exit
+/// code (2): a missing binary still gets the whole plan; a missing model
+/// still gets the configuration, the binary and the hardware.
+#[test]
+fn doctor_exits_2_on_a_problem_and_still_shows_the_hardware() {
+    let dir = tempfile::tempdir().unwrap();
+    let hardware = fixture_path("macos-m4max-64gb");
+    let doctor = |config: &Path, json: bool| {
+        let mut command = Command::new(BIN);
+        command.arg("doctor");
+        if json {
+            command.arg("--json");
+        }
+        let out = command
+            .arg("--config")
+            .arg(config)
+            .arg("--hardware")
+            .arg(&hardware)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+
+    // The binary is missing (write_config names Homebrew's path).
+    let model = sparse_8b_model(dir.path());
+    let config = write_config(dir.path(), &model, 8081);
+    let (code, text, stderr) = doctor(&config, false);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(text.contains("llama-server   PROBLEM:"), "{text}");
+    assert!(
+        text.contains("KV budget"),
+        "the plan is still shown:\n{text}"
+    );
+    let (code, json, _) = doctor(&config, true);
+    assert_eq!(code, Some(2));
+    let doc: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(doc["plan"]["slots"], 10);
+    let problems = doc["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{doc}");
+    assert!(
+        problems[0].as_str().unwrap().contains("llama.binary"),
+        "{doc}"
+    );
+
+    // The model is missing too: no plan, but what is known is shown.
+    let missing = dir.path().join("gone.gguf");
+    let config = write_config(dir.path(), &missing, 8081);
+    let (code, text, stderr) = doctor(&config, false);
+    assert_eq!(code, Some(2), "{stderr}");
+    for needle in [
+        "configuration",
+        "Apple M4 Max",
+        "model          PROBLEM:",
+        "gone.gguf",
+        "llama.model",
+    ] {
+        assert!(
+            text.contains(needle),
+            "doctor output lacks {needle}:\n{text}"
+        );
+    }
+    assert!(!text.contains("KV budget"), "{text}");
+    let (code, json, _) = doctor(&config, true);
+    assert_eq!(code, Some(2));
+    let doc: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(doc["hardware"]["chip"], "Apple M4 Max");
+    assert!(doc.get("plan").is_none(), "{doc}");
+    let problems: Vec<&str> = doc["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert!(problems[0].contains("gone.gguf"), "{problems:?}");
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("/opt/homebrew/bin/llama-server")),
+        "{problems:?}"
+    );
+
+    // With both in place there is no problem and the exit code is 0.
+    let config = write_config_with(dir.path(), &model, &stub_binary(dir.path()));
+    let (code, json, stderr) = doctor(&config, true);
+    assert_eq!(code, Some(0), "{stderr}");
+    let doc: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(doc["problems"].as_array().unwrap().len(), 0);
+}
+
 #[test]
 fn print_command_golden() {
     let dir = tempfile::tempdir().unwrap();
@@ -408,7 +525,7 @@ fn print_command_golden() {
 fn doctor_explains_and_its_hardware_json_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let model = sparse_8b_model(dir.path());
-    let config = write_config(dir.path(), &model, 8081);
+    let config = write_config_with(dir.path(), &model, &stub_binary(dir.path()));
     let run = |args: &[&str], hardware: &Path| {
         let out = Command::new(BIN)
             .args(args)

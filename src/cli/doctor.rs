@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::{report, ConfigArg, EXIT_OK};
+use super::{report, ConfigArg, EXIT_CONFIG, EXIT_OK};
+use crate::config::{Config, ConfigError, ConfigSource};
 use crate::daemon::Prepared;
 use crate::gguf::ModelFacts;
 use crate::hardware::Hardware;
@@ -33,13 +34,24 @@ struct Report<'a> {
     models: Vec<crate::models::ModelSpec>,
     /// What the loaded models may use together (`[models] memory_mib`).
     memory_budget_bytes: u64,
+    /// What would stop `run` (the exit code is then 2); empty when nothing.
+    problems: Vec<String>,
 }
 
 pub fn run(arg: ConfigArg, hardware: Option<PathBuf>, json: bool) -> i32 {
-    let prepared = match super::prepare(&arg, hardware.as_deref()) {
+    let source = ConfigSource::locate(arg.config.as_deref());
+    let prepared = match crate::daemon::prepare(source.clone(), hardware.as_deref()) {
         Ok(p) => p,
-        Err(code) => return code,
+        Err(problem) => return without_a_plan(&source, hardware.as_deref(), &problem, json),
     };
+    // What stops `run` is a PROBLEM here too, with the same exit code.
+    let problems: Vec<String> = prepared
+        .binary
+        .as_ref()
+        .err()
+        .map(|e| e.to_string())
+        .into_iter()
+        .collect();
     if json {
         let doc = Report {
             config: prepared.source.to_string(),
@@ -58,6 +70,7 @@ pub fn run(arg: ConfigArg, hardware: Option<PathBuf>, json: bool) -> i32 {
             command: prepared.argv(prepared.config.llama.port),
             models: crate::daemon::model_specs(&prepared.config, &prepared.model.path),
             memory_budget_bytes: memory_budget(&prepared),
+            problems: problems.clone(),
         };
         match serde_json::to_string_pretty(&doc) {
             Ok(text) => println!("{text}"),
@@ -66,7 +79,68 @@ pub fn run(arg: ConfigArg, hardware: Option<PathBuf>, json: bool) -> i32 {
     } else {
         print!("{}", render(&prepared));
     }
-    EXIT_OK
+    if problems.is_empty() {
+        EXIT_OK
+    } else {
+        EXIT_CONFIG
+    }
+}
+
+/// The report when no plan can be made (the model is missing or not a
+/// model, a `[models]` entry is wrong): what is known (the configuration,
+/// the binary, the hardware) and the problem, exit 2 as `run` would. A
+/// configuration that cannot be read, or a bad `--hardware` file, is only
+/// reported.
+fn without_a_plan(
+    source: &ConfigSource,
+    hardware_file: Option<&std::path::Path>,
+    problem: &ConfigError,
+    json: bool,
+) -> i32 {
+    let known = Config::load(source)
+        .and_then(|config| Ok((config, crate::daemon::hardware_for(hardware_file)?)));
+    let (config, (hardware, from_file)) = match known {
+        Ok(known) => known,
+        Err(e) => {
+            report(&e);
+            return EXIT_CONFIG;
+        }
+    };
+    let binary = crate::daemon::resolve_binary(&config.llama.binary);
+    let mut problems = vec![problem.to_string()];
+    if let Err(e) = &binary {
+        problems.push(e.clone());
+    }
+    if json {
+        let doc = serde_json::json!({
+            "config": source.to_string(),
+            "binary": match &binary {
+                Ok(path) => serde_json::json!({ "Ok": path.display().to_string() }),
+                Err(e) => serde_json::json!({ "Err": e }),
+            },
+            "hardware": hardware,
+            "problems": problems,
+        });
+        match serde_json::to_string_pretty(&doc) {
+            Ok(text) => println!("{text}"),
+            Err(e) => report(&e),
+        }
+    } else {
+        let mut out = String::new();
+        let _ = writeln!(out, "configuration  {source}");
+        let _ = match &binary {
+            Ok(path) => writeln!(out, "llama-server   {}", path.display()),
+            Err(e) => writeln!(out, "llama-server   PROBLEM: {e}"),
+        };
+        render_hardware(&mut out, &hardware, from_file);
+        let _ = writeln!(out, "\nmodel          PROBLEM: {problem}");
+        let _ = writeln!(
+            out,
+            "\nno plan without a model: fix the problem above and run `contextpilotd doctor` again"
+        );
+        print!("{out}");
+    }
+    EXIT_CONFIG
 }
 
 fn render(p: &Prepared) -> String {
@@ -79,29 +153,7 @@ fn render(p: &Prepared) -> String {
         Ok(path) => writeln!(out, "llama-server   {}", path.display()),
         Err(e) => writeln!(out, "llama-server   PROBLEM: {}", e.message),
     };
-    let _ = writeln!(
-        out,
-        "\nhardware{}",
-        if p.hardware_from_file {
-            " (from --hardware)"
-        } else {
-            " (detected)"
-        }
-    );
-    let _ = writeln!(out, "  chip         {} ({} {})", hw.chip, hw.os, hw.arch);
-    let _ = writeln!(out, "  memory       {}", human_bytes(hw.memory_bytes));
-    let _ = writeln!(
-        out,
-        "  cores        {} performance, {} efficiency, {} logical",
-        hw.perf_cores, hw.efficiency_cores, hw.logical_cpus
-    );
-    let gpu = match (&hw.gpu_name, hw.gpu_cores, hw.gpu_memory_bytes) {
-        (Some(name), Some(cores), _) => format!("{name}, {cores} cores"),
-        (Some(name), None, Some(vram)) => format!("{name}, {} VRAM", human_bytes(vram)),
-        (Some(name), None, None) => name.clone(),
-        (None, _, _) => "none".to_string(),
-    };
-    let _ = writeln!(out, "  gpu          {gpu} (backend: {:?})", hw.accelerator);
+    render_hardware(&mut out, hw, p.hardware_from_file);
     let _ = writeln!(out, "\nmodel          {}", m.path.display());
     let _ = writeln!(
         out,
@@ -222,6 +274,32 @@ fn render(p: &Prepared) -> String {
         shell_quote(&p.argv(p.config.llama.port))
     );
     out
+}
+
+fn render_hardware(out: &mut String, hw: &Hardware, from_file: bool) {
+    let _ = writeln!(
+        out,
+        "\nhardware{}",
+        if from_file {
+            " (from --hardware)"
+        } else {
+            " (detected)"
+        }
+    );
+    let _ = writeln!(out, "  chip         {} ({} {})", hw.chip, hw.os, hw.arch);
+    let _ = writeln!(out, "  memory       {}", human_bytes(hw.memory_bytes));
+    let _ = writeln!(
+        out,
+        "  cores        {} performance, {} efficiency, {} logical",
+        hw.perf_cores, hw.efficiency_cores, hw.logical_cpus
+    );
+    let gpu = match (&hw.gpu_name, hw.gpu_cores, hw.gpu_memory_bytes) {
+        (Some(name), Some(cores), _) => format!("{name}, {cores} cores"),
+        (Some(name), None, Some(vram)) => format!("{name}, {} VRAM", human_bytes(vram)),
+        (Some(name), None, None) => name.clone(),
+        (None, _, _) => "none".to_string(),
+    };
+    let _ = writeln!(out, "  gpu          {gpu} (backend: {:?})", hw.accelerator);
 }
 
 fn memory_budget(p: &Prepared) -> u64 {
