@@ -347,6 +347,68 @@ fn install_dry_run_prints_the_exact_commands_for_both_platforms() {
     assert_eq!(std::fs::read_dir(&home).unwrap().count(), 0);
 }
 
+/// `install --dry-run` warns as the install itself does, on stderr (stdout
+/// stays the steps): a configuration file that does not exist, and a
+/// program that lives in a cargo build directory.
+#[test]
+fn install_dry_run_warns_as_the_install_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path().canonicalize().unwrap();
+    let home = dir.join("home");
+    std::fs::create_dir(&home).unwrap();
+    // The same program at two places: a build output and an installed copy.
+    let place = |relative: &str| {
+        let path = dir.join(relative);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        if std::fs::hard_link(BIN, &path).is_err() {
+            std::fs::copy(BIN, &path).unwrap();
+        }
+        path
+    };
+    let built = place("src/contextpilotd/target/release/contextpilotd");
+    let installed = place("bin/contextpilotd");
+    let config = dir.join("config.toml");
+    let dry_run = |program: &Path| {
+        let out = Command::new(program)
+            .args([
+                "service",
+                "install",
+                "--dry-run",
+                "--platform",
+                "linux",
+                "--config",
+            ])
+            .arg(&config)
+            .env("HOME", &home)
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("CONTEXTPILOTD_CONFIG")
+            .output()
+            .unwrap();
+        let stdout = stdout_of(&out);
+        assert!(stdout.starts_with("# write "), "{stdout}");
+        assert!(!stdout.contains("warning"), "{stdout}");
+        String::from_utf8(out.stderr).unwrap()
+    };
+
+    let stderr = dry_run(&built);
+    assert!(
+        stderr.contains("config.toml does not exist yet"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("under target/"), "{stderr}");
+    assert!(stderr.contains(&built.display().to_string()), "{stderr}");
+
+    std::fs::write(&config, "").unwrap();
+    let stderr = dry_run(&built);
+    assert!(!stderr.contains("does not exist"), "{stderr}");
+    assert!(stderr.contains("under target/"), "{stderr}");
+
+    let stderr = dry_run(&installed);
+    assert!(!stderr.contains("warning"), "{stderr}");
+    // A dry run writes nothing.
+    assert_eq!(std::fs::read_dir(&home).unwrap().count(), 0);
+}
+
 #[test]
 fn other_dry_runs_print_the_exact_commands() {
     let home = tempfile::tempdir().unwrap();

@@ -153,6 +153,13 @@ fn act(action: Action, args: &ServiceArgs) -> Result<(), ServiceError> {
         spec: spec.as_ref(),
     };
     let steps = service::steps(action, &cx);
+    // The dry run warns as the install would, on stderr: stdout stays the
+    // steps alone.
+    if let Some(spec) = &spec {
+        for warning in service::install_warnings(spec, Path::new(&spec.config).is_file()) {
+            eprintln!("contextpilotd: warning: {warning}");
+        }
+    }
     if args.dry_run {
         print!("{}", service::describe(&steps));
         return Ok(());
@@ -162,15 +169,6 @@ fn act(action: Action, args: &ServiceArgs) -> Result<(), ServiceError> {
             "not installed as a service ({} does not exist): contextpilotd service install",
             unit_path.display()
         )));
-    }
-    if let Some(spec) = &spec {
-        if !Path::new(&spec.config).is_file() {
-            eprintln!(
-                "contextpilotd: warning: {} does not exist yet; the service exits with code 2 until it does \
-                 (it needs at least `[llama] model = \"/path/to/model.gguf\"`)",
-                spec.config
-            );
-        }
     }
     service::run_steps(&steps).map_err(|e| match (action, e) {
         (Action::Install, ServiceError::Failed(message)) => {

@@ -605,3 +605,77 @@ pub fn describe_report(report: &ServiceReport) -> String {
     }
     parts.join(", ")
 }
+
+/// What `install`, and its dry run alike, warns about before it writes the
+/// unit: a configuration file that is not there yet (the service would exit
+/// with code 2 at every start), and a binary inside a cargo build directory
+/// (the next `cargo build`, `cargo clean` or checkout replaces or removes
+/// the program the service runs).
+pub fn install_warnings(spec: &UnitSpec, config_exists: bool) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if !config_exists {
+        warnings.push(format!(
+            "{} does not exist yet; the service exits with code 2 until it does \
+             (it needs at least `[llama] model = \"/path/to/model.gguf\"`)",
+            spec.config
+        ));
+    }
+    if in_cargo_target(Path::new(&spec.binary)) {
+        warnings.push(format!(
+            "the service would run {}, a build output under target/ that the next cargo build or \
+             cargo clean replaces or removes; install the program first (cargo install --path . , \
+             or copy it to ~/.local/bin) and run `service install` from there",
+            spec.binary
+        ));
+    }
+    warnings
+}
+
+/// True for `…/target/{debug,release}/…` and `…/target/<triple>/{debug,release}/…`.
+fn in_cargo_target(binary: &Path) -> bool {
+    let parts: Vec<&std::ffi::OsStr> = binary
+        .parent()
+        .map(|dir| dir.iter().collect())
+        .unwrap_or_default();
+    let profile = |p: &std::ffi::OsStr| p == "debug" || p == "release";
+    parts.windows(2).any(|w| w[0] == "target" && profile(w[1]))
+        || parts.windows(3).any(|w| w[0] == "target" && profile(w[2]))
+}
+
+#[cfg(test)]
+mod install_warning_tests {
+    use super::*;
+
+    fn spec(binary: &str) -> UnitSpec {
+        UnitSpec {
+            binary: binary.into(),
+            config: "/home/u/.config/contextpilotd/config.toml".into(),
+            home: "/home/u".into(),
+        }
+    }
+
+    #[test]
+    fn a_missing_config_and_a_binary_under_target_are_warned_about() {
+        assert!(install_warnings(&spec("/usr/local/bin/contextpilotd"), true).is_empty());
+        assert!(install_warnings(&spec("/home/u/.cargo/bin/contextpilotd"), true).is_empty());
+        // A directory merely named target is not a cargo build output.
+        assert!(install_warnings(&spec("/srv/target/bin/contextpilotd"), true).is_empty());
+
+        let missing = install_warnings(&spec("/usr/local/bin/contextpilotd"), false);
+        assert_eq!(missing.len(), 1);
+        assert!(
+            missing[0].contains("config.toml does not exist"),
+            "{missing:?}"
+        );
+
+        for built in [
+            "/home/u/src/contextpilotd/target/release/contextpilotd",
+            "/home/u/src/contextpilotd/target/debug/contextpilotd",
+            "/home/u/src/contextpilotd/target/aarch64-apple-darwin/release/contextpilotd",
+        ] {
+            let warnings = install_warnings(&spec(built), true);
+            assert_eq!(warnings.len(), 1, "{built}");
+            assert!(warnings[0].contains("under target/"), "{warnings:?}");
+        }
+    }
+}
