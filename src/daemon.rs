@@ -18,6 +18,7 @@ use crate::cost::CostProfile;
 use crate::gateway::{self, Gateway, Upstream};
 use crate::gguf::{self, ModelFacts};
 use crate::hardware::{self, Hardware};
+use crate::logbus::LogBus;
 use crate::meter::gpu::GpuSampler;
 use crate::meter::Meter;
 use crate::models::engine::Launcher;
@@ -481,8 +482,13 @@ impl ShutdownSignals {
     }
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(), StartError> {
+/// Runs the daemon until SIGTERM or SIGINT; `logs` is what `GET /logs`
+/// shows (the bus the log subscriber feeds).
+pub async fn run(
+    prepared: Prepared,
+    mut signals: ShutdownSignals,
+    logs: LogBus,
+) -> Result<(), StartError> {
     let binary = prepared.binary.clone()?;
     let listen = prepared.config.server.listen;
     let lock = InstanceLock::acquire(listen)?;
@@ -560,6 +566,7 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
         compat: crate::gateway::CompatState::new(&config.reorder),
         next_query: AtomicU64::new(0),
         streams: Default::default(),
+        logs: logs.clone(),
     });
     let header_timeout = Duration::from_secs(config.server.header_timeout_s);
     // The primary model loads now; the others when a request names them.
@@ -574,6 +581,8 @@ pub async fn run(prepared: Prepared, mut signals: ShutdownSignals) -> Result<(),
         signals.recv().await;
         // From here on a child that dies is not replaced.
         fleet.drain();
+        // `logs -f` streams end, so their connections do not hold the drain.
+        logs.close();
     };
     let streams = gateway.streams.clone();
     gateway::serve(listener, gateway, stop, DRAIN_GRACE, header_timeout).await;

@@ -31,6 +31,8 @@
 //!   loaded on demand within the memory budget, unloaded after `keep_alive`.
 //! * [`meter`]: the meter thread (JSONL query log, `/stats`, Prometheus) and
 //!   the GPU sampler.
+//! * [`logbus`]: the daemon's log lines live: the last 500 and a broadcast,
+//!   fed by a `tracing` layer, for `GET /logs` and `contextpilotd logs`.
 //! * [`rotate`]: a file of whole lines rotated by size, under the query log
 //!   and the daemon's own log.
 //! * [`status`]: the status document and its human rendering.
@@ -63,6 +65,7 @@ pub mod gateway;
 pub mod gguf;
 pub mod hardware;
 pub mod http_client;
+pub mod logbus;
 pub mod meter;
 pub mod models;
 pub mod plan;

@@ -23,6 +23,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, EnvFilter, Layer};
 
 use crate::config::{Config, LOG_FILE};
+use crate::logbus::LogBus;
 use crate::rotate::{RotatingFile, WriteError};
 
 /// Which destinations the daemon's log lines go to.
@@ -85,6 +86,8 @@ fn stderr_dev_ino() -> Option<(u64, u64)> {
 #[must_use = "dropping it stops the log writers"]
 pub struct Logging {
     _guards: Vec<WorkerGuard>,
+    /// Every line, live, for `GET /logs`.
+    pub bus: LogBus,
 }
 
 /// Sets up the global subscriber. `CONTEXTPILOTD_LOG` overrides the level
@@ -141,11 +144,19 @@ pub fn init(config: &Config) -> Logging {
             .with_writer(worker("contextpilotd-log-file", Box::new(file)))
             .with_filter(filter())
     });
+    // The same lines as the log file, published in the calling thread (a
+    // copy into memory, never a wait on a disk or a pipe).
+    let bus = LogBus::new();
+    let bus_layer = bus.layer().with_filter(filter());
     let _ = tracing_subscriber::registry()
         .with(stderr_layer)
         .with(file_layer)
+        .with(bus_layer)
         .try_init();
-    Logging { _guards: guards }
+    Logging {
+        _guards: guards,
+        bus,
+    }
 }
 
 /// `contextpilotd.log` as the log writer's thread sees it: each write is one

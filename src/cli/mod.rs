@@ -5,6 +5,7 @@
 
 mod doctor;
 mod logging;
+mod logs;
 mod models;
 mod print_command;
 mod ps;
@@ -33,6 +34,8 @@ Examples:
       Ask the running daemon how it and its llama-server are doing.
   contextpilotd status --json | jq .child
       The same, as JSON.
+  contextpilotd logs -f --requests
+      Follow the daemon's log: a line per request as it is answered.
   contextpilotd print-command
       Show the llama-server command line the daemon would run.
   contextpilotd doctor --hardware m3max.json
@@ -84,6 +87,17 @@ pub enum Command {
         /// Print the status document as JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Show the running daemon's recent log lines (its own, llama-server's, one per request).
+    Logs {
+        /// Keep printing new lines as they are logged, until Ctrl-C or the daemon stops.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the one line per request (method, path, model, status, times, cache, slot).
+        #[arg(long)]
+        requests: bool,
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -171,6 +185,11 @@ pub fn main() -> i32 {
     match cli.command {
         Command::Run { config, model } => run::run(config, model),
         Command::Status { json, config } => status::run(config, json),
+        Command::Logs {
+            follow,
+            requests,
+            config,
+        } => logs::run(config, follow, requests),
         Command::PrintCommand { config, hardware } => print_command::run(config, hardware),
         Command::Doctor {
             json,

@@ -32,7 +32,7 @@ pub fn run(arg: ConfigArg, model: Option<String>) -> i32 {
         // From here on log lines go where `logging` decides; errors that
         // stop the start still go to stderr, after the lines before them.
         let logs = logging::init(&prepared.config);
-        match daemon::run(prepared, signals).await {
+        match daemon::run(prepared, signals, logs.bus.clone()).await {
             Ok(()) => (EXIT_OK, Some(logs)),
             Err(e) => {
                 drop(logs);

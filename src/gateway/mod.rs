@@ -12,6 +12,7 @@ mod dispatch;
 mod error;
 pub mod guard;
 mod headers;
+mod logs;
 mod models;
 mod prepare;
 mod request;
@@ -80,6 +81,8 @@ pub struct Gateway {
     /// Streaming responses still being relayed (each records itself when
     /// it ends), so that shutdown flushes the meter after the last one.
     pub streams: StreamTasks,
+    /// The daemon's log lines, for `GET /logs`.
+    pub logs: crate::logbus::LogBus,
 }
 
 /// A count of the stream tasks in flight.
@@ -179,6 +182,7 @@ impl Gateway {
                 ),
             },
             "/metrics" if get => self.metrics().await,
+            "/logs" if get => logs::logs(self, request.uri().query()),
             "/v1/models" | "/models" if get => models::list(self),
             "/models/loaded" if get => models::loaded(self),
             "/models/load" if post => models::load(self, request).await,
@@ -205,7 +209,7 @@ impl Gateway {
                 upstream::passthrough(self, request).await
             }
             "/health" | "/status" | "/stats" | "/metrics" | "/v1/models" | "/models" | "/slots"
-            | "/requests" | "/models/loaded" => method_not_allowed(&method, &path, "GET"),
+            | "/requests" | "/models/loaded" | "/logs" => method_not_allowed(&method, &path, "GET"),
             "/models/load" | "/models/unload" => method_not_allowed(&method, &path, "POST"),
             p if MODEL_ROUTES.contains(&p)
                 || POST_PASSTHROUGH.contains(&p)

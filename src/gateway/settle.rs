@@ -217,17 +217,66 @@ fn settle(gateway: &Gateway, facts: RequestFacts, outcome: Outcome) {
         gateway.reorder.commit(facts.commits);
     }
     let model = model.or(facts.model_name).unwrap_or_default();
-    gateway.meter.record(record(
-        gateway,
-        facts.record,
-        model,
-        decision,
-        outcome,
-        reuse,
-    ));
+    let record = record(gateway, facts.record, model, decision, outcome, reuse);
+    // The daemon's log line for it (and `contextpilotd logs --requests`).
+    tracing::info!(target: crate::logbus::REQUEST_TARGET, "{}", request_line(&record));
+    gateway.meter.record(record);
     // The engine is let go only now, after its slot table learnt the
     // outcome: it may unload as soon as it is idle.
     drop(engine);
+}
+
+/// One settled request as a log line of `key=value` fields, e.g.
+/// `POST /v1/chat/completions model=smol status=200 ms=412 ttft_ms=120
+/// cached=96/130 slot=0 choice=prefix reorder=kept stream=false
+/// retried=false id=18c2f-7`. A value not known is `-`. Made only from
+/// figures and names: never the prompt, the completion or an error's text
+/// (which can quote the child or the body).
+pub fn request_line(record: &QueryRecord) -> String {
+    use std::fmt::Write;
+    let dash = || "-".to_string();
+    let ms = |v: f64| format!("{:.0}", v.max(0.0));
+    // Only POST routes run a model request (`MODEL_ROUTES`, the batch route).
+    let mut line = format!("POST {}", record.path);
+    let _ = write!(line, " model={}", field(&record.model));
+    let _ = write!(line, " status={}", record.status_code);
+    let _ = write!(line, " ms={}", ms(record.latency_ms));
+    let _ = write!(line, " ttft_ms={}", record.ttft_ms.map_or_else(dash, ms));
+    let cached = record.cache_reuse.as_ref().map_or_else(dash, |c| {
+        format!("{}/{}", c.reused_tokens, c.total_prompt_tokens)
+    });
+    let _ = write!(line, " cached={cached}");
+    let slot = record.slot_id.map_or_else(dash, |s| s.to_string());
+    let _ = write!(line, " slot={slot}");
+    let choice = record.slot_decision.as_ref().map_or("-", |d| d.choice);
+    let _ = write!(line, " choice={choice}");
+    // Only requests with documents have an order to keep or change.
+    let reorder = match &record.reorder {
+        Some(info) if info.reordered => "reordered",
+        Some(_) => "kept",
+        None => "-",
+    };
+    let _ = write!(line, " reorder={reorder}");
+    let _ = write!(line, " stream={}", record.stream);
+    let _ = write!(line, " retried={}", record.retried);
+    let _ = write!(line, " id={}", field(&record.query_id));
+    line
+}
+
+/// A name as one `key=value` field: `-` when empty, quoted (Rust's escapes)
+/// when it has spaces, quotes or control characters, so a line always
+/// splits into the same fields.
+fn field(value: &str) -> String {
+    if value.is_empty() {
+        "-".to_string()
+    } else if value
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == '=')
+    {
+        format!("{value:?}")
+    } else {
+        value.to_string()
+    }
 }
 
 /// The request's record for the meter.
@@ -282,5 +331,110 @@ fn record(
         block_dedup: facts.block_dedup,
         prompt: facts.prompt,
         completion: outcome.completion,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::slots::SlotDecision;
+
+    fn answered() -> QueryRecord {
+        QueryRecord {
+            query_id: "18c2f-7".into(),
+            timestamp: "2026-12-02T10:00:00Z".into(),
+            path: "/v1/chat/completions".into(),
+            model: "smollm2".into(),
+            slot_id: Some(0),
+            status_code: 200,
+            stream: false,
+            latency_ms: 411.6,
+            ttft_ms: Some(120.2),
+            prompt_tokens: Some(130),
+            completion_tokens: Some(4),
+            cache_reuse: CacheReuse::from_timings(&serde_json::json!({
+                "cache_n": 96, "prompt_n": 34, "prompt_ms": 30.0, "predicted_ms": 80.0,
+                "predicted_n": 4,
+            })),
+            error: None,
+            retried: false,
+            gpu: None,
+            reorder: None,
+            slot_decision: Some(SlotDecision {
+                choice: "prefix",
+                predicted_ms: 30.0,
+                predicted_prompt_tokens: 130,
+                predicted_reused_tokens: 96,
+                restore_ms: 0.0,
+                save_ms: 0.0,
+                lost_value_ms: 0.0,
+                free_slots: 1,
+            }),
+            block_dedup: None,
+            prompt: Some(serde_json::json!("the secret prompt")),
+            completion: Some("the secret answer".into()),
+        }
+    }
+
+    #[test]
+    fn an_answered_request_is_one_line_of_its_figures() {
+        assert_eq!(
+            request_line(&answered()),
+            "POST /v1/chat/completions model=smollm2 status=200 ms=412 ttft_ms=120 \
+             cached=96/130 slot=0 choice=prefix reorder=- stream=false retried=false id=18c2f-7"
+        );
+    }
+
+    #[test]
+    fn what_is_not_known_is_a_dash_and_no_text_is_logged() {
+        // A client that went away before a slot: no timings, slot or model.
+        let mut record = answered();
+        record.status_code = 499;
+        record.model = String::new();
+        record.slot_id = None;
+        record.ttft_ms = None;
+        record.cache_reuse = None;
+        record.slot_decision = None;
+        record.error = Some("a message quoting \"the secret prompt\"".into());
+        record.stream = true;
+        let line = request_line(&record);
+        assert_eq!(
+            line,
+            "POST /v1/chat/completions model=- status=499 ms=412 ttft_ms=- cached=- slot=- \
+             choice=- reorder=- stream=true retried=false id=18c2f-7"
+        );
+        assert!(!line.contains("secret"), "{line}");
+        assert!(!request_line(&answered()).contains("secret"));
+    }
+
+    #[test]
+    fn the_reorder_decision_is_named() {
+        let mut record = answered();
+        let info = |reordered| ReorderInfo {
+            documents: 3,
+            moved: if reordered { 2 } else { 0 },
+            deduped: 0,
+            predicted_reused_tokens: 90,
+            slot_choice: "cached-prefix",
+            reordered,
+            predicted_gain_ms: 12.0,
+        };
+        record.reorder = Some(info(true));
+        assert!(request_line(&record).contains(" reorder=reordered "));
+        record.reorder = Some(info(false));
+        assert!(request_line(&record).contains(" reorder=kept "));
+    }
+
+    #[test]
+    fn a_name_with_spaces_stays_one_field() {
+        let mut record = answered();
+        record.model = "my model \"v2\"".into();
+        let line = request_line(&record);
+        assert!(
+            line.contains(r#" model="my model \"v2\"" status=200"#),
+            "{line}"
+        );
+        record.model = "a=b".into();
+        assert!(request_line(&record).contains(r#" model="a=b" "#));
     }
 }

@@ -226,6 +226,7 @@ async fn start_with(slots: usize, model_fallback: bool) -> Harness {
         compat: super::CompatState::new(&Default::default()),
         next_query: Default::default(),
         streams: Default::default(),
+        logs: Default::default(),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -713,4 +714,61 @@ async fn with_a_fallback_any_name_is_served() {
         serde_json::from_str::<Value>(&text).unwrap()["model"],
         "gpt-4o"
     );
+}
+
+#[tokio::test]
+async fn logs_shows_the_kept_lines_then_follows_until_the_bus_closes() {
+    let h = start(1).await;
+    let logs = &h.gateway.logs;
+    logs.publish("2026-12-02T10:00:00Z  INFO contextpilotd: started", false);
+    logs.publish(
+        "2026-12-02T10:00:01Z  INFO request: POST /v1/chat/completions status=200",
+        true,
+    );
+    let get = |path: &'static str| h.send_with(hyper::Method::GET, path, &[], &Value::Null);
+
+    let text = |response: Response<Incoming>| async move {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    let all = get("/logs").await;
+    assert_eq!(all.status(), StatusCode::OK);
+    assert_eq!(
+        all.headers()[hyper::header::CONTENT_TYPE],
+        "text/plain; charset=utf-8"
+    );
+    assert_eq!(text(all).await.lines().count(), 2);
+    let requests = text(get("/logs?requests=1").await).await;
+    assert_eq!(
+        requests,
+        "2026-12-02T10:00:01Z  INFO request: POST /v1/chat/completions status=200\n"
+    );
+    let bad = get("/logs?follow=maybe").await;
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    assert!(text(bad).await.contains("follow=1"));
+
+    let mut live = get("/logs?follow=1&requests=1").await.into_body();
+    assert_eq!(
+        next_chunk(&mut live).await.unwrap(),
+        requests,
+        "the kept request line first"
+    );
+    logs.publish("a daemon line, not for this follower", false);
+    logs.publish("INFO request: POST /completion status=499", true);
+    assert_eq!(
+        next_chunk(&mut live).await.unwrap(),
+        "INFO request: POST /completion status=499\n"
+    );
+    // Shutdown closes the bus: the stream ends, and the connection with it.
+    logs.close();
+    assert_eq!(next_chunk(&mut live).await, None);
+}
+
+/// The next data frame of a streamed body; `None` at its end.
+async fn next_chunk(body: &mut Incoming) -> Option<String> {
+    let frame = tokio::time::timeout(DEADLINE, body.frame())
+        .await
+        .expect("a frame in time")?;
+    let data = frame.unwrap().into_data().expect("a data frame");
+    Some(String::from_utf8_lossy(&data).into_owned())
 }

@@ -22,6 +22,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
+use tracing::Level;
 
 /// How many lines of the child's output are kept for `status`.
 pub const TAIL_LINES: usize = 200;
@@ -113,6 +114,10 @@ impl ChildProcess {
         if let Some(key) = key {
             command.env("LLAMA_API_KEY", &*key.0);
         }
+        // The level mark on each line (`W `, `E `, ...) that `line_level`
+        // reads. Through the environment, not the argv: a build that does
+        // not know the setting ignores a variable but refuses a flag.
+        command.env("LLAMA_ARG_LOG_PREFIX", "1");
         set_parent_death_signal(&mut command);
         let mut child = command.spawn()?;
         let pid = child.id().unwrap_or_default();
@@ -215,10 +220,92 @@ async fn forward_lines(stream: impl AsyncRead + Unpin, pid: u32, tail: OutputTai
                 if line.is_empty() {
                     continue;
                 }
-                tracing::info!(target: "llama_server", "llama-server[{pid}]: {line}");
+                let (level, text) = line_level(&line);
+                log_child_line(level, pid, text);
                 tail.push(line);
             }
         }
+    }
+}
+
+/// One of the child's lines in the daemon's log, at its own level.
+fn log_child_line(level: Level, pid: u32, text: &str) {
+    // tracing's macros need the level at compile time.
+    match level {
+        Level::ERROR => tracing::error!(target: "llama_server", "llama-server[{pid}]: {text}"),
+        Level::WARN => tracing::warn!(target: "llama_server", "llama-server[{pid}]: {text}"),
+        Level::DEBUG => tracing::debug!(target: "llama_server", "llama-server[{pid}]: {text}"),
+        Level::TRACE => tracing::trace!(target: "llama_server", "llama-server[{pid}]: {text}"),
+        _ => tracing::info!(target: "llama_server", "llama-server[{pid}]: {text}"),
+    }
+}
+
+/// The level of one line llama-server printed, and its text without the
+/// marks. With `--log-prefix` (which the child gets through
+/// `LLAMA_ARG_LOG_PREFIX`, see [`ChildProcess::spawn`]) llama.cpp's logger
+/// starts each line with `I `, `W `, `E ` or `D `, after a `M.ss.mmm.uuu`
+/// timestamp when `--log-timestamps` is on, and in colour on a terminal.
+/// Lines without a mark (continuations, raw `fprintf`s, an older build) are
+/// info unless their text says otherwise: `error:`/`warning:` as llama.cpp's
+/// argument and loader messages start, a failed `GGML_ASSERT`, an uncaught
+/// C++ exception.
+pub fn line_level(line: &str) -> (Level, &str) {
+    let plain = skip_colour(line);
+    let after_time = skip_timestamp(plain);
+    let marked = match after_time.as_bytes() {
+        [mark, b' ', ..] => match mark {
+            b'I' => Some(Level::INFO),
+            b'W' => Some(Level::WARN),
+            b'E' => Some(Level::ERROR),
+            b'D' => Some(Level::DEBUG),
+            _ => None,
+        },
+        _ => None,
+    };
+    if let Some(level) = marked {
+        // A warning or error resets the colour after its text.
+        let text = skip_colour(&after_time[2..]).trim_end_matches("\x1b[0m");
+        return (level, text);
+    }
+    let lower = plain.trim_start().to_ascii_lowercase();
+    let level = if lower.starts_with("error")
+        || lower.starts_with("fatal")
+        || lower.contains("ggml_assert")
+        || lower.starts_with("terminate called")
+    {
+        Level::ERROR
+    } else if lower.starts_with("warning") || lower.starts_with("warn:") {
+        Level::WARN
+    } else {
+        Level::INFO
+    };
+    (level, plain)
+}
+
+/// `line` after any leading ANSI colour codes (`ESC [ ... m`).
+fn skip_colour(mut line: &str) -> &str {
+    while let Some(rest) = line.strip_prefix("\x1b[") {
+        match rest.find(|c: char| !(c.is_ascii_digit() || c == ';')) {
+            Some(end) if rest[end..].starts_with('m') => line = &rest[end + 1..],
+            _ => break,
+        }
+    }
+    line
+}
+
+/// `line` after llama.cpp's `M.ss.mmm.uuu ` timestamp (minutes, seconds,
+/// milliseconds, microseconds since start) and any colour around it.
+fn skip_timestamp(line: &str) -> &str {
+    let Some((stamp, rest)) = line.split_once(' ') else {
+        return line;
+    };
+    let stamp = stamp.trim_end_matches("\x1b[0m");
+    let parts: Vec<&str> = stamp.split('.').collect();
+    let digits = |p: &&str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+    if parts.len() == 4 && parts.iter().all(digits) {
+        skip_colour(rest)
+    } else {
+        line
     }
 }
 
@@ -320,4 +407,100 @@ pub fn run_watchdog(input: impl BufRead, grace: Duration) {
 
 fn group_exists(pgid: u32) -> bool {
     killpg(Pid::from_raw(pgid as i32), None::<Signal>).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::line_level;
+    use tracing::Level;
+
+    #[test]
+    fn marked_lines_get_their_level_and_lose_the_mark() {
+        // As llama-server prints with --log-prefix (lines from this build).
+        let cases = [
+            (
+                "I srv  load_model: loading model '/m/SmolLM2.gguf'",
+                Level::INFO,
+                "srv  load_model: loading model '/m/SmolLM2.gguf'",
+            ),
+            (
+                "W srv  load_model: the slot context (512) exceeds the training context",
+                Level::WARN,
+                "srv  load_model: the slot context (512) exceeds the training context",
+            ),
+            (
+                "E llama_model_load: error loading model: tensor data is not within bounds",
+                Level::ERROR,
+                "llama_model_load: error loading model: tensor data is not within bounds",
+            ),
+            (
+                "D slot update_slots: id  0 | task 3 | kv cache rm [96, end)",
+                Level::DEBUG,
+                "slot update_slots: id  0 | task 3 | kv cache rm [96, end)",
+            ),
+            // With --log-timestamps.
+            (
+                "0.00.035.060 W warning: no usable GPU found",
+                Level::WARN,
+                "warning: no usable GPU found",
+            ),
+        ];
+        for (line, level, text) in cases {
+            assert_eq!(line_level(line), (level, text), "{line:?}");
+        }
+    }
+
+    #[test]
+    fn colours_are_taken_off() {
+        assert_eq!(
+            line_level("\x1b[34m0.01.002.003\x1b[0m \x1b[32mI \x1b[0mmain: model loaded"),
+            (Level::INFO, "main: model loaded")
+        );
+        assert_eq!(
+            line_level("\x1b[35mW srv  params: low memory\x1b[0m"),
+            (Level::WARN, "srv  params: low memory")
+        );
+        assert_eq!(
+            line_level("\x1b[31mE main: exiting due to model loading error\x1b[0m"),
+            (Level::ERROR, "main: exiting due to model loading error")
+        );
+    }
+
+    #[test]
+    fn unmarked_lines_are_info_unless_they_say_error_or_warning() {
+        let cases = [
+            (
+                "main: server is listening on http://127.0.0.1:41234",
+                Level::INFO,
+            ),
+            ("error: unknown argument: --bogus", Level::ERROR),
+            ("Error: invalid argument", Level::ERROR),
+            ("warning: failed to mlock 1234-byte buffer", Level::WARN),
+            (
+                "/src/ggml/src/ggml.c:1234: GGML_ASSERT(n_dims <= 4) failed",
+                Level::ERROR,
+            ),
+            (
+                "terminate called after throwing an instance of 'std::runtime_error'",
+                Level::ERROR,
+            ),
+            // A request line that merely mentions an error is not one.
+            (
+                "srv  log_server_r: request: POST /completion 127.0.0.1 500 (error)",
+                Level::INFO,
+            ),
+            // A timestamp-like or mark-like start that is not one.
+            ("1.2.3 I not a stamp", Level::INFO),
+            ("Info: nothing wrong", Level::INFO),
+            ("X something", Level::INFO),
+            ("", Level::INFO),
+            ("\x1b[", Level::INFO),
+            ("\x1b[12", Level::INFO),
+        ];
+        for (line, level) in cases {
+            let (got, text) = line_level(line);
+            assert_eq!(got, level, "{line:?}");
+            assert!(line.ends_with(text), "{line:?} -> {text:?}");
+        }
+    }
 }
