@@ -496,10 +496,10 @@ pub fn render(status: &Status) -> String {
         let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} ms"));
         let _ = writeln!(
             out,
-            "  requests      {} served, {} client errors (4xx), {} server errors (5xx), {} retried; {:.1}% of prompt tokens from cache; p50 latency {}, TTFT {}",
+            "  requests      {} served, {} (4xx), {} (5xx), {} retried; {:.1}% of prompt tokens from cache; p50 latency {}, TTFT {}",
             r.total,
-            r.client_errors,
-            r.server_errors,
+            crate::plan::counted(r.client_errors, "client error"),
+            crate::plan::counted(r.server_errors, "server error"),
             r.retried,
             r.token_weighted_reuse_pct,
             ms(r.latency_p50_ms),
@@ -623,6 +623,224 @@ fn human_duration(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lines(text: &str) -> Vec<String> {
+        text.lines().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn the_load_phase_from_llama_servers_lines() {
+        let start = "--- contextpilotd: starting llama-server -m m.gguf";
+        assert_eq!(load_phase(&lines(start)), None);
+        let loading = format!(
+            "{start}\nmain: loading model\nllama_model_loader: loaded meta data with 33 key-value pairs"
+        );
+        assert_eq!(
+            load_phase(&lines(&loading)).as_deref(),
+            Some("reading the model's metadata")
+        );
+        let tensors = format!("{loading}\nload_tensors: loading model tensors, this can take a while... (mmap = true)");
+        assert_eq!(
+            load_phase(&lines(&tensors)).as_deref(),
+            Some("loading tensors")
+        );
+        let dots = format!("{tensors}\n{}", ".".repeat(42));
+        assert_eq!(
+            load_phase(&lines(&dots)).as_deref(),
+            Some("loading tensors, 42%")
+        );
+        let context = format!("{dots}\nllama_context: constructing llama_context");
+        assert_eq!(
+            load_phase(&lines(&context)).as_deref(),
+            Some("allocating the context and KV cache")
+        );
+        let warm = format!(
+            "{context}\ncommon_init_from_params: warming up the model with an empty run - please wait ..."
+        );
+        assert_eq!(load_phase(&lines(&warm)).as_deref(), Some("warming up"));
+        let up = format!(
+            "{warm}\nmain: server is listening on http://127.0.0.1:4000 - starting the main loop"
+        );
+        assert_eq!(
+            load_phase(&lines(&up)).as_deref(),
+            Some("loaded, checking the model")
+        );
+        // Only the current child counts: a new one starts from nothing.
+        let again =
+            format!("{up}\n--- contextpilotd: llama-server ended: exited with code 1\n{start}");
+        assert_eq!(load_phase(&lines(&again)), None);
+    }
+
+    #[test]
+    fn likely_causes_from_the_childs_last_lines() {
+        let cause = |text: &str| likely_cause(&lines(text)).map(|c| c.cause);
+        let start = "--- contextpilotd: starting llama-server -m /m/corrupt.gguf";
+        assert_eq!(
+            cause(&format!("{start}\nggml_backend_cuda_buffer_type_alloc_buffer: allocating 9000 MiB on device 0: cudaMalloc failed: out of memory\nllama_init_from_model: failed to initialize the context\nsrv load_model: failed to load model\n--- contextpilotd: llama-server ended: exited with code 1")).as_deref(),
+            Some("out of memory")
+        );
+        assert_eq!(
+            cause(&format!("{start}\nllama_model_load: error loading model: missing tensor 'token_embd.weight'\nllama_model_load_from_file_impl: failed to load model\nmain: exiting due to model loading error")).as_deref(),
+            Some("the model file is damaged or incomplete")
+        );
+        assert_eq!(
+            cause(&format!("{start}\nllama_model_load: error loading model: error loading model architecture: unknown model architecture: 'qwen9'")).as_deref(),
+            Some("llama-server does not know this model's architecture")
+        );
+        assert_eq!(
+            cause(&format!(
+                "{start}\nerror while handling argument \"--kv-unified\": unknown"
+            ))
+            .as_deref(),
+            Some("llama-server refused an argument")
+        );
+        assert_eq!(
+            cause(&format!(
+                "{start}\nerror: invalid argument: --no-cache-idle-slots"
+            ))
+            .as_deref(),
+            Some("llama-server refused an argument")
+        );
+        assert_eq!(
+            cause(&format!("{start}\nmain: couldn't bind HTTP server socket, hostname: 127.0.0.1, port: 8080\nbind: Address already in use")).as_deref(),
+            Some("llama-server's port is taken")
+        );
+        assert_eq!(
+            cause(&format!(
+                "{start}\nsrv load_model: failed to load model, '/m/x.gguf'"
+            ))
+            .as_deref(),
+            Some("llama-server could not load the model")
+        );
+        // The file's name alone is no cause, nor are our own lines.
+        assert_eq!(cause(&format!("{start}\nmain: loading model")), None);
+        // A crash loop's next child may have only just started: the one
+        // before it still has the cause.
+        let found = likely_cause(&lines(&format!(
+            "{start}\nllama_model_load: error loading model: missing tensor 'x'\n--- contextpilotd: llama-server ended: exited with code 1\n{start}\nmain: loading model"
+        )))
+        .unwrap();
+        assert_eq!(
+            found.line,
+            "llama_model_load: error loading model: missing tensor 'x'"
+        );
+        assert!(found.next_step.contains("download the model again"));
+    }
+
+    fn sample(state: State) -> Status {
+        let fixed = StaticStatus {
+            listen: "127.0.0.1:8765".into(),
+            model: ModelStatus {
+                path: "/m/smol.gguf".into(),
+                size_bytes: 98_362_432,
+                architecture: "llama".into(),
+                context_length: Some(8192),
+            },
+            plan: PlanStatus {
+                slots: 1,
+                concurrency: 1,
+                ctx_per_slot: 512,
+                ctx_size: 512,
+                threads: 1,
+                gpu_layers: 0,
+                cache_reuse: 256,
+            },
+            hardware: HardwareStatus {
+                chip: "test".into(),
+                memory_bytes: 1 << 34,
+                perf_cores: 2,
+                efficiency_cores: 0,
+                gpu_cores: None,
+            },
+            warnings: Vec::new(),
+            cost_decisions: Vec::new(),
+            ready_timeout_s: 120,
+        };
+        let mut view = SupervisorView::unloaded();
+        view.state = state;
+        view.spawned = Some(std::time::Instant::now());
+        let tail = lines(
+            "--- contextpilotd: starting llama-server\nload_tensors: loading model tensors\nllama_model_load: error loading model: missing tensor 'token_embd.weight'",
+        );
+        fixed.snapshot(5, &view, tail)
+    }
+
+    #[test]
+    fn each_state_reads_well() {
+        let mut ready = sample(State::Ready);
+        ready.busy = 1;
+        ready.slots = vec![crate::slots::SlotSummary {
+            id: 0,
+            busy: true,
+            tokens: 1234,
+            documents: 3,
+            hits: 1,
+            value_ms: 2.0,
+        }];
+        let text = render(&ready);
+        assert!(text.contains("plan          1 slot × 512 tokens"), "{text}");
+        assert!(
+            text.contains("now           1 busy, 0 queued (of 1 slot)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("slots         #0 busy, ~1.2k tokens, 3 docs, 1 hit"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("likely cause") && !text.contains("starting  "),
+            "{text}"
+        );
+
+        let starting = sample(State::Starting);
+        let text = render(&starting);
+        assert!(
+            text.contains("starting      0 s of 120 s (ready_timeout_s), loading tensors"),
+            "{text}"
+        );
+        assert_eq!(
+            starting.child.load_phase.as_deref(),
+            Some("loading tensors")
+        );
+
+        let looping = sample(State::Crashloop);
+        let text = render(&looping);
+        assert!(
+            text.contains("likely cause  the model file is damaged or incomplete (llama_model_load: error loading model: missing tensor 'token_embd.weight')"),
+            "{text}"
+        );
+        assert!(
+            text.contains("next step     download the model again"),
+            "{text}"
+        );
+        // The JSON round-trips with the new fields.
+        let json = serde_json::to_value(&looping).unwrap();
+        assert_eq!(json["child"]["ready_timeout_s"], 120);
+        assert_eq!(
+            json["child"]["likely_cause"]["cause"],
+            "the model file is damaged or incomplete"
+        );
+        let back: Status = serde_json::from_value(json).unwrap();
+        assert_eq!(back, looping);
+    }
+
+    #[test]
+    fn slots_in_short() {
+        let slot = |id, busy, tokens| crate::slots::SlotSummary {
+            id,
+            busy,
+            tokens,
+            documents: 0,
+            hits: 0,
+            value_ms: 0.0,
+        };
+        assert_eq!(
+            slots_line(&[slot(0, false, 0), slot(1, true, 0), slot(2, false, 300)]),
+            "#0 empty; #1 busy, new prompt; #2 ~300 tokens"
+        );
+        let many: Vec<_> = (0..10).map(|i| slot(i, false, 0)).collect();
+        assert!(slots_line(&many).ends_with("#7 empty; 2 more"));
+    }
 
     #[test]
     fn sizes_and_durations_read_well() {

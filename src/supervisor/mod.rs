@@ -291,6 +291,7 @@ impl Supervisor {
                     self.view.send_modify(|v| {
                         v.state = State::Restarting;
                         v.pid = None;
+                        v.spawned = None;
                         v.key = None;
                     });
                     continue;
@@ -299,6 +300,7 @@ impl Supervisor {
                     return self.view.send_modify(|v| {
                         v.state = State::Stopping;
                         v.pid = None;
+                        v.spawned = None;
                         v.key = None;
                     })
                 }
@@ -315,6 +317,7 @@ impl Supervisor {
                 return self.view.send_modify(|v| {
                     v.state = State::Stopping;
                     v.pid = None;
+                    v.spawned = None;
                     v.key = None;
                     v.last_exit = Some(last_exit);
                 });
@@ -359,6 +362,7 @@ impl Supervisor {
             self.view.send_modify(|v| {
                 v.state = state;
                 v.pid = None;
+                v.spawned = None;
                 v.key = None;
                 v.restarts += 1;
                 v.last_exit = Some(last_exit);
