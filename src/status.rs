@@ -368,6 +368,8 @@ fn cause_in(lines: &[String]) -> Option<LikelyCause> {
         (
             &[
                 "missing tensor",
+                // This build's wording: "check_tensor_dims: tensor 'x' not found".
+                "check_tensor_dims",
                 "not within the file bounds",
                 "invalid magic",
                 "wrong number of tensors",
@@ -681,6 +683,10 @@ mod tests {
         );
         assert_eq!(
             cause(&format!("{start}\nllama_model_load: error loading model: missing tensor 'token_embd.weight'\nllama_model_load_from_file_impl: failed to load model\nmain: exiting due to model loading error")).as_deref(),
+            Some("the model file is damaged or incomplete")
+        );
+        assert_eq!(
+            cause(&format!("{start}\n0.00.217.234 E llama_model_load: error loading model: check_tensor_dims: tensor 'token_embd.weight' not found\n0.00.217.274 E llama_model_load_from_file_impl: failed to load model")).as_deref(),
             Some("the model file is damaged or incomplete")
         );
         assert_eq!(

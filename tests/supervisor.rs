@@ -369,7 +369,7 @@ fn corrupt_model_is_a_crash_loop_with_the_childs_words() {
     );
     assert!(
         text.contains("likely cause  the model file is damaged or incomplete (")
-            && text.contains("missing tensor")
+            && text.contains("token_embd.weight")
             && text.contains("next step     download the model again"),
         "{text}"
     );
