@@ -255,3 +255,31 @@ fn a_model_cut_short_is_refused_before_start() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_model_by_name_cut_short_is_refused_when_loaded() {
+    let parts = real_parts();
+    let dir = tempfile::tempdir().unwrap();
+    let cut = truncated_model(&parts, dir.path());
+    let extra = format!(
+        "[models]\ndiscover = false\n[[models.model]]\nname = \"cut\"\npath = \"{}\"\n",
+        cut.model.display()
+    );
+    let mut daemon = Daemon::start(&parts, &extra);
+    daemon.wait_ready();
+    let (code, body) = http_post_json(
+        daemon.listen,
+        "/models/load",
+        &serde_json::json!({"model": "cut"}),
+    )
+    .unwrap();
+    assert_ne!(code, 200, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("truncated.gguf is truncated") && message.contains("8388608 bytes"),
+        "{body}"
+    );
+    // Nothing was started for it: the primary is the only model loaded.
+    let status = daemon.wait_ready();
+    assert_eq!(status["models"].as_array().unwrap().len(), 1, "{status}");
+}
