@@ -172,6 +172,7 @@ pub fn prepare_with(
         )
     })?;
     let model = gguf::read_model_facts(&model_path)
+        .and_then(|facts| gguf::check_tensor_data(&model_path, &facts).map(|()| facts))
         .map_err(|e| ConfigError::new(file, Some("llama.model"), e.to_string()))?;
     if let Some(fallback) = &config.models.fallback {
         let specs = model_specs(&config, &model_path);
@@ -538,6 +539,7 @@ pub async fn run(
             &prepared.model,
             &prepared.plan,
             &prepared.hardware,
+            config.supervisor.ready_timeout_s,
         ),
         api_key: config.server.api_key.clone(),
         guard: gateway::guard::Policy {

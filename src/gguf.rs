@@ -154,6 +154,15 @@ pub enum GgufError {
     Truncated { path: PathBuf, detail: String },
     #[error("{path}: invalid GGUF header: {detail}")]
     Invalid { path: PathBuf, detail: String },
+    /// The header is whole but the tensor data it describes is not: an
+    /// interrupted download or copy. llama-server would fail only after
+    /// reading the header, with a message that names no size.
+    #[error("{path} is truncated: its header describes {expected} bytes of tensor data and header, but the file has {actual} bytes ({missing} missing); download or copy it again", missing = .expected - .actual)]
+    DataCut {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
     #[error("{path}: the GGUF header lacks {key}")]
     MissingKey { path: PathBuf, key: String },
     /// A GGUF that llama-server cannot serve on its own: a multimodal
@@ -457,6 +466,136 @@ fn parameter_count(
     Ok(total)
 }
 
+/// `(elements per block, bytes per block)` of a ggml tensor type, from
+/// ggml's `type_traits`; `None` for a type this table lacks (a newer ggml),
+/// which makes the file's size unknowable rather than wrong.
+fn ggml_type_size(ty: u32) -> Option<(u64, u64)> {
+    Some(match ty {
+        0 => (1, 4),       // F32
+        1 => (1, 2),       // F16
+        2 => (32, 18),     // Q4_0
+        3 => (32, 20),     // Q4_1
+        6 => (32, 22),     // Q5_0
+        7 => (32, 24),     // Q5_1
+        8 => (32, 34),     // Q8_0
+        9 => (32, 36),     // Q8_1
+        10 => (256, 84),   // Q2_K
+        11 => (256, 110),  // Q3_K
+        12 => (256, 144),  // Q4_K
+        13 => (256, 176),  // Q5_K
+        14 => (256, 210),  // Q6_K
+        15 => (256, 292),  // Q8_K
+        16 => (256, 66),   // IQ2_XXS
+        17 => (256, 74),   // IQ2_XS
+        18 => (256, 98),   // IQ3_XXS
+        19 => (256, 50),   // IQ1_S
+        20 => (32, 18),    // IQ4_NL
+        21 => (256, 110),  // IQ3_S
+        22 => (256, 82),   // IQ2_S
+        23 => (256, 136),  // IQ4_XS
+        24 => (1, 1),      // I8
+        25 => (1, 2),      // I16
+        26 => (1, 4),      // I32
+        27 | 28 => (1, 8), // I64, F64
+        29 => (256, 56),   // IQ1_M
+        30 => (1, 2),      // BF16
+        34 => (256, 54),   // TQ1_0
+        35 => (256, 66),   // TQ2_0
+        39 => (32, 17),    // MXFP4
+        _ => return None,
+    })
+}
+
+/// The size the file at `path` must have for every tensor's data to be in
+/// it: the header, padded to `general.alignment` (32 when absent), plus the
+/// furthest tensor's offset and byte size. `Ok(None)` when that cannot be
+/// known (no tensors, a tensor type this table lacks, sizes that overflow),
+/// so only a file that is certainly short is refused.
+pub fn implied_file_size(path: &Path) -> Result<Option<u64>, GgufError> {
+    let (inner, file_size) = open(path)?;
+    let mut reader = Reader {
+        inner: Counting { inner, read: 0 },
+        path: path.to_path_buf(),
+        file_size,
+    };
+    let (kv, tensor_count) = read_key_values(&mut reader)?;
+    if tensor_count == 0 {
+        return Ok(None);
+    }
+    if tensor_count > file_size / MIN_TENSOR_INFO_BYTES {
+        return Err(reader.invalid(format!("it claims {tensor_count} tensors")));
+    }
+    let alignment = match kv.get("general.alignment") {
+        Some(Value::Int(a)) if *a > 0 => *a,
+        _ => 32,
+    };
+    let mut data_end: Option<u64> = Some(0);
+    for _ in 0..tensor_count {
+        let name_len = reader.u64("a tensor name")?;
+        if name_len > MAX_STRING_BYTES || name_len > file_size {
+            return Err(reader.invalid(format!("a tensor name claims {name_len} bytes")));
+        }
+        reader.skip(name_len, "a tensor name")?;
+        let n_dims = reader.u32("a tensor's dimension count")?;
+        if n_dims > MAX_TENSOR_DIMS {
+            return Err(reader.invalid(format!("a tensor has {n_dims} dimensions")));
+        }
+        let mut dims = Vec::with_capacity(n_dims as usize);
+        for _ in 0..n_dims {
+            dims.push(reader.u64("a tensor dimension")?);
+        }
+        let ty = reader.u32("a tensor type")?;
+        let offset = reader.u64("a tensor offset")?;
+        let end = tensor_bytes(&dims, ty).and_then(|bytes| offset.checked_add(bytes));
+        data_end = data_end.zip(end).map(|(a, b)| a.max(b));
+    }
+    let header_end = reader.inner.read;
+    let data_start = header_end.div_ceil(alignment).checked_mul(alignment);
+    Ok(data_start
+        .zip(data_end)
+        .and_then(|(start, end)| start.checked_add(end)))
+}
+
+/// Bytes of one tensor's data, as ggml's `ggml_nbytes` counts a contiguous
+/// tensor: rows of `ne0 / block` blocks.
+fn tensor_bytes(dims: &[u64], ty: u32) -> Option<u64> {
+    let (block, size) = ggml_type_size(ty)?;
+    let Some((&ne0, rest)) = dims.split_first() else {
+        return Some(size);
+    };
+    let rows = rest.iter().try_fold(1u64, |n, d| n.checked_mul(*d))?;
+    (ne0 / block).checked_mul(size)?.checked_mul(rows)
+}
+
+/// Refuses a model whose file is shorter than its header says (see
+/// [`implied_file_size`]); run before a child is started, so the person
+/// reads the sizes instead of llama-server's loading error.
+pub fn check_tensor_data(path: &Path, facts: &ModelFacts) -> Result<(), GgufError> {
+    match implied_file_size(path)? {
+        Some(expected) if expected > facts.size_bytes => Err(GgufError::DataCut {
+            path: path.to_path_buf(),
+            expected,
+            actual: facts.size_bytes,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// A reader that counts the bytes read through it: where the tensor infos
+/// end is where the data section begins, after padding.
+struct Counting<R> {
+    inner: R,
+    read: u64,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
 fn facts_from_kv(
     path: &Path,
     size_bytes: u64,
@@ -625,6 +764,77 @@ mod tests {
         let mut file = tempfile::NamedTempFile::new().unwrap();
         std::io::Write::write_all(&mut file, bytes).unwrap();
         file
+    }
+
+    /// A header with two f32 tensors (64 and 16 bytes), then padding to
+    /// `align` and `data` bytes of tensor data.
+    fn with_data(align: Option<u32>, data: usize) -> Vec<u8> {
+        let mut kv = vec![
+            ("general.architecture", Str("llama")),
+            ("llama.block_count", U32(1)),
+        ];
+        if let Some(a) = align {
+            kv.push(("general.alignment", U32(a)));
+        }
+        let mut bytes = super::writer::header_with_tensors(
+            &kv,
+            &[("a.weight", &[8, 2], 0), ("b.weight", &[4], 0)],
+        );
+        let align = align.unwrap_or(32) as usize;
+        bytes.resize(bytes.len().div_ceil(align) * align, 0);
+        bytes.resize(bytes.len() + data, 0);
+        bytes
+    }
+
+    #[test]
+    fn the_file_size_the_header_implies() {
+        for align in [None, Some(64), Some(1)] {
+            let whole = with_data(align, 80);
+            let file = write(&whole);
+            assert_eq!(
+                implied_file_size(file.path()).unwrap(),
+                Some(whole.len() as u64)
+            );
+            let facts = read_model_facts(file.path()).unwrap();
+            check_tensor_data(file.path(), &facts).unwrap();
+
+            let cut = write(&whole[..whole.len() - 1]);
+            let facts = read_model_facts(cut.path()).unwrap();
+            let err = check_tensor_data(cut.path(), &facts)
+                .unwrap_err()
+                .to_string();
+            let name = cut.path().display().to_string();
+            assert!(
+                err.contains(&name)
+                    && err.contains("is truncated")
+                    && err.contains(&format!("describes {} bytes", whole.len()))
+                    && err.contains(&format!("has {} bytes (1 missing)", whole.len() - 1)),
+                "{err}"
+            );
+        }
+        // No tensors, or a type the table lacks: nothing to check.
+        let bare = write(&header(&[
+            ("general.architecture", Str("llama")),
+            ("llama.block_count", U32(1)),
+        ]));
+        assert_eq!(implied_file_size(bare.path()).unwrap(), None);
+        let unknown = write(&super::writer::header_with_tensors(
+            &[
+                ("general.architecture", Str("llama")),
+                ("llama.block_count", U32(1)),
+            ],
+            &[("a.weight", &[8], 999)],
+        ));
+        assert_eq!(implied_file_size(unknown.path()).unwrap(), None);
+    }
+
+    #[test]
+    fn quantised_tensors_count_whole_blocks() {
+        // Q4_1: 32 weights in 20 bytes; Q6_K: 256 in 210.
+        assert_eq!(tensor_bytes(&[576, 49152], 3), Some(576 / 32 * 20 * 49152));
+        assert_eq!(tensor_bytes(&[4096, 2], 14), Some(16 * 210 * 2));
+        assert_eq!(tensor_bytes(&[], 0), Some(4));
+        assert_eq!(tensor_bytes(&[u64::MAX, 3], 0), None);
     }
 
     fn llama_8b_header() -> Vec<u8> {

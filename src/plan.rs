@@ -272,6 +272,17 @@ pub fn plan(hw: &Hardware, model: &ModelFacts, cfg: &LlamaConfig) -> LaunchPlan 
     plan_with(hw, model, cfg, PlanInputs::default())
 }
 
+/// `n` and the noun, singular for one: "1 slot", "4 slots". Every count of
+/// slots people read goes through it.
+pub fn counted(n: impl Into<u64>, noun: &str) -> String {
+    let n = n.into();
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// [`plan`] with what the binary supports and what was measured.
 pub fn plan_with(
     hw: &Hardware,
@@ -503,7 +514,8 @@ pub fn plan_with(
             match cfg.kv_unified {
                 Some(_) => "set in the configuration".to_string(),
                 None => format!(
-                    "one KV pool of {ctx_size} tokens shared by the {slots} slots: an idle slot reserves nothing and one prompt may use more than {ctx_per_slot} tokens when others are short"
+                    "one KV pool of {ctx_size} tokens shared by the {}: an idle slot reserves nothing and one prompt may use more than {ctx_per_slot} tokens when others are short",
+                    counted(slots, "slot")
                 ),
             },
         );
@@ -532,12 +544,14 @@ pub fn plan_with(
             value: ctx_size.to_string(),
             why: if ctx_size == slots as u64 * ctx_per_slot as u64 {
                 format!(
-                    "{slots} slots × {ctx_per_slot} tokens; {ctx_why}; {:.2} GiB of KV",
+                    "{} × {ctx_per_slot} tokens; {ctx_why}; {:.2} GiB of KV",
+                    counted(slots, "slot"),
                     gib(kv_planned_bytes)
                 )
             } else {
                 format!(
-                    "one pool for {slots} slots of up to {ctx_per_slot} tokens ({ctx_why}), as much as the budget holds; {:.2} GiB of KV",
+                    "one pool for {} of up to {ctx_per_slot} tokens ({ctx_why}), as much as the budget holds; {:.2} GiB of KV",
+                    counted(slots, "slot"),
                     gib(kv_planned_bytes)
                 )
             },
@@ -592,8 +606,13 @@ pub fn plan_with(
             "(admission)",
             &concurrency.to_string(),
             format!(
-                "requests in flight at once; the other {} slots keep prompts warm",
-                slots - concurrency
+                "requests in flight at once; the other {} {} prompts warm",
+                counted(slots - concurrency, "slot"),
+                if slots - concurrency == 1 {
+                    "keeps"
+                } else {
+                    "keep"
+                }
             ),
         );
     }
@@ -753,6 +772,13 @@ fn mib_to_tokens(mib: i64, kv_bytes_per_token: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_slot_is_singular() {
+        assert_eq!(counted(1u32, "slot"), "1 slot");
+        assert_eq!(counted(0u32, "slot"), "0 slots");
+        assert_eq!(counted(4u32, "slot"), "4 slots");
+    }
 
     #[test]
     fn ram_cache_size_in_tokens() {

@@ -127,7 +127,7 @@ fn logs_without_a_daemon_says_so() {
         .arg(&config)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("contextpilotd is not running") && stderr.contains(&port.to_string()),

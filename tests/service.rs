@@ -722,7 +722,94 @@ fn report(installed: bool, state: Option<ServiceState>) -> ServiceReport {
         installed,
         manager_state: state,
         unknown_reason: None,
+        homebrew: false,
     }
+}
+
+fn homebrew_report(installed: bool, state: Option<ServiceState>) -> ServiceReport {
+    ServiceReport {
+        unit_path: "/Users/ada/Library/LaunchAgents/homebrew.mxcl.contextpilotd.plist".into(),
+        homebrew: true,
+        ..report(installed, state)
+    }
+}
+
+#[test]
+fn a_homebrew_service_is_named_and_never_doubled() {
+    assert_eq!(
+        launchd::print_label_command("launchctl", 501, launchd::HOMEBREW_LABEL),
+        ["launchctl", "print", "gui/501/homebrew.mxcl.contextpilotd"]
+    );
+    assert_eq!(
+        launchd::homebrew_plist_path(Path::new("/Users/ada")),
+        Path::new("/Users/ada/Library/LaunchAgents/homebrew.mxcl.contextpilotd.plist")
+    );
+    let exited = launchd::parse_print(&fixture("launchctl-print-homebrew-exited.txt"));
+    assert_eq!(exited.state.as_deref(), Some("not running"));
+    assert_eq!(exited.last_exit.as_deref(), Some("2"));
+    let not_loaded = || {
+        service::interpret_query(
+            Platform::Macos,
+            &ran(113, "", &fixture("launchctl-print-not-loaded.stderr")),
+        )
+        .0
+    };
+
+    // Ours not installed, Homebrew's installed: Homebrew's is the report.
+    let chosen = service::prefer_homebrew(
+        report(false, not_loaded()),
+        homebrew_report(true, Some(exited.clone())),
+    );
+    assert!(chosen.homebrew);
+    let step = service::next_step(&chosen, false, "unused").unwrap();
+    assert_eq!(
+        step,
+        "installed with Homebrew but not running: brew services restart contextpilotd; see $(brew --prefix)/var/log/contextpilotd.err.log"
+    );
+    assert!(!step.contains("service install"));
+    let line = service::describe_report(&chosen);
+    assert!(
+        line.starts_with("Homebrew's homebrew.mxcl.contextpilotd (/Users/ada/Library/LaunchAgents/homebrew.mxcl.contextpilotd.plist), not running")
+            && line.contains("last exit 2"),
+        "{line}"
+    );
+    assert_eq!(service::next_step(&chosen, true, "unused"), None);
+
+    // Loaded by launchd without the plist where brew keeps it: still Homebrew's.
+    let running = launchd::parse_print(&fixture("launchctl-print-running.txt"));
+    let chosen = service::prefer_homebrew(
+        report(false, not_loaded()),
+        homebrew_report(false, Some(running)),
+    );
+    assert!(chosen.homebrew);
+    assert!(service::next_step(&chosen, false, "unused")
+        .unwrap()
+        .starts_with("the Homebrew service is running (pid 8123) but not answering yet"));
+    // Installed but not loaded: brew services start.
+    let chosen = service::prefer_homebrew(
+        report(false, not_loaded()),
+        homebrew_report(true, not_loaded()),
+    );
+    assert!(service::next_step(&chosen, false, "unused")
+        .unwrap()
+        .starts_with("installed with Homebrew but not loaded: brew services start contextpilotd"));
+
+    // Neither: our own report and its advice.
+    let chosen = service::prefer_homebrew(
+        report(false, not_loaded()),
+        homebrew_report(false, not_loaded()),
+    );
+    assert!(!chosen.homebrew);
+    assert_eq!(
+        service::next_step(&chosen, false, "unused").as_deref(),
+        Some("not installed as a service: contextpilotd service install")
+    );
+    // Ours installed: ours, whatever Homebrew says.
+    let ours = service::prefer_homebrew(
+        report(true, not_loaded()),
+        homebrew_report(true, not_loaded()),
+    );
+    assert!(!ours.homebrew);
 }
 
 #[test]

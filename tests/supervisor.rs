@@ -312,7 +312,7 @@ fn watchdog_alone_cleans_up_after_a_killed_daemon() {
 #[test]
 fn corrupt_model_is_a_crash_loop_with_the_childs_words() {
     let parts = real_parts();
-    // The header survives, the tensor data does not: llama-server reads the
+    // The file is whole but names a tensor wrongly: llama-server reads the
     // metadata, then fails to load and exits.
     let dir = tempfile::tempdir().unwrap();
     let broken = corrupt_model(&parts, dir.path());
@@ -356,12 +356,32 @@ fn corrupt_model_is_a_crash_loop_with_the_childs_words() {
     let (code, _) = http_get(daemon.listen, "/health").unwrap();
     assert_eq!(code, 503);
 
+    // The likely cause, read from the child's lines, and what to do.
+    assert_eq!(
+        status["child"]["likely_cause"]["cause"], "the model file is damaged or incomplete",
+        "{status}"
+    );
     let out = daemon.command(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("CRASHLOOP") && text.contains("last lines from llama-server"),
         "{text}"
     );
+    assert!(
+        text.contains("likely cause  the model file is damaged or incomplete (")
+            && text.contains("token_embd.weight")
+            && text.contains("next step     download the model again"),
+        "{text}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a crash loop is a failure: {text}"
+    );
+    let out = daemon.command(&["status", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["state"], "crashloop");
 }
 
 #[test]

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::Request;
 
-use super::{report, ConfigArg, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK};
+use super::{report, ConfigArg, EXIT_CONFIG, EXIT_FAILURE, EXIT_NOT_RUNNING, EXIT_OK};
 use crate::config::{Config, ConfigSource};
 
 /// How long the daemon has to start answering.
@@ -60,7 +60,7 @@ pub fn run(arg: ConfigArg, follow: bool, requests: bool) -> i32 {
                 eprintln!(
                     "contextpilotd is not running: nothing is listening on {listen} (configuration: {source})"
                 );
-                return EXIT_FAILURE;
+                return EXIT_NOT_RUNNING;
             }
             Ok(Err(e)) => {
                 report(&format!("{url}: {e}"));

@@ -211,6 +211,11 @@ fn answer_whole(ticket: Ticket, status: StatusCode, bytes: Bytes) -> Response<Bo
     if let (Some(reported), Some(name)) = (value.get_mut("model"), ticket.model_name()) {
         *reported = Value::from(name);
     }
+    if !status.is_success() {
+        if let Some(engine) = ticket.engine() {
+            super::error::explain_context_overflow(&mut value, engine.status.plan.ctx_per_slot);
+        }
+    }
     let timings = value.get("timings").cloned();
     if let (Some(cached), Some(usage)) = (
         timings.as_ref().and_then(|t| t.get("cache_n")).cloned(),

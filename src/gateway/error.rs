@@ -162,6 +162,44 @@ impl From<FleetError> for ApiError {
 }
 
 /// An OpenAI-shaped error body.
+/// Rewrites llama-server's answer to a prompt longer than a slot's context
+/// (`exceed_context_size_error`, or its older wording) so that it names the
+/// setting that decides the limit, `[llama] ctx_per_slot`. The child's own
+/// words stay at the end. Returns whether it was such an answer.
+pub fn explain_context_overflow(value: &mut serde_json::Value, ctx_per_slot: u32) -> bool {
+    let Some(error) = value.get_mut("error").and_then(|e| e.as_object_mut()) else {
+        return false;
+    };
+    let said = error
+        .get("message")
+        .and_then(|m| m.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let overflow = error.get("type").and_then(|t| t.as_str()) == Some("exceed_context_size_error")
+        || said.contains("exceeds the available context size")
+        || said.contains("larger than the max context size");
+    if !overflow {
+        return false;
+    }
+    let tokens = error
+        .get("n_prompt_tokens")
+        .and_then(|n| n.as_u64())
+        .map_or("the prompt".to_string(), |n| {
+            format!("the prompt's {n} tokens")
+        });
+    let limit = error
+        .get("n_ctx")
+        .and_then(|n| n.as_u64())
+        .unwrap_or(u64::from(ctx_per_slot));
+    error.insert(
+        "message".into(),
+        serde_json::Value::from(format!(
+            "{tokens} (and the answer's) do not fit a slot's context of {limit} tokens (ctx_per_slot = {ctx_per_slot}): shorten the prompt, or raise [llama] ctx_per_slot in the configuration (fewer slots then fit the same memory); llama-server said: {said}"
+        )),
+    );
+    true
+}
+
 pub fn error_body(status: StatusCode, message: &str, kind: &str) -> serde_json::Value {
     serde_json::json!({"error": {"message": message, "type": kind, "code": status.as_u16()}})
 }
@@ -184,6 +222,36 @@ mod tests {
         let timeout = ApiError::from(AdmitError::Timeout);
         assert_eq!(timeout.status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(timeout.retry_after, Some("5"));
+    }
+
+    #[test]
+    fn a_context_overflow_names_ctx_per_slot() {
+        let mut value = serde_json::json!({"error": {"code": 400,
+            "message": "the request exceeds the available context size, try increasing it",
+            "type": "exceed_context_size_error", "n_prompt_tokens": 900, "n_ctx": 512}});
+        assert!(explain_context_overflow(&mut value, 512));
+        let message = value["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("the prompt's 900 tokens (and the answer's) do not fit a slot's context of 512 tokens (ctx_per_slot = 512)")
+                && message.contains("raise [llama] ctx_per_slot")
+                && message.ends_with("llama-server said: the request exceeds the available context size, try increasing it"),
+            "{message}"
+        );
+        assert_eq!(value["error"]["type"], "exceed_context_size_error");
+        // Older builds: the wording alone.
+        let mut old = serde_json::json!({"error": {"message": "the request exceeds the available context size"}});
+        assert!(explain_context_overflow(&mut old, 256));
+        assert!(old["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("context of 256 tokens"));
+        let mut other = serde_json::json!({"error": {"message": "Invalid grammar"}});
+        assert!(!explain_context_overflow(&mut other, 512));
+        assert_eq!(other["error"]["message"], "Invalid grammar");
+        assert!(!explain_context_overflow(
+            &mut serde_json::json!({"choices": []}),
+            512
+        ));
     }
 
     #[test]

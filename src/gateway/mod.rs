@@ -293,6 +293,8 @@ impl Gateway {
             status.requests = Some(crate::status::RequestsHeadline {
                 total: stats.total_queries,
                 errors: stats.errors,
+                client_errors: stats.client_errors,
+                server_errors: stats.server_errors,
                 retried: stats.retried,
                 token_weighted_reuse_pct: stats.cache_reuse.token_weighted_reuse_pct,
                 latency_p50_ms: stats.latency_ms.map(|d| d.p50),
@@ -338,6 +340,8 @@ fn engine_status(engine: &Engine, uptime_s: u64) -> crate::status::Status {
         },
     });
     status.slots = engine.scheduler.summary();
+    status.busy = engine.scheduler.busy();
+    status.queued = engine.scheduler.queued();
     status
 }
 

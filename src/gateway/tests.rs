@@ -173,6 +173,7 @@ async fn start_with(slots: usize, model_fallback: bool) -> Harness {
         last_exit: None,
         started_at: None,
         command: Vec::new(),
+        spawned: None,
         key: None,
     });
     let dir = tempfile::tempdir().unwrap();
@@ -278,6 +279,7 @@ fn static_status(slots: usize) -> StaticStatus {
         },
         warnings: Vec::new(),
         cost_decisions: Vec::new(),
+        ready_timeout_s: 60,
     }
 }
 

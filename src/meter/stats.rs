@@ -80,6 +80,11 @@ pub struct ReorderTotals {
 pub struct StatsSnapshot {
     pub total_queries: u64,
     pub errors: u64,
+    /// Answers 400–499, 499 (the client went away) included: the request or
+    /// the caller, not the daemon.
+    pub client_errors: u64,
+    /// Answers 500 and up: the daemon or its llama-server.
+    pub server_errors: u64,
     pub retried: u64,
     pub latency_ms: Option<Distribution>,
     pub ttft_ms: Option<Distribution>,
@@ -99,6 +104,8 @@ pub struct Stats {
     since: String,
     total: u64,
     errors: u64,
+    client_errors: u64,
+    server_errors: u64,
     retried: u64,
     recent: VecDeque<(f64, Option<f64>)>,
     with_data: u64,
@@ -111,12 +118,20 @@ pub struct Stats {
     reorder: ReorderTotals,
 }
 
+/// (client error, server error) for an HTTP status: 4xx (499 included) is
+/// the client's, 5xx the server's.
+pub fn error_class(status_code: u16) -> (bool, bool) {
+    ((400..500).contains(&status_code), status_code >= 500)
+}
+
 impl Stats {
     pub fn new() -> Stats {
         Stats {
             since: rfc3339_utc(std::time::SystemTime::now()),
             total: 0,
             errors: 0,
+            client_errors: 0,
+            server_errors: 0,
             retried: 0,
             recent: VecDeque::with_capacity(WINDOW),
             with_data: 0,
@@ -132,6 +147,9 @@ impl Stats {
     pub fn add(&mut self, record: &QueryRecord) {
         self.total += 1;
         self.errors += u64::from(record.error.is_some());
+        let (client, server) = error_class(record.status_code);
+        self.client_errors += u64::from(client);
+        self.server_errors += u64::from(server);
         self.retried += u64::from(record.retried);
         if self.recent.len() == WINDOW {
             self.recent.pop_front();
@@ -180,6 +198,8 @@ impl Stats {
         StatsSnapshot {
             total_queries: self.total,
             errors: self.errors,
+            client_errors: self.client_errors,
+            server_errors: self.server_errors,
             retried: self.retried,
             latency_ms: Distribution::of(self.recent.iter().map(|(l, _)| *l)),
             ttft_ms: Distribution::of(self.recent.iter().filter_map(|(_, t)| *t)),
@@ -233,5 +253,15 @@ mod tests {
         assert_eq!((one.p50, one.p99), (7.0, 7.0));
         assert!(Distribution::of(std::iter::empty()).is_none());
         assert!(Distribution::of([f64::NAN].into_iter()).is_none());
+    }
+
+    #[test]
+    fn errors_are_the_clients_or_the_servers() {
+        assert_eq!(error_class(200), (false, false));
+        assert_eq!(error_class(400), (true, false));
+        assert_eq!(error_class(429), (true, false));
+        assert_eq!(error_class(499), (true, false));
+        assert_eq!(error_class(500), (false, true));
+        assert_eq!(error_class(503), (false, true));
     }
 }

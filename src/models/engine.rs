@@ -193,6 +193,7 @@ impl Engine {
             &planned.facts,
             plan,
             &launcher.hardware,
+            config.supervisor.ready_timeout_s,
         );
         let spec = LaunchSpec {
             binary: launcher.binary.clone(),

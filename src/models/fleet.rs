@@ -314,8 +314,11 @@ impl Fleet {
             name: spec.name.clone(),
             why,
         };
-        let facts =
-            crate::gguf::read_model_facts(&spec.path).map_err(|e| unloadable(e.to_string()))?;
+        // A file cut short is refused here, with its sizes, rather than
+        // after llama-server has tried to load it.
+        let facts = crate::gguf::read_model_facts(&spec.path)
+            .and_then(|f| crate::gguf::check_tensor_data(&spec.path, &f).map(|()| f))
+            .map_err(|e| unloadable(e.to_string()))?;
         let plan = |limit| {
             plan_model(
                 &launcher.hardware,
@@ -366,8 +369,8 @@ impl Fleet {
         tracing::info!(
             model = %spec.name,
             path = %spec.path.display(),
-            "loading the model: {} slots × {} tokens, {:.0} MiB",
-            planned.plan.slots,
+            "loading the model: {} × {} tokens, {:.0} MiB",
+            crate::plan::counted(planned.plan.slots, "slot"),
             planned.plan.ctx_per_slot,
             planned.footprint_bytes() as f64 / (1 << 20) as f64
         );
@@ -476,6 +479,7 @@ mod tests {
             },
             warnings: Vec::new(),
             cost_decisions: Vec::new(),
+            ready_timeout_s: 60,
         };
         Arc::new(Engine::from_parts(
             name,

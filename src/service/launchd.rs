@@ -11,6 +11,14 @@ use super::{ServiceState, UnitSpec};
 
 pub const LABEL: &str = "com.contextpilot.contextpilotd";
 
+/// The label `brew services` gives the formula's agent
+/// (`homebrew.mxcl.<formula>`), in `~/Library/LaunchAgents/<label>.plist`.
+pub const HOMEBREW_LABEL: &str = "homebrew.mxcl.contextpilotd";
+
+/// Where the formula's service writes stderr (`error_log_path
+/// var/"log/contextpilotd.err.log"`), under Homebrew's prefix.
+pub const HOMEBREW_LOGS: &str = "$(brew --prefix)/var/log/contextpilotd.err.log";
+
 /// launchd reads no shell profile, so Homebrew's prefixes (Apple Silicon,
 /// then Intel) must be on the agent's own PATH for `llama-server` to be found.
 pub const PATH: &str =
@@ -125,6 +133,17 @@ pub fn kickstart_command(program: &str, uid: u32, kill: bool) -> Vec<String> {
 
 pub fn print_command(program: &str, uid: u32) -> Vec<String> {
     launchctl(program, &["print", &target(uid)])
+}
+
+/// `launchctl print` for another label (Homebrew's).
+pub fn print_label_command(program: &str, uid: u32, label: &str) -> Vec<String> {
+    launchctl(program, &["print", &format!("gui/{uid}/{label}")])
+}
+
+/// `~/Library/LaunchAgents/homebrew.mxcl.contextpilotd.plist`.
+pub fn homebrew_plist_path(home: &Path) -> PathBuf {
+    home.join("Library/LaunchAgents")
+        .join(format!("{HOMEBREW_LABEL}.plist"))
 }
 
 /// `bootstrap` fails with EIO when the label is still (or already) loaded,

@@ -157,6 +157,21 @@ pub struct ServiceReport {
     pub manager_state: Option<ServiceState>,
     /// Why the service manager could not be asked.
     pub unknown_reason: Option<String>,
+    /// The service is Homebrew's (`brew services`, label
+    /// `homebrew.mxcl.contextpilotd`), not the one `service install` writes.
+    #[serde(default)]
+    pub homebrew: bool,
+}
+
+impl ServiceReport {
+    /// Installed, or known to the service manager.
+    fn present(&self) -> bool {
+        self.installed
+            || self
+                .manager_state
+                .as_ref()
+                .is_some_and(|s| s.loaded == Some(true))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -531,6 +546,37 @@ pub fn query(platform: Platform, uid: u32, unit_path: &Path) -> ServiceReport {
         installed: unit_path.is_file(),
         manager_state,
         unknown_reason,
+        homebrew: false,
+    }
+}
+
+/// Asks launchd about Homebrew's agent for the formula
+/// (`launchctl print gui/<uid>/homebrew.mxcl.contextpilotd`).
+pub fn query_homebrew(uid: u32, home: &Path) -> ServiceReport {
+    let platform = Platform::Macos;
+    let argv = launchd::print_label_command(&platform.program(), uid, launchd::HOMEBREW_LABEL);
+    let (manager_state, unknown_reason) = match run_argv(&argv, Some(QUERY_TIMEOUT)) {
+        Ok(ran) => interpret_query(platform, &ran),
+        Err(e) => (None, Some(e)),
+    };
+    let plist = launchd::homebrew_plist_path(home);
+    ServiceReport {
+        manager: platform.manager().to_string(),
+        unit_path: plist.display().to_string(),
+        installed: plist.is_file(),
+        manager_state,
+        unknown_reason,
+        homebrew: true,
+    }
+}
+
+/// The service to report on: Homebrew's when it is there (so `status` never
+/// advises installing a second LaunchAgent beside it), else our own.
+pub fn prefer_homebrew(ours: ServiceReport, homebrew: ServiceReport) -> ServiceReport {
+    if homebrew.present() && !ours.present() {
+        homebrew
+    } else {
+        ours
     }
 }
 
@@ -559,6 +605,9 @@ pub fn interpret_query(platform: Platform, ran: &Ran) -> (Option<ServiceState>, 
 /// The next thing a person should do, when something is off. `daemon_answers`
 /// is whether `/status` answered.
 pub fn next_step(report: &ServiceReport, daemon_answers: bool, logs_hint: &str) -> Option<String> {
+    if report.homebrew {
+        return homebrew_next_step(report, daemon_answers);
+    }
     if !report.installed {
         return (!daemon_answers)
             .then(|| "not installed as a service: contextpilotd service install".to_string());
@@ -578,8 +627,49 @@ pub fn next_step(report: &ServiceReport, daemon_answers: bool, logs_hint: &str) 
     }
 }
 
+/// [`next_step`] for Homebrew's service: `brew services`, never `service
+/// install` (that would be a second agent running the same daemon).
+fn homebrew_next_step(report: &ServiceReport, daemon_answers: bool) -> Option<String> {
+    if daemon_answers {
+        return None;
+    }
+    let logs = launchd::HOMEBREW_LOGS;
+    match &report.manager_state {
+        Some(state) if state.is_running() => Some(format!(
+            "the Homebrew service is running{} but not answering yet: it may still be starting; see {logs}",
+            state.pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+        )),
+        Some(state) if state.loaded == Some(false) => Some(format!(
+            "installed with Homebrew but not loaded: brew services start contextpilotd; see {logs}"
+        )),
+        _ => Some(format!(
+            "installed with Homebrew but not running: brew services restart contextpilotd; see {logs}"
+        )),
+    }
+}
+
 /// One line for people: what the service manager says.
 pub fn describe_report(report: &ServiceReport) -> String {
+    if report.homebrew {
+        let state = report.manager_state.clone().unwrap_or_default();
+        let mut parts = vec![format!(
+            "Homebrew's {} ({})",
+            launchd::HOMEBREW_LABEL,
+            report.unit_path
+        )];
+        match (state.loaded, &state.state) {
+            (Some(false), _) => parts.push("not loaded".to_string()),
+            (_, Some(s)) => parts.push(s.clone()),
+            _ => {}
+        }
+        if let Some(pid) = state.pid {
+            parts.push(format!("pid {pid}"));
+        }
+        if let Some(exit) = &state.last_exit {
+            parts.push(format!("last exit {exit}"));
+        }
+        return parts.join(", ");
+    }
     if !report.installed {
         return format!("not installed ({} does not exist)", report.unit_path);
     }

@@ -70,6 +70,9 @@ pub struct SupervisorView {
     /// RFC 3339 UTC time the current child was spawned.
     pub started_at: Option<String>,
     pub command: Vec<String>,
+    /// When the current child was spawned (for `running_s`).
+    #[serde(skip)]
+    pub spawned: Option<Instant>,
     /// The key the current child requires (never shown in `/status`).
     #[serde(skip)]
     pub key: Option<process::ChildKey>,
@@ -86,6 +89,7 @@ impl SupervisorView {
             last_exit: None,
             started_at: None,
             command: Vec::new(),
+            spawned: None,
             key: None,
         }
     }
@@ -176,6 +180,7 @@ pub fn start(
         last_exit: None,
         started_at: None,
         command: spec.argv(spec.llama.port),
+        spawned: None,
         key: None,
     });
     let (phase, phase_rx) = watch::channel(Phase::Run);
@@ -258,6 +263,7 @@ impl Supervisor {
                         v.pid = Some(pid);
                         v.port = Some(port);
                         v.started_at = Some(rfc3339_utc(SystemTime::now()));
+                        v.spawned = Some(Instant::now());
                         v.command = argv.clone();
                         v.key = key.clone();
                     });
@@ -285,6 +291,7 @@ impl Supervisor {
                     self.view.send_modify(|v| {
                         v.state = State::Restarting;
                         v.pid = None;
+                        v.spawned = None;
                         v.key = None;
                     });
                     continue;
@@ -293,6 +300,7 @@ impl Supervisor {
                     return self.view.send_modify(|v| {
                         v.state = State::Stopping;
                         v.pid = None;
+                        v.spawned = None;
                         v.key = None;
                     })
                 }
@@ -309,6 +317,7 @@ impl Supervisor {
                 return self.view.send_modify(|v| {
                     v.state = State::Stopping;
                     v.pid = None;
+                    v.spawned = None;
                     v.key = None;
                     v.last_exit = Some(last_exit);
                 });
@@ -353,6 +362,7 @@ impl Supervisor {
             self.view.send_modify(|v| {
                 v.state = state;
                 v.pid = None;
+                v.spawned = None;
                 v.key = None;
                 v.restarts += 1;
                 v.last_exit = Some(last_exit);

@@ -55,15 +55,35 @@ pub fn real_parts() -> RealParts {
     }
 }
 
-/// The real model cut after its header: llama-server reads the metadata,
-/// then fails to load the tensors and exits. Lives in `dir`.
+/// The real model with its token embedding renamed in the tensor infos:
+/// the file is whole (so the daemon's size check passes) and llama-server
+/// reads the metadata, then fails to load with "missing tensor" and exits.
+/// Lives in `dir`.
 pub fn corrupt_model(parts: &RealParts, dir: &Path) -> RealParts {
     let corrupt = dir.join("corrupt.gguf");
-    let bytes = std::fs::read(&parts.model).unwrap();
-    std::fs::write(&corrupt, &bytes[..8 << 20]).unwrap();
+    let mut bytes = std::fs::read(&parts.model).unwrap();
+    let name = b"token_embd.weight";
+    let at = bytes
+        .windows(name.len())
+        .position(|w| w == name)
+        .expect("the model names token_embd.weight");
+    bytes[at + name.len() - 8] = b'x';
+    std::fs::write(&corrupt, &bytes).unwrap();
     RealParts {
         llama_server: parts.llama_server.clone(),
         model: corrupt,
+    }
+}
+
+/// The real model cut short inside its tensor data: the header is whole,
+/// the file is not.
+pub fn truncated_model(parts: &RealParts, dir: &Path) -> RealParts {
+    let cut = dir.join("truncated.gguf");
+    let bytes = std::fs::read(&parts.model).unwrap();
+    std::fs::write(&cut, &bytes[..8 << 20]).unwrap();
+    RealParts {
+        llama_server: parts.llama_server.clone(),
+        model: cut,
     }
 }
 
