@@ -652,23 +652,12 @@ fn homebrew_next_step(report: &ServiceReport, daemon_answers: bool) -> Option<St
 pub fn describe_report(report: &ServiceReport) -> String {
     if report.homebrew {
         let state = report.manager_state.clone().unwrap_or_default();
-        let mut parts = vec![format!(
+        let head = format!(
             "Homebrew's {} ({})",
             launchd::HOMEBREW_LABEL,
             report.unit_path
-        )];
-        match (state.loaded, &state.state) {
-            (Some(false), _) => parts.push("not loaded".to_string()),
-            (_, Some(s)) => parts.push(s.clone()),
-            _ => {}
-        }
-        if let Some(pid) = state.pid {
-            parts.push(format!("pid {pid}"));
-        }
-        if let Some(exit) = &state.last_exit {
-            parts.push(format!("last exit {exit}"));
-        }
-        return parts.join(", ");
+        );
+        return with_state(head, &state);
     }
     if !report.installed {
         return format!("not installed ({} does not exist)", report.unit_path);
@@ -681,7 +670,13 @@ pub fn describe_report(report: &ServiceReport) -> String {
             report.unknown_reason.as_deref().unwrap_or("no answer")
         );
     };
-    let mut parts = vec![format!("{} {}", report.manager, report.unit_path)];
+    with_state(format!("{} {}", report.manager, report.unit_path), state)
+}
+
+/// `head`, then what the manager says of the service: loaded or its state,
+/// pid, last exit.
+fn with_state(head: String, state: &ServiceState) -> String {
+    let mut parts = vec![head];
     match (state.loaded, &state.state) {
         (Some(false), _) => parts.push("not loaded".to_string()),
         (_, Some(s)) => parts.push(s.clone()),
