@@ -26,9 +26,11 @@ NINJA_VERSION=1.13.2
 # (AVX2, FMA, F16C, BMI2) are switched on one by one when this CPU has them:
 # without them prefill runs several times slower. The cache key below
 # includes the flags, so a machine without them builds its own copy.
+# GGML_RPC=ON: llama-server takes --rpc, and ggml-rpc-server (llama.cpp's rpc-server) is built beside it,
+# for a model split across machines ([llama] rpc_workers).
 CMAKE_FLAGS=(-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_OPENSSL=OFF
   -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
-  -DLLAMA_BUILD_COMMIT=0c1e57098)
+  -DLLAMA_BUILD_COMMIT=0c1e57098 -DGGML_RPC=ON)
 if [[ "$(uname -m)" == x86_64 && -r /proc/cpuinfo ]]; then
   cpu_flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
   if [[ "$cpu_flags" == *" avx "* && "$cpu_flags" == *" avx2 "* && "$cpu_flags" == *" fma "* && "$cpu_flags" == *" f16c "* ]]; then
@@ -69,7 +71,7 @@ server_path() {
 provision_server() {
   local target
   target=$(server_path)
-  if [[ -x "$target" ]]; then
+  if [[ -x "$target" && ( "$target" != "$SERVER_DIR/bin/llama-server" || -x "$SERVER_DIR/bin/ggml-rpc-server" ) ]]; then
     log "llama-server: $target (cached)"
     return
   fi
@@ -116,7 +118,7 @@ provision_server() {
   # the whole output goes to build.log for when it fails.
   local jobs
   jobs=$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)
-  if ! PATH="$tools/bin:$PATH" cmake --build "$work/build" --target llama-server -j "$jobs" 2>&1 \
+  if ! PATH="$tools/bin:$PATH" cmake --build "$work/build" --target llama-server ggml-rpc-server -j "$jobs" 2>&1 \
     | tee "$work/build.log" \
     | while IFS= read -r line; do
         case "$line" in \[*) printf '\r[provision] building llama-server %s' "${line%% *}" >&2 ;; esac
@@ -131,6 +133,10 @@ provision_server() {
   mkdir -p "$SERVER_DIR/bin"
   cp "$work/build/bin/llama-server" "$SERVER_DIR/bin/llama-server.tmp"
   mv "$SERVER_DIR/bin/llama-server.tmp" "$SERVER_DIR/bin/llama-server"
+  if [[ -x "$work/build/bin/ggml-rpc-server" ]]; then
+    cp "$work/build/bin/ggml-rpc-server" "$SERVER_DIR/bin/ggml-rpc-server.tmp"
+    mv "$SERVER_DIR/bin/ggml-rpc-server.tmp" "$SERVER_DIR/bin/ggml-rpc-server"
+  fi
   rm -rf "$work"
   log "llama-server: $SERVER_DIR/bin/llama-server"
 }
@@ -211,6 +217,6 @@ case "${1:-all}" in
   model) provision_model ;;
   gemma) provision_gemma ;;
   all) provision_server; provision_model ;;
-  paths) echo "LLAMA_SERVER=$(server_path)"; echo "MODEL=$MODEL_DIR/$MODEL_FILE"; echo "GEMMA_MODEL=$GEMMA_DIR/$GEMMA_FILE" ;;
+  paths) echo "LLAMA_SERVER=$(server_path)"; echo "MODEL=$MODEL_DIR/$MODEL_FILE"; echo "GEMMA_MODEL=$GEMMA_DIR/$GEMMA_FILE"; echo "RPC_SERVER=$SERVER_DIR/bin/ggml-rpc-server" ;;
   *) echo "usage: $0 [all|server|model|gemma|paths]" >&2; exit 2 ;;
 esac

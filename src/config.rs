@@ -24,6 +24,79 @@ pub struct Config {
     pub cost: CostConfig,
     pub log: LogConfig,
     pub models: ModelsConfig,
+    /// Other servers requests may be routed to (`[[upstream]]`).
+    pub upstream: Vec<UpstreamConfig>,
+    pub routing: RoutingConfig,
+}
+
+/// One `[[upstream]]`: another OpenAI-compatible server to route to.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Its base URL, as an OpenAI client is given it (`http://host:8080`
+    /// or `http://host:8080/v1`); plain HTTP.
+    pub url: String,
+    pub kind: UpstreamKind,
+    /// Sent as `Authorization: Bearer` to it (never logged).
+    pub api_key: Option<String>,
+    /// How much traffic it should get relative to the others (its score is
+    /// divided by it).
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// Requests it runs at once; a llama-server's own slot count is read
+    /// from its `/props` when absent.
+    pub slots: Option<u32>,
+    /// The model name it serves (default: the name `[llama] model` is
+    /// served under).
+    pub model: Option<String>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// What an upstream is, which decides what the daemon can know of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamKind {
+    /// Slots visible, `id_slot` usable: modelled slot by slot like the child.
+    LlamaServer,
+    /// Another contextpilotd: it picks its own slots.
+    Contextpilotd,
+    /// vLLM, SGLang, anything OpenAI-compatible: prefix reuse read from
+    /// `usage.prompt_tokens_details.cached_tokens`.
+    Openai,
+}
+
+/// How requests are spread over the backends of one model (`routing`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// "cache-aware" (by predicted time: prefix reuse, prefill speed,
+    /// queue) or "round-robin" (for comparison).
+    pub policy: RoutingPolicy,
+    /// The load imbalance (requests in flight) past which the least loaded
+    /// backend is chosen whatever the cache says: more than `balance_abs`
+    /// apart and the busiest more than `balance_rel` times the idlest.
+    pub balance_abs: u32,
+    pub balance_rel: f64,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            policy: RoutingPolicy::CacheAware,
+            balance_abs: 2,
+            balance_rel: 1.5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RoutingPolicy {
+    CacheAware,
+    RoundRobin,
 }
 
 /// Which models the daemon serves and how many it keeps loaded (`models`).
@@ -801,6 +874,30 @@ impl Config {
                     format!("{batch} is too small; allowed: \"auto\" or at least 32"),
                 );
             }
+        }
+        for upstream in &self.upstream {
+            let url = upstream.url.trim();
+            let Some(rest) = url.strip_prefix("http://") else {
+                return err(
+                    "upstream.url",
+                    format!("{url:?} must be a plain http:// URL (https upstreams are not supported; put them behind a local proxy)"),
+                );
+            };
+            if rest.is_empty() || rest.starts_with('/') {
+                return err("upstream.url", format!("{url:?} names no host"));
+            }
+            if !(upstream.weight.is_finite() && upstream.weight > 0.0) {
+                return err("upstream.weight", "must be a number greater than 0".into());
+            }
+            if upstream.slots == Some(0) {
+                return err("upstream.slots", "must be at least 1".into());
+            }
+        }
+        if !(self.routing.balance_rel.is_finite() && self.routing.balance_rel >= 1.0) {
+            return err(
+                "routing.balance_rel",
+                "must be a number of at least 1".into(),
+            );
         }
         let mut names = std::collections::HashSet::new();
         for entry in &self.models.model {

@@ -577,6 +577,8 @@ pub async fn run(
             tracing::error!("{e}");
         }
     }
+    let (stop_probes, probes_stop) = tokio::sync::watch::channel(false);
+    start_upstreams(&fleet, config, probes_stop);
     let reaper = tokio::spawn(fleet.clone().reap());
 
     let stop = async {
@@ -590,6 +592,7 @@ pub async fn run(
     gateway::serve(listener, gateway, stop, DRAIN_GRACE, header_timeout).await;
     tracing::info!("shutting down: stopping llama-server");
     reaper.abort();
+    let _ = stop_probes.send(true);
     fleet.shutdown().await;
     // A stream the stop cut records itself when it notices: wait for the
     // last one before writing it all.
@@ -627,6 +630,57 @@ fn fleet(prepared: &Prepared, binary: PathBuf, watchdog: Option<Watchdog>) -> Fl
         listen: config.server.listen.to_string(),
     };
     Fleet::new(rescan, config.models.fallback.as_deref(), launcher, budget)
+        .with_routing(config.routing.clone())
+}
+
+/// Every `[[upstream]]` as an engine of the model it serves, with its
+/// prober. Its number stands in for a child's pid (counting down from
+/// `u32::MAX`, so it is never a real pid's).
+fn start_upstreams(fleet: &Arc<Fleet>, config: &Config, stop: tokio::sync::watch::Receiver<bool>) {
+    use crate::models::engine::{Engine, Remote};
+    use crate::models::probe;
+    let primary = fleet.resolve(None).map(|s| s.name).unwrap_or_default();
+    for (i, upstream) in config.upstream.iter().enumerate() {
+        let number = u32::MAX - i as u32;
+        let base = probe::base_of(&upstream.url);
+        let auth = upstream.api_key.as_ref().map(|k| format!("Bearer {k}"));
+        let (view, seen) =
+            tokio::sync::watch::channel(crate::supervisor::SupervisorView::unloaded());
+        tokio::spawn(probe::run(
+            base.clone(),
+            auth.clone(),
+            upstream.kind,
+            number,
+            view.clone(),
+            stop.clone(),
+        ));
+        let remote = Remote {
+            url: upstream.url.clone(),
+            base,
+            auth,
+            kind: upstream.kind,
+            weight: upstream.weight,
+            down: view,
+        };
+        let name = upstream.model.clone().unwrap_or_else(|| primary.clone());
+        let slots = upstream.slots.unwrap_or(1) as usize;
+        // The same model as the child's: its speed until measured there.
+        let cost = fleet
+            .primary()
+            .map(|local| local.scheduler.cost().profile().as_ref().clone())
+            .unwrap_or_else(|| crate::cost::CostProfile::unmeasured(10.0, 1.0, 10.0));
+        let engine = Engine::upstream(
+            &name,
+            remote,
+            slots,
+            config.server.max_queue,
+            cost,
+            seen,
+            fleet.idle_signal(),
+        );
+        tracing::info!(upstream = %upstream.url, model = %name, slots, "routing to an upstream");
+        fleet.add_upstream(Arc::new(engine));
+    }
 }
 
 /// What the loaded models may use together: `[models] memory_mib`, else

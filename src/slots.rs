@@ -307,7 +307,7 @@ impl BlockSeq {
 /// Entries the RAM tier model keeps at most (see [`RamTier`]).
 pub const MAX_RAM_ENTRIES: usize = 256;
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct RamTier {
     entries: VecDeque<Arc<BlockSeq>>,
     tokens: u64,
@@ -714,6 +714,25 @@ impl Scheduler {
             .map(|s| common_prefix_len(&s.holds.key, key))
             .max()
             .unwrap_or(0)
+    }
+
+    /// What `policy` would choose now, without taking a slot: the
+    /// predicted prompt time there with the RAM-cache restore and save and
+    /// the value of the contents it would overwrite. A backend's slots hold
+    /// what was routed there, so this prices backends against each other
+    /// exactly as slots are priced within one.
+    pub fn predict(&self, policy: &mut impl SlotPolicy) -> f64 {
+        let table = self.lock();
+        let cost = self.cost.view();
+        let mut ram = table.ram.clone();
+        let choice = policy.choose(ChoiceInput {
+            slots: &table.slots,
+            ram: &mut ram,
+            cost: &cost,
+            now: Instant::now(),
+        });
+        let d = &choice.decision;
+        d.predicted_ms + d.restore_ms + d.save_ms + d.lost_value_ms
     }
 
     /// What each slot holds, in short, for `/status`.

@@ -366,6 +366,19 @@ impl CostModel {
         f64::from_bits(self.token_scale.load(Ordering::Relaxed))
     }
 
+    /// A backend the daemon cannot measure (an upstream) computed
+    /// `computed` tokens in `ms`: the prefill speed moves towards that.
+    pub fn observe_prefill(&self, computed: u64, ms: f64) {
+        if computed < 32 || !(ms.is_finite() && ms > 0.0) {
+            return;
+        }
+        let mut profile = crate::sync::write(&self.profile);
+        let mut next = profile.as_ref().clone();
+        let observed = ms / computed as f64;
+        next.prefill_ms_per_token += SCALE_ALPHA * (observed - next.prefill_ms_per_token);
+        *profile = Arc::new(next);
+    }
+
     /// A request was answered: it was estimated at `estimated` tokens and
     /// llama-server counted `actual`.
     pub fn observe_tokens(&self, estimated: u64, actual: u64) {

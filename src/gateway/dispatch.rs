@@ -93,6 +93,12 @@ pub(super) async fn dispatch(
                 // Nothing has reached the client: try again, on the restarted
                 // child unless this one turns out to be alive.
                 drop(lease);
+                // An upstream that failed is out until its prober sees it
+                // answer again; the retry waits for it (failing over to
+                // another backend is routing's, not yet done).
+                if let Some(remote) = &engine.remote {
+                    remote.mark_down(&why);
+                }
                 // A refused connection needs no probe: nothing listens there.
                 match refused || gateway.upstream.is_gone(&target).await {
                     true => gone.push(target.pid),
@@ -137,7 +143,12 @@ async fn attempt(
         }
         facts.commits.set_conversation(leased.conversation);
     });
-    let payload = prepared.payload(lease.id());
+    let payload = match &engine.remote {
+        Some(remote) if !remote.picks_slots() => {
+            prepared.payload_without_slot(remote.kind == crate::config::UpstreamKind::Contextpilotd)
+        }
+        _ => prepared.payload(lease.id()),
+    };
     let forwarded = forward(gateway, &target, path, payload, wants_stream).await;
     Ok((target, lease, forwarded))
 }

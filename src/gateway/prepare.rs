@@ -93,14 +93,43 @@ pub(super) async fn prepare(
         }
     });
     let engine = gateway.fleet.acquire(&spec, keep_alive).await?;
-    let hints = Hints {
+    let hints = || Hints {
         intercept: &options.intercept,
         client: &options.client,
         conversation: options.conversation.clone(),
     };
-    let prepared = gateway
-        .reorder
-        .prepare(path, body, hints, &engine.scheduler);
+    let backends = gateway.fleet.backends(&spec.name);
+    let (engine, prepared) = if backends.len() < 2 {
+        let prepared = gateway
+            .reorder
+            .prepare(path, body, hints(), &engine.scheduler);
+        (engine, prepared)
+    } else {
+        // Each backend's own plan (documents ordered for what it holds),
+        // priced at its own speed; the chosen one's plan is the request's.
+        let mut plans = Vec::with_capacity(backends.len());
+        for backend in &backends {
+            let prepared = gateway
+                .reorder
+                .prepare(path, body.clone(), hints(), &backend.scheduler)
+                .map_err(ApiError::bad_request)?;
+            let offer = backend.offer(prepared.predict_ms(&backend.scheduler));
+            plans.push((offer, prepared));
+        }
+        let offers: Vec<_> = plans.iter().map(|(o, _)| o.clone()).collect();
+        let turn = gateway.fleet.next_turn();
+        let (chosen, reason) = crate::models::route::choose(&offers, gateway.fleet.routing(), turn);
+        let backend = std::sync::Arc::clone(&backends[chosen]);
+        ticket.note(|facts| facts.record.backend = Some(backend.backend().to_string()));
+        tracing::debug!(backend = backend.backend(), ?reason, "routed");
+        let prepared = plans.swap_remove(chosen).1;
+        let engine = if backend.remote.is_none() {
+            engine
+        } else {
+            backend.use_now(keep_alive)
+        };
+        (engine, Ok(prepared))
+    };
     ticket.note(|facts| facts.engine = Some(engine));
     let mut prepared = prepared.map_err(ApiError::bad_request)?;
     let commits = std::mem::take(&mut prepared.commits);

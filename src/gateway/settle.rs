@@ -59,6 +59,8 @@ pub(super) struct RecordFacts {
     pub prompt: Option<Value>,
     pub reorder: Option<ReorderInfo>,
     pub block_dedup: Option<DedupStats>,
+    /// The backend routing chose, when the model has more than one.
+    pub backend: Option<String>,
 }
 
 /// How a request ended.
@@ -92,6 +94,7 @@ impl Ticket {
             timestamp: rfc3339_utc(SystemTime::now()),
             arrived: Instant::now(),
             path: path.to_string(),
+            backend: None,
             stream: false,
             retried: false,
             prompt: None,
@@ -182,7 +185,11 @@ impl Drop for Ticket {
 /// hands the meter its record.
 fn settle(gateway: &Gateway, facts: RequestFacts, outcome: Outcome) {
     let succeeded = outcome.status == 200;
-    let reuse = outcome.timings.as_ref().and_then(CacheReuse::from_timings);
+    let reuse = outcome
+        .timings
+        .as_ref()
+        .and_then(CacheReuse::from_timings)
+        .or_else(|| outcome.usage.as_ref().and_then(CacheReuse::from_usage));
     let engine = facts.engine;
     let model = engine.as_ref().map(|e| e.name.clone());
     let decision = facts.slot.zip(engine.as_ref()).map(|(slot, engine)| {
@@ -330,6 +337,7 @@ fn record(
         slot_decision,
         block_dedup: facts.block_dedup,
         prompt: facts.prompt,
+        backend: facts.backend,
         completion: outcome.completion,
     }
 }
@@ -341,6 +349,7 @@ mod tests {
 
     fn answered() -> QueryRecord {
         QueryRecord {
+            backend: None,
             query_id: "18c2f-7".into(),
             timestamp: "2026-12-02T10:00:00Z".into(),
             path: "/v1/chat/completions".into(),

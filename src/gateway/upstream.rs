@@ -53,10 +53,10 @@ impl Upstream {
     ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
         let mut request = Request::builder()
             .method(method)
-            .uri(format!("http://127.0.0.1:{}{path_and_query}", target.port))
+            .uri(format!("{}{path_and_query}", target.base))
             .header(CONTENT_TYPE, "application/json");
-        if let Some(key) = &target.key {
-            request = request.header(AUTHORIZATION, key.bearer());
+        if let Some(auth) = &target.auth {
+            request = request.header(AUTHORIZATION, auth.as_str());
         }
         let request = request
             .body(Full::new(body))
@@ -76,13 +76,28 @@ impl Upstream {
     }
 }
 
-/// A child that is ready for requests.
+/// A child (or an upstream) that is ready for requests.
 #[derive(Debug, Clone)]
 pub(super) struct Target {
+    /// The child's pid, or the upstream's number: a slot table resets
+    /// when it changes, and a retry avoids the ones that failed.
     pub pid: u32,
-    pub port: u16,
-    /// What the child requires on every request.
-    pub key: Option<ChildKey>,
+    /// `http://host:port`, which request paths are appended to.
+    pub base: String,
+    /// The `Authorization` value it requires on every request: the child's
+    /// own key, or the upstream's `api_key`.
+    pub auth: Option<String>,
+}
+
+impl Target {
+    /// The supervised child on loopback `port`.
+    pub fn child(pid: u32, port: u16, key: Option<&ChildKey>) -> Target {
+        Target {
+            pid,
+            base: format!("http://127.0.0.1:{port}"),
+            auth: key.map(ChildKey::bearer),
+        }
+    }
 }
 
 /// Waits until the engine's child is ready (and, after failures, is none
@@ -98,10 +113,19 @@ pub(super) async fn wait_ready(
     loop {
         {
             let v = view.borrow_and_update();
-            if let (State::Ready, Some(pid), Some(port)) = (v.state, v.pid, v.port) {
+            if let (State::Ready, Some(pid)) = (v.state, v.pid) {
                 if !gone.contains(&pid) {
-                    let key = v.key.clone();
-                    return Ok(Target { pid, port, key });
+                    match (&engine.remote, v.port) {
+                        (Some(remote), _) => {
+                            return Ok(Target {
+                                pid,
+                                base: remote.base.clone(),
+                                auth: remote.auth.clone(),
+                            })
+                        }
+                        (None, Some(port)) => return Ok(Target::child(pid, port, v.key.as_ref())),
+                        (None, None) => {}
+                    }
                 }
             }
         }
@@ -212,11 +236,7 @@ mod tests {
             String::from_utf8_lossy(&head).to_ascii_lowercase()
         });
         let key = ChildKey::generate().unwrap();
-        let target = Target {
-            pid: 1,
-            port,
-            key: Some(key.clone()),
-        };
+        let target = Target::child(1, port, Some(&key));
         let response = Upstream::new()
             .send(
                 Method::POST,

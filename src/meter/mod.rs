@@ -55,6 +55,10 @@ pub struct QueryRecord {
     /// Repeated blocks of tool output replaced by pointers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub block_dedup: Option<crate::reorder::dedup::DedupStats>,
+    /// Which backend answered, when the model has more than one: "local"
+    /// or the upstream's URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
     /// Only with `[meter] log_prompts = true`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt: Option<serde_json::Value>,
@@ -94,6 +98,30 @@ impl CacheReuse {
             gen_ms: round2(num("predicted_ms").unwrap_or(0.0)),
             prompt_tps: round2(num("prompt_per_second").unwrap_or(0.0)),
             gen_tps: round2(num("predicted_per_second").unwrap_or(0.0)),
+        })
+    }
+}
+
+impl CacheReuse {
+    /// From an OpenAI `usage` object (a backend that reports no llama-server
+    /// `timings`: vLLM, SGLang, another server's OpenAI routes):
+    /// `prompt_tokens_details.cached_tokens` of `prompt_tokens` came from
+    /// its prefix cache. No times: those backends do not report them.
+    pub fn from_usage(usage: &serde_json::Value) -> Option<CacheReuse> {
+        let total = usage.get("prompt_tokens")?.as_u64()?;
+        let reused = usage
+            .pointer("/prompt_tokens_details/cached_tokens")?
+            .as_u64()?
+            .min(total);
+        Some(CacheReuse {
+            total_prompt_tokens: total,
+            reused_tokens: reused,
+            newly_computed: total - reused,
+            reuse_ratio_pct: (total > 0).then(|| round2(100.0 * reused as f64 / total as f64)),
+            prompt_eval_ms: 0.0,
+            gen_ms: 0.0,
+            prompt_tps: 0.0,
+            gen_tps: 0.0,
         })
     }
 }
@@ -275,5 +303,34 @@ mod tests {
         assert_eq!(reuse.reuse_ratio_pct, Some(75.0));
         assert_eq!((reuse.prompt_eval_ms, reuse.gen_ms), (50.0, 400.0));
         assert_eq!((reuse.prompt_tps, reuse.gen_tps), (2000.0, 80.0));
+    }
+}
+
+#[cfg(test)]
+mod usage_tests {
+    use super::CacheReuse;
+
+    #[test]
+    fn an_openai_usage_object_gives_the_cache_reuse() {
+        let usage = serde_json::json!({
+            "prompt_tokens": 400, "completion_tokens": 8,
+            "prompt_tokens_details": {"cached_tokens": 300}
+        });
+        let reuse = CacheReuse::from_usage(&usage).unwrap();
+        assert_eq!(
+            (
+                reuse.total_prompt_tokens,
+                reuse.reused_tokens,
+                reuse.newly_computed
+            ),
+            (400, 300, 100)
+        );
+        assert_eq!(reuse.reuse_ratio_pct, Some(75.0));
+        // No details: nothing is known about reuse.
+        assert!(CacheReuse::from_usage(&serde_json::json!({"prompt_tokens": 4})).is_none());
+        // More cached than sent is clamped.
+        let odd =
+            serde_json::json!({"prompt_tokens": 4, "prompt_tokens_details": {"cached_tokens": 9}});
+        assert_eq!(CacheReuse::from_usage(&odd).unwrap().newly_computed, 0);
     }
 }

@@ -69,6 +69,7 @@ mod tests {
 
     fn record(id: &str) -> QueryRecord {
         QueryRecord {
+            backend: None,
             query_id: id.into(),
             timestamp: "2026-12-02T00:00:00Z".into(),
             path: "/v1/chat/completions".into(),

@@ -67,6 +67,7 @@ mod tests {
 
     fn record(id: usize) -> QueryRecord {
         QueryRecord {
+            backend: None,
             query_id: format!("q{id}"),
             timestamp: "2026-11-22T00:00:00Z".into(),
             path: "/v1/chat/completions".into(),

@@ -106,6 +106,9 @@ pub struct Engine {
     pub tail: OutputTail,
     pub scheduler: Arc<Scheduler>,
     pub loaded_at: SystemTime,
+    /// An `[[upstream]]` the daemon routes to but does not run; `None` for
+    /// the supervised child.
+    pub remote: Option<Remote>,
     usage: std::sync::Mutex<Usage>,
     /// Told whenever this engine goes idle or its keep-alive changes.
     idle: Arc<Notify>,
@@ -129,6 +132,9 @@ struct Control {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct LoadedModel {
     pub name: String,
+    /// "local" (the supervised child) or the upstream's URL.
+    #[serde(default)]
+    pub backend: String,
     pub path: String,
     /// The supervisor's state: "starting", "ready", "restarting", ….
     pub state: String,
@@ -263,7 +269,85 @@ impl Engine {
             }),
             idle,
             control: std::sync::Mutex::new(None),
+            remote: None,
         }
+    }
+
+    /// The engine of an `[[upstream]]` serving `name`: its slot table (what
+    /// was routed there) and the view its prober keeps, which `view` sends
+    /// on.
+    pub fn upstream(
+        name: &str,
+        remote: Remote,
+        slots: usize,
+        max_queue: usize,
+        cost: CostProfile,
+        view: watch::Receiver<SupervisorView>,
+        idle: Arc<Notify>,
+    ) -> Engine {
+        use crate::status::{HardwareStatus, ModelStatus, PlanStatus};
+        let status = StaticStatus {
+            listen: String::new(),
+            ready_timeout_s: 0,
+            model: ModelStatus {
+                path: remote.url.clone(),
+                size_bytes: 0,
+                architecture: String::new(),
+                context_length: None,
+            },
+            plan: PlanStatus {
+                slots: slots as u32,
+                concurrency: slots as u32,
+                ctx_per_slot: 0,
+                ctx_size: 0,
+                threads: 0,
+                gpu_layers: 0,
+                cache_reuse: 0,
+            },
+            hardware: HardwareStatus {
+                chip: remote.url.clone(),
+                memory_bytes: 0,
+                perf_cores: 0,
+                efficiency_cores: 0,
+                gpu_cores: None,
+            },
+            warnings: Vec::new(),
+            cost_decisions: Vec::new(),
+        };
+        let scheduler = Scheduler::new(slots, slots, max_queue, 0, CostModel::new(cost));
+        let mut engine = Engine::from_parts(
+            name,
+            Path::new(&remote.url),
+            status,
+            0,
+            view,
+            OutputTail::default(),
+            scheduler,
+            KeepAlive::Forever,
+            idle,
+        );
+        engine.remote = Some(remote);
+        engine
+    }
+
+    /// What this backend offers a request predicted at `predicted_ms`
+    /// here, for routing.
+    pub fn offer(&self, predicted_ms: f64) -> crate::models::route::Offer {
+        let ready = self.supervisor.borrow().state == crate::supervisor::State::Ready;
+        crate::models::route::Offer {
+            healthy: ready,
+            in_flight: self.scheduler.busy() + self.scheduler.queued(),
+            concurrency: self.scheduler.concurrency(),
+            predicted_ms,
+            weight: self.remote.as_ref().map_or(1.0, |r| r.weight),
+            // Conversations and sessions: not yet remembered per backend.
+            sticky: false,
+        }
+    }
+
+    /// Where its requests go: "local", or the upstream's URL.
+    pub fn backend(&self) -> &str {
+        self.remote.as_ref().map_or("local", |r| r.url.as_str())
     }
 
     /// A use of this engine by one request, until the returned guard drops.
@@ -329,6 +413,7 @@ impl Engine {
                 (left.as_secs_f64() * 10.0).round() / 10.0
             });
         LoadedModel {
+            backend: self.backend().to_string(),
             name: self.name.clone(),
             path: self.path.display().to_string(),
             state: view.state.as_str().to_string(),
@@ -343,6 +428,43 @@ impl Engine {
             unloads_in_s,
             loaded_at: supervisor::rfc3339_utc(self.loaded_at),
         }
+    }
+}
+
+/// An upstream server: where it is and what it is.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    /// As configured (its name in records, `/stats` and `/metrics`).
+    pub url: String,
+    /// `http://host:port`, without a trailing `/v1`: request paths are
+    /// appended to it.
+    pub base: String,
+    /// `Bearer <api_key>`.
+    pub auth: Option<String>,
+    pub kind: crate::config::UpstreamKind,
+    pub weight: f64,
+    /// Tells the prober's view it failed a request (so routing leaves it
+    /// out until a probe succeeds again).
+    pub down: watch::Sender<SupervisorView>,
+}
+
+impl Remote {
+    /// Whether requests to it carry `id_slot` and `cache_prompt` (only a
+    /// llama-server's slots are the daemon's to choose).
+    pub fn picks_slots(&self) -> bool {
+        self.kind == crate::config::UpstreamKind::LlamaServer
+    }
+
+    /// A request to it failed outright: out until the next good probe.
+    pub fn mark_down(&self, why: &str) {
+        self.down.send_if_modified(|view| {
+            let was_ready = view.state == crate::supervisor::State::Ready;
+            if was_ready {
+                view.state = crate::supervisor::State::Restarting;
+                view.last_exit = Some(why.to_string());
+            }
+            was_ready
+        });
     }
 }
 

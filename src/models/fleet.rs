@@ -108,6 +108,9 @@ pub struct Fleet {
     /// Told when an engine goes idle or a keep-alive changes (the reaper).
     idle: Arc<Notify>,
     stopping: AtomicBool,
+    /// Counts requests routed (round robin).
+    turn: std::sync::atomic::AtomicUsize,
+    routing: crate::config::RoutingConfig,
 }
 
 /// What lists the servable models.
@@ -145,7 +148,21 @@ impl Fleet {
             changing: tokio::sync::Mutex::new(()),
             idle: Arc::new(Notify::new()),
             stopping: AtomicBool::new(false),
+            turn: std::sync::atomic::AtomicUsize::new(0),
+            routing: crate::config::RoutingConfig::default(),
         }
+    }
+
+    /// Requests are spread over a model's backends by `routing`.
+    pub fn with_routing(mut self, routing: crate::config::RoutingConfig) -> Fleet {
+        self.routing = routing;
+        self
+    }
+
+    /// An `[[upstream]]`'s engine: served under its model's name next to
+    /// the local one, never unloaded (it uses no memory here).
+    pub fn add_upstream(&self, engine: Arc<Engine>) {
+        lock(&self.engines).push(engine);
     }
 
     /// What engines report their idleness to.
@@ -201,9 +218,32 @@ impl Fleet {
         }
     }
 
+    /// Every backend serving `name`: the local engine first (when loaded),
+    /// then the `[[upstream]]` engines, in configuration order. Routing
+    /// chooses among them when there is more than one.
+    pub fn backends(&self, name: &str) -> Vec<Arc<Engine>> {
+        let engines = lock(&self.engines);
+        let serving = engines.iter().filter(|e| e.name == name);
+        let (local, remote): (Vec<_>, Vec<_>) = serving.partition(|e| e.remote.is_none());
+        local.into_iter().chain(remote).cloned().collect()
+    }
+
+    /// How requests are spread over a model's backends.
+    pub fn routing(&self) -> &crate::config::RoutingConfig {
+        &self.routing
+    }
+
+    /// The next request's turn, for round robin.
+    pub fn next_turn(&self) -> usize {
+        self.turn.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// The engine of a loaded model.
     pub fn loaded(&self, name: &str) -> Option<Arc<Engine>> {
-        lock(&self.engines).iter().find(|e| e.name == name).cloned()
+        lock(&self.engines)
+            .iter()
+            .find(|e| e.name == name && e.remote.is_none())
+            .cloned()
     }
 
     /// Every loaded engine, in load order.
@@ -253,7 +293,7 @@ impl Fleet {
         let engines = lock(&self.engines);
         engines
             .iter()
-            .find(|e| e.name == name)
+            .find(|e| e.name == name && e.remote.is_none())
             .map(|e| e.use_now(keep_alive))
     }
 
@@ -290,7 +330,8 @@ impl Fleet {
         let index = engines
             .iter()
             .enumerate()
-            .filter(|(_, e)| e.in_use() == 0 && pick(e))
+            // An upstream is not the fleet's to unload.
+            .filter(|(_, e)| e.remote.is_none() && e.in_use() == 0 && pick(e))
             .min_by_key(|(_, e)| e.last_used())
             .map(|(i, _)| i)?;
         let engine = engines.remove(index);

@@ -10,11 +10,16 @@
 //!   `keep_alive`.
 //! * `engine`: one loaded model: its supervised child, plan, slot table
 //!   and cost model; `tuner`: its background measurement.
+//! * `route`: which backend of a model a request goes to (the local child
+//!   or an `[[upstream]]`), by predicted time with SGLang's imbalance rule;
+//!   `probe`: each upstream's health, on the channel a child's view uses.
 
 pub mod discover;
 pub mod engine;
 pub mod fleet;
+pub mod probe;
 pub mod pull;
+pub mod route;
 pub mod tuner;
 
 pub use engine::{Engine, EngineUse, LoadedModel};

@@ -65,6 +65,20 @@ pub struct Prepared {
     pub facts: Facts,
 }
 
+impl Prepared {
+    /// What this request is predicted to cost on `slots` now (the slot its
+    /// plan would choose there), without taking one: for choosing between
+    /// backends.
+    pub fn predict_ms(&self, slots: &Scheduler) -> f64 {
+        match &self.plan {
+            SlotPlan::Prefix(key) => slots.predict(&mut PrefixPolicy {
+                prompt: key.clone(),
+            }),
+            SlotPlan::Documents(request) => slots.predict(&mut request.policy()),
+        }
+    }
+}
+
 /// How the slot is chosen.
 enum SlotPlan {
     /// By the longest common prefix of the prompt key (plain requests and
@@ -384,6 +398,19 @@ impl Prepared {
     /// The body to forward to `slot`.
     pub fn payload(&mut self, slot: usize) -> Bytes {
         self.body["id_slot"] = Value::from(slot);
+        Bytes::from(serde_json::to_vec(&self.body).unwrap_or_default())
+    }
+
+    /// The body for a backend whose slots are not the daemon's to pick
+    /// (another contextpilotd, vLLM, SGLang): no `id_slot`, and for an
+    /// OpenAI-only server none of llama-server's own fields either.
+    pub fn payload_without_slot(&mut self, llama_fields: bool) -> Bytes {
+        if let Some(object) = self.body.as_object_mut() {
+            object.remove("id_slot");
+            if !llama_fields {
+                object.remove("cache_prompt");
+            }
+        }
         Bytes::from(serde_json::to_vec(&self.body).unwrap_or_default())
     }
 }

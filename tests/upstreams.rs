@@ -1,0 +1,159 @@
+//! Routing over backends: the supervised child and two plain llama-servers
+//! configured as `[[upstream]]` (one as `llama-server`, one addressed only
+//! through its OpenAI routes as `openai`), all real, on loopback.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{free_port, http_get, http_post_json, real_parts, wait_for, Daemon, RealParts};
+use serde_json::{json, Value};
+
+/// A plain llama-server on `port`: one slot, a small context.
+struct PlainServer {
+    port: u16,
+    process: Child,
+}
+
+impl PlainServer {
+    fn start(parts: &RealParts) -> PlainServer {
+        let port = free_port();
+        let process = Command::new(&parts.llama_server)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .arg("--model")
+            .arg(&parts.model)
+            .args(["--parallel", "1", "--ctx-size", "1024", "--threads", "1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        PlainServer { port, process }
+    }
+}
+
+impl Drop for PlainServer {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+fn documents(topic: &str) -> Vec<Value> {
+    (0..3)
+        .map(|i| {
+            json!({
+                "id": format!("{topic}-{i}"),
+                "text": format!("{topic} note {i}: ").repeat(12),
+            })
+        })
+        .collect()
+}
+
+/// What one run of the workload saw: requests per backend, and prompt
+/// tokens from cache of all prompt tokens.
+struct Run {
+    by_backend: std::collections::BTreeMap<String, usize>,
+    reused: u64,
+    total: u64,
+    openai_metered: bool,
+}
+
+fn run(parts: &RealParts, policy: &str) -> Run {
+    let first = PlainServer::start(parts);
+    let second = PlainServer::start(parts);
+    let extra = format!(
+        "[routing]\npolicy = \"{policy}\"\n\n\
+         [[upstream]]\nurl = \"http://127.0.0.1:{}\"\nkind = \"llama-server\"\n\n\
+         [[upstream]]\nurl = \"http://127.0.0.1:{}/v1\"\nkind = \"openai\"\n",
+        first.port, second.port
+    );
+    let mut daemon = Daemon::start(parts, &extra);
+    daemon.wait_ready();
+    // Every backend is up once the probes say so.
+    wait_for(Duration::from_secs(120), "three ready backends", || {
+        let (status, body) = http_get(daemon.listen, "/models/loaded").ok()?;
+        let loaded: Value = serde_json::from_str(&body).ok()?;
+        let ready = loaded["models"]
+            .as_array()?
+            .iter()
+            .filter(|m| m["state"] == "ready")
+            .count();
+        (status == 200 && ready == 3).then_some(())
+    });
+    // Three topics, each with its own documents, asked about in sessions
+    // of two requests in a row (a user's question and its follow-up).
+    let topics = ["harbour", "glacier", "orchard"];
+    let order = [0, 0, 1, 1, 2, 2, 0, 0, 1, 1, 2, 2];
+    for (round, &t) in order.iter().enumerate() {
+        {
+            let topic = topics[t];
+            let body = json!({
+                "messages": [{"role": "user", "content": format!("Summarise the {topic} notes ({round}).")}],
+                "documents": documents(topic),
+                "max_tokens": 4,
+                "temperature": 0,
+            });
+            let (status, answer) =
+                http_post_json(daemon.listen, "/v1/chat/completions", &body).unwrap();
+            assert_eq!(status, 200, "{answer}");
+        }
+    }
+    let (_, recent) = http_get(daemon.listen, "/requests/recent?limit=100").unwrap();
+    let recent: Value = serde_json::from_str(&recent).unwrap();
+    let records = recent["requests"].as_array().unwrap();
+    assert_eq!(records.len(), 12, "{recent}");
+    let openai = format!("http://127.0.0.1:{}/v1", second.port);
+    let mut result = Run {
+        by_backend: Default::default(),
+        reused: 0,
+        total: 0,
+        openai_metered: false,
+    };
+    for record in records {
+        let backend = record["backend"].as_str().unwrap_or("none").to_string();
+        *result.by_backend.entry(backend.clone()).or_default() += 1;
+        let reuse = &record["cache_reuse"];
+        result.reused += reuse["reused_tokens"].as_u64().unwrap_or(0);
+        result.total += reuse["total_prompt_tokens"].as_u64().unwrap_or(0);
+        if backend == openai && reuse["total_prompt_tokens"].as_u64().is_some() {
+            result.openai_metered = true;
+        }
+    }
+    result
+}
+
+/// Cache-aware routing keeps each topic where its documents are and so
+/// serves more prompt tokens from cache than round robin over the same
+/// backends, without sending more than half the requests to one, and an
+/// `openai` backend is metered from its `cached_tokens`.
+#[test]
+fn cache_aware_routing_reuses_more_than_round_robin_over_three_backends() {
+    let parts = real_parts();
+    let aware = run(&parts, "cache-aware");
+    let robin = run(&parts, "round-robin");
+    println!(
+        "cache-aware: {}/{} tokens from cache, {:?}; round-robin: {}/{}, {:?}",
+        aware.reused, aware.total, aware.by_backend, robin.reused, robin.total, robin.by_backend
+    );
+    assert_eq!(aware.by_backend.len(), 3, "{:?}", aware.by_backend);
+    for (backend, count) in &aware.by_backend {
+        assert!(
+            *count <= 6,
+            "{backend} took {count} of 12: {:?}",
+            aware.by_backend
+        );
+    }
+    // Round robin gets part of the way through llama-server's own RAM
+    // cache (a backend restores a prompt it saved); routing by what each
+    // backend holds finds the slot itself: all but each topic's first.
+    assert!(
+        aware.reused > robin.reused,
+        "cache-aware {} vs round robin {}",
+        aware.reused,
+        robin.reused
+    );
+    // The openai-kind backend's answers are metered.
+    assert!(aware.openai_metered && robin.openai_metered);
+}
