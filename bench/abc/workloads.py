@@ -274,6 +274,30 @@ def rag(corpus: Corpus, rng: random.Random, queries: int, k: int) -> list[Sessio
     return sessions
 
 
+def topical_rag(corpus: Corpus, rng: random.Random, queries: int, k: int, cross: float = 0.3) -> list[Session]:
+    """RAG over topical sessions, for the routing bench: every topic gets
+    the same number of queries (give or take one), in a shuffled order so
+    that the queries of one topic arrive interleaved with the others'. A
+    query's documents are drawn as `rag` draws them: k from its topic (Zipf
+    popularity), with probability `cross` the last one from another topic,
+    in a per-query relevance order."""
+    topics = list(corpus.topics)
+    order = [topics[q % len(topics)] for q in range(queries)]
+    rng.shuffle(order)
+    sessions = []
+    for q, topic in enumerate(order):
+        pool = corpus.topics[topic]
+        docs = _retrieve(rng, pool, k, _zipf_weights(len(pool)))
+        if rng.random() < cross and len(topics) > 1:
+            other = rng.choice([t for t in topics if t != topic])
+            docs[-1] = rng.choice(corpus.topics[other][:4])
+            docs = list(dict.fromkeys(docs))
+        rng.shuffle(docs)
+        question = f"What does the documentation say about {_subject(docs[0], topic)}?"
+        sessions.append(Session(f"rag-{q}-{topic}", "rag", [Step(question, docs)]))
+    return sessions
+
+
 _CHAT_ASKS = [
     "Remind me what {s} is for.",
     "How does {s} behave?",
