@@ -157,3 +157,70 @@ fn cache_aware_routing_reuses_more_than_round_robin_over_three_backends() {
     // The openai-kind backend's answers are metered.
     assert!(aware.openai_metered && robin.openai_metered);
 }
+
+/// A backend killed mid-run loses no request: one routed there fails over
+/// to another backend before anything reached the client, and routing
+/// leaves the dead one out afterwards.
+#[test]
+fn a_killed_backend_loses_no_request() {
+    let parts = real_parts();
+    let mut first = PlainServer::start(&parts);
+    let second = PlainServer::start(&parts);
+    let extra = format!(
+        "[[upstream]]\nurl = \"http://127.0.0.1:{}\"\nkind = \"llama-server\"\n\n\
+         [[upstream]]\nurl = \"http://127.0.0.1:{}\"\nkind = \"llama-server\"\n",
+        first.port, second.port
+    );
+    let mut daemon = Daemon::start(&parts, &extra);
+    daemon.wait_ready();
+    wait_for(Duration::from_secs(120), "three ready backends", || {
+        let (status, body) = http_get(daemon.listen, "/models/loaded").ok()?;
+        let loaded: Value = serde_json::from_str(&body).ok()?;
+        let ready = loaded["models"]
+            .as_array()?
+            .iter()
+            .filter(|m| m["state"] == "ready")
+            .count();
+        (status == 200 && ready == 3).then_some(())
+    });
+    let ask = |topic: &str, round: usize| {
+        let body = json!({
+            "messages": [{"role": "user", "content": format!("Summarise the {topic} notes ({round}).")}],
+            "documents": documents(topic),
+            "max_tokens": 4,
+            "temperature": 0,
+        });
+        http_post_json(daemon.listen, "/v1/chat/completions", &body).unwrap()
+    };
+    let topics = ["harbour", "glacier", "orchard"];
+    for (round, topic) in topics.iter().enumerate() {
+        let (status, answer) = ask(topic, round);
+        assert_eq!(status, 200, "{answer}");
+    }
+    let dead = format!("http://127.0.0.1:{}", first.port);
+    let _ = first.process.kill();
+    let _ = first.process.wait();
+    // Every topic again, the dead backend's among them: each is answered
+    // (the probe may not have noticed yet; the request fails over).
+    for (round, topic) in topics.iter().cycle().take(6).enumerate() {
+        let (status, answer) = ask(topic, round + 3);
+        assert_eq!(status, 200, "request {round} after the kill: {answer}");
+    }
+    let (_, recent) = http_get(daemon.listen, "/requests/recent?limit=100").unwrap();
+    let recent: Value = serde_json::from_str(&recent).unwrap();
+    let records = recent["requests"].as_array().unwrap();
+    assert_eq!(records.len(), 9, "{recent}");
+    let before: Vec<&str> = records[..3]
+        .iter()
+        .filter_map(|r| r["backend"].as_str())
+        .collect();
+    assert!(
+        before.contains(&dead.as_str()),
+        "the killed backend served nothing before the kill: {before:?}"
+    );
+    // Records are oldest first: the six after the kill.
+    for record in &records[3..] {
+        assert_eq!(record["status_code"], 200, "{record}");
+        assert_ne!(record["backend"].as_str(), Some(dead.as_str()), "{record}");
+    }
+}

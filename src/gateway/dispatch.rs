@@ -2,9 +2,11 @@
 //! lease a slot from the slot table (FIFO admission, then the prepared plan
 //! picks the slot by predicted time), forward with `cache_prompt` and
 //! `id_slot`, and hand the answer on: a whole answer is settled here, a
-//! stream goes to `stream::relay`. A request whose child dies before
-//! anything reached the client is retried (up to twice) on the next child.
+//! stream goes to `stream::relay`. A request whose backend fails before
+//! anything reached the client fails over to the model's next backend,
+//! when it has one, else is retried (up to twice) on the next child.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -15,12 +17,14 @@ use hyper::{Method, Response, StatusCode};
 use serde_json::Value;
 
 use super::error::ApiError;
+use super::prepare::{Fallback, Routed};
 use super::settle::{Outcome, Ticket};
 use super::upstream::Target;
 use super::{full, json, stream, Body, Gateway};
 use crate::models::Engine;
 use crate::reorder::prepare::Prepared;
 use crate::slots::SlotLease;
+use crate::supervisor::State;
 
 /// Retries for a request nothing of which reached the client, counted
 /// apart for children that died under it (each retry waits for a ready child
@@ -50,17 +54,19 @@ impl Forwarded {
 }
 
 /// Runs a prepared request to its response.
-pub(super) async fn dispatch(
-    mut ticket: Ticket,
-    path: &str,
-    mut prepared: Prepared,
-) -> Response<Body> {
+pub(super) async fn dispatch(mut ticket: Ticket, path: &str, routed: Routed) -> Response<Body> {
     let gateway = ticket.gateway().clone();
-    let Some(engine) = ticket.engine() else {
+    let Some(mut engine) = ticket.engine() else {
         return ticket.fail(ApiError::internal(
             "the request reached dispatch without a model",
         ));
     };
+    let Routed {
+        mut prepared,
+        fallbacks,
+        sticky_key,
+    } = routed;
+    let mut fallbacks = fallbacks.into_iter();
     let result_header = prepared.facts.result_header.take();
     let mut deadline = ticket.arrived() + gateway.queue_timeout;
     // Children that failed this request and are gone: a retry waits for
@@ -70,6 +76,14 @@ pub(super) async fn dispatch(
     // just closed): retried on it at once, counted apart.
     let mut hiccups = 0;
     loop {
+        // A backend that went out after routing chose it (its probe, or
+        // another request's failure): the next one, rather than a wait.
+        if engine.supervisor.borrow().state != State::Ready {
+            if let Some(next) = fallbacks.next() {
+                fail_over(&mut ticket, &mut engine, &mut prepared, next, sticky_key);
+                continue;
+            }
+        }
         let attempt = attempt(
             &gateway,
             &engine,
@@ -90,19 +104,28 @@ pub(super) async fn dispatch(
             }
             Forwarded::Stream(first, incoming) => stream::relay(ticket, lease, first, incoming),
             Forwarded::ChildDied { why, refused } => {
-                // Nothing has reached the client: try again, on the restarted
-                // child unless this one turns out to be alive.
+                // Nothing has reached the client: try again, on another
+                // backend of the model when it has one, else on the
+                // restarted child, unless this one turns out to be alive.
                 drop(lease);
-                // An upstream that failed is out until its prober sees it
-                // answer again; the retry waits for it (failing over to
-                // another backend is routing's, not yet done).
-                if let Some(remote) = &engine.remote {
-                    remote.mark_down(&why);
-                }
                 // A refused connection needs no probe: nothing listens there.
-                match refused || gateway.upstream.is_gone(&target).await {
-                    true => gone.push(target.pid),
-                    false => hiccups += 1,
+                let dead = refused || gateway.upstream.is_gone(&target).await;
+                if !dead {
+                    hiccups += 1;
+                } else {
+                    // An upstream that failed is out until its prober sees
+                    // it answer again.
+                    if let Some(remote) = &engine.remote {
+                        remote.mark_down(&why);
+                    }
+                    if let Some(next) = fallbacks.next() {
+                        tracing::warn!(query = %ticket.query_id(), "{} failed the request ({why})", engine.backend());
+                        fail_over(&mut ticket, &mut engine, &mut prepared, next, sticky_key);
+                        gone.clear();
+                        deadline = Instant::now() + gateway.queue_timeout;
+                        continue;
+                    }
+                    gone.push(target.pid);
                 }
                 if gone.len() as u32 > MAX_RETRIES || hiccups > MAX_RETRIES {
                     return ticket.fail(ApiError::failed_every_attempt(&why));
@@ -117,6 +140,28 @@ pub(super) async fn dispatch(
         };
         return with_result_header(response, result_header);
     }
+}
+
+/// Moves the request to the next backend's plan: the ticket runs on it,
+/// its record and commits become that plan's, and its conversation
+/// follows it there.
+fn fail_over(
+    ticket: &mut Ticket,
+    engine: &mut Arc<Engine>,
+    prepared: &mut Prepared,
+    next: Fallback,
+    sticky_key: Option<u64>,
+) {
+    tracing::info!(query = %ticket.query_id(), from = engine.backend(), to = next.engine.backend(), "failing over");
+    if let Some(key) = sticky_key {
+        ticket
+            .gateway()
+            .fleet
+            .remember_route(key, next.engine.backend());
+    }
+    *engine = Arc::clone(&next.engine);
+    *prepared = super::prepare::adopt(ticket, next.engine.use_now(None), next.prepared);
+    ticket.note(|facts| facts.record.retried = true);
 }
 
 /// One attempt: a ready child, a slot on it, the request forwarded.

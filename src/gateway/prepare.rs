@@ -1,7 +1,11 @@
 //! Prepare, the first stage of a model request, on the gateway's side:
 //! read the body (413 over `max_body_bytes`), parse and validate it (400),
 //! note what the record needs, and hand it to `reorder::prepare` for the
-//! rewriting. The result is ready for dispatch.
+//! rewriting. A model served by more than one backend is prepared for each
+//! and routed (`models::route`) by predicted time; the others' plans are
+//! kept for failover. The result is ready for dispatch.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
@@ -13,6 +17,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::headers::RequestOptions;
 use super::settle::Ticket;
+use crate::models::{route, Engine, EngineUse};
 use crate::reorder::prepare::{Hints, Prepared, CHAT_PATH};
 
 /// Reads a request body up to `limit` bytes.
@@ -60,7 +65,7 @@ pub(super) async fn prepare(
     path: &str,
     options: &RequestOptions,
     mut body: Value,
-) -> Result<Prepared, ApiError> {
+) -> Result<Routed, ApiError> {
     validate(path, &body).map_err(ApiError::bad_request)?;
     let gateway = ticket.gateway().clone();
     // A name the daemon does not serve is the client's mistake, not a
@@ -99,46 +104,124 @@ pub(super) async fn prepare(
         conversation: options.conversation.clone(),
     };
     let backends = gateway.fleet.backends(&spec.name);
-    let (engine, prepared) = if backends.len() < 2 {
+    if backends.len() < 2 {
         let prepared = gateway
             .reorder
-            .prepare(path, body, hints(), &engine.scheduler);
-        (engine, prepared)
-    } else {
-        // Each backend's own plan (documents ordered for what it holds),
-        // priced at its own speed; the chosen one's plan is the request's.
-        let mut plans = Vec::with_capacity(backends.len());
-        for backend in &backends {
-            let prepared = gateway
-                .reorder
-                .prepare(path, body.clone(), hints(), &backend.scheduler)
-                .map_err(ApiError::bad_request)?;
-            let offer = backend.offer(prepared.predict_ms(&backend.scheduler));
-            plans.push((offer, prepared));
-        }
-        let offers: Vec<_> = plans.iter().map(|(o, _)| o.clone()).collect();
-        let turn = gateway.fleet.next_turn();
-        let (chosen, reason) = crate::models::route::choose(&offers, gateway.fleet.routing(), turn);
-        let backend = std::sync::Arc::clone(&backends[chosen]);
-        ticket.note(|facts| facts.record.backend = Some(backend.backend().to_string()));
-        tracing::debug!(backend = backend.backend(), ?reason, "routed");
-        let prepared = plans.swap_remove(chosen).1;
-        let engine = if backend.remote.is_none() {
-            engine
+            .prepare(path, body, hints(), &engine.scheduler)
+            .map_err(ApiError::bad_request)?;
+        let prepared = adopt(ticket, engine, prepared);
+        return Ok(Routed {
+            prepared,
+            fallbacks: Vec::new(),
+            sticky_key: None,
+        });
+    }
+    // Each backend's own plan (documents ordered for what it holds), priced
+    // at its own speed; the chosen one's plan is the request's, the others
+    // are kept, best first, to fail over to.
+    let sticky_key = sticky_key(options, &body);
+    let sticky = sticky_key.and_then(|key| gateway.fleet.routed_before(key));
+    let mut plans = Vec::with_capacity(backends.len());
+    for backend in &backends {
+        let prepared = gateway
+            .reorder
+            .prepare(path, body.clone(), hints(), &backend.scheduler)
+            .map_err(ApiError::bad_request)?;
+        let mut offer = backend.offer(prepared.predict_ms(&backend.scheduler));
+        offer.sticky = sticky.as_deref() == Some(backend.backend());
+        plans.push((offer, prepared));
+    }
+    let offers: Vec<_> = plans.iter().map(|(o, _)| o.clone()).collect();
+    let turn = gateway.fleet.next_turn();
+    let (chosen, reason) = route::choose(&offers, gateway.fleet.routing(), turn);
+    let backend = Arc::clone(&backends[chosen]);
+    tracing::debug!(backend = backend.backend(), ?reason, "routed");
+    if let Some(key) = sticky_key {
+        gateway.fleet.remember_route(key, backend.backend());
+    }
+    let mut rest: Vec<(f64, bool, Fallback)> = Vec::with_capacity(plans.len() - 1);
+    let mut chosen_plan = None;
+    for (i, ((offer, prepared), engine)) in plans.into_iter().zip(&backends).enumerate() {
+        if i == chosen {
+            chosen_plan = Some(prepared);
         } else {
-            backend.use_now(keep_alive)
-        };
-        (engine, Ok(prepared))
+            let fallback = Fallback {
+                engine: Arc::clone(engine),
+                prepared,
+            };
+            rest.push((offer.score(), offer.healthy, fallback));
+        }
+    }
+    // Healthy ones first, by predicted time.
+    rest.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.total_cmp(&b.0)));
+    let fallbacks = rest.into_iter().map(|(_, _, f)| f).collect();
+    let engine = if backend.remote.is_none() {
+        engine
+    } else {
+        backend.use_now(keep_alive)
     };
-    ticket.note(|facts| facts.engine = Some(engine));
-    let mut prepared = prepared.map_err(ApiError::bad_request)?;
+    let prepared = adopt(
+        ticket,
+        engine,
+        chosen_plan.expect("the chosen index is one of the plans"),
+    );
+    Ok(Routed {
+        prepared,
+        fallbacks,
+        sticky_key,
+    })
+}
+
+/// A request ready for dispatch: its plan for the backend routing chose,
+/// and the plans for the model's other backends, best first, to fail over
+/// to when that one fails before anything reached the client.
+pub(super) struct Routed {
+    pub prepared: Prepared,
+    pub fallbacks: Vec<Fallback>,
+    /// What routing remembers the backend by, when the request has it.
+    pub sticky_key: Option<u64>,
+}
+
+/// Another backend's plan for the same request.
+pub(super) struct Fallback {
+    pub engine: Arc<Engine>,
+    pub prepared: Prepared,
+}
+
+/// Makes `prepared`, for `engine`, the plan in force: the ticket runs on
+/// that engine, and its record and commits are that plan's. Called once
+/// by prepare, and again by dispatch for each failover.
+pub(super) fn adopt(ticket: &mut Ticket, engine: EngineUse, mut prepared: Prepared) -> Prepared {
     let commits = std::mem::take(&mut prepared.commits);
+    let routed = ticket.gateway().fleet.backends(&engine.name).len() > 1;
     ticket.note(|facts| {
+        facts.record.backend = routed.then(|| engine.backend().to_string());
+        facts.engine = Some(engine);
         facts.commits = commits;
         facts.record.reorder = prepared.facts.reorder.take();
         facts.record.block_dedup = prepared.facts.block_dedup.take();
     });
-    Ok(prepared)
+    prepared
+}
+
+/// What keeps a request on the backend its predecessors went to: its
+/// `X-Conversation-Id`, else the OpenAI `user` field, each with the
+/// caller's identity.
+fn sticky_key(options: &RequestOptions, body: &Value) -> Option<u64> {
+    let id = options
+        .conversation
+        .as_deref()
+        .map(|c| format!("conversation:{c}"))
+        .or_else(|| {
+            body.get("user")
+                .and_then(Value::as_str)
+                .filter(|u| !u.is_empty())
+                .map(|u| format!("user:{u}"))
+        })?;
+    Some(crate::reorder::text_hash(&format!(
+        "{}\n{id}",
+        options.client
+    )))
 }
 
 fn validate(path: &str, body: &Value) -> Result<(), String> {

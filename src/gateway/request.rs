@@ -60,7 +60,7 @@ pub(super) async fn serve_model(
     body: Value,
 ) -> Response<Body> {
     match prepare::prepare(&mut ticket, path, options, body).await {
-        Ok(prepared) => dispatch::dispatch(ticket, path, prepared).await,
+        Ok(routed) => dispatch::dispatch(ticket, path, routed).await,
         Err(error) => ticket.fail(error),
     }
 }

@@ -15,6 +15,7 @@
 //! warning; an engine is stopped only after it left the list, and a new
 //! one is started only once the engines it displaced have stopped.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -111,6 +112,32 @@ pub struct Fleet {
     /// Counts requests routed (round robin).
     turn: std::sync::atomic::AtomicUsize,
     routing: crate::config::RoutingConfig,
+    /// Where each conversation or user went last (routing's stickiness).
+    routes: std::sync::Mutex<RecentRoutes>,
+}
+
+/// Where conversations went, the most recent [`RecentRoutes::CAPACITY`].
+#[derive(Default)]
+struct RecentRoutes {
+    backend: HashMap<u64, String>,
+    order: VecDeque<u64>,
+}
+
+impl RecentRoutes {
+    /// Enough for every live conversation of a team; an old one that falls
+    /// out is only routed afresh.
+    const CAPACITY: usize = 4096;
+
+    fn remember(&mut self, key: u64, backend: &str) {
+        if self.backend.insert(key, backend.to_string()).is_none() {
+            self.order.push_back(key);
+            if self.order.len() > Self::CAPACITY {
+                if let Some(oldest) = self.order.pop_front() {
+                    self.backend.remove(&oldest);
+                }
+            }
+        }
+    }
 }
 
 /// What lists the servable models.
@@ -150,6 +177,7 @@ impl Fleet {
             stopping: AtomicBool::new(false),
             turn: std::sync::atomic::AtomicUsize::new(0),
             routing: crate::config::RoutingConfig::default(),
+            routes: Default::default(),
         }
     }
 
@@ -231,6 +259,16 @@ impl Fleet {
     /// How requests are spread over a model's backends.
     pub fn routing(&self) -> &crate::config::RoutingConfig {
         &self.routing
+    }
+
+    /// The backend the conversation or user `key` went to last.
+    pub fn routed_before(&self, key: u64) -> Option<String> {
+        lock(&self.routes).backend.get(&key).cloned()
+    }
+
+    /// `key`'s requests now go to `backend`.
+    pub fn remember_route(&self, key: u64, backend: &str) {
+        lock(&self.routes).remember(key, backend);
     }
 
     /// The next request's turn, for round robin.
