@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 DEMO_DIR := target/demo
 
-.PHONY: run test lint fmt bench bench-quick bench-abc bench-quality build provision provision-models provision-bench test-tools demo-config clean-cache
+.PHONY: run test lint fmt bench bench-quick bench-abc bench-quality bench-routing build provision provision-models provision-bench test-tools demo-config clean-cache
 
 ## Provision llama-server and the demo model (if needed), build, and run the
 ## daemon in the foreground on 127.0.0.1:8765.
@@ -51,6 +51,7 @@ bench: provision-bench
 	  $(CARGO) bench --locked --bench plan --bench reorder --bench cluster --bench live --bench gateway
 	$(MAKE) --no-print-directory bench-abc ARGS="$(ARGS)"
 	$(MAKE) --no-print-directory bench-quality QARGS="--ablations $(QARGS)"
+	$(MAKE) --no-print-directory bench-routing RARGS="$(RARGS)"
 
 ## The A0/A/B/C comparison and the quality eval at small sizes (48 questions
 ## a workload and model: about half an hour on two cores).
@@ -58,6 +59,7 @@ bench: provision-bench
 bench-quick: provision-bench $(if $(CONTEXTPILOTD),,build)
 	$(MAKE) --no-print-directory bench-abc ARGS="--quick $(ARGS)"
 	$(MAKE) --no-print-directory bench-quality QARGS="--quick $(QARGS)"
+	$(MAKE) --no-print-directory bench-routing RARGS="--quick $(RARGS)"
 
 ## Known answers: accuracy with its 95 % interval, the paired test against
 ## plain llama-server, cache reuse and TTFT, per model, workload and system.
@@ -66,6 +68,16 @@ bench-quality:
 	  PY="$$(bash scripts/python-env.sh bench/abc/requirements.txt | tail -n 1)" && \
 	  "$$PY" bench/abc/quality.py --llama-server "$$LLAMA_SERVER" --model "$$MODEL" --model "$$GEMMA_MODEL" \
 	    $(if $(CONTEXTPILOTD),--contextpilotd "$(CONTEXTPILOTD)") $(QARGS)
+
+## Cache-aware routing against round robin over the same fresh backends
+## (the daemon's child and plain llama-servers, one slot each): cache share,
+## TTFT, requests per second, requests per backend. Flags in RARGS, e.g.
+##   make bench-routing RARGS="--quick --cache-ram 0"
+bench-routing:
+	eval "$$(bash scripts/provision.sh paths)" && \
+	  PY="$$(bash scripts/python-env.sh bench/abc/requirements.txt | tail -n 1)" && \
+	  "$$PY" bench/abc/routing.py --llama-server "$$LLAMA_SERVER" --model "$$MODEL" \
+	    $(if $(CONTEXTPILOTD),--contextpilotd "$(CONTEXTPILOTD)") $(RARGS)
 
 bench-abc:
 	eval "$$(bash scripts/provision.sh paths)" && \
