@@ -40,6 +40,20 @@ impl Drop for PlainServer {
     }
 }
 
+/// Every backend is up once the probes say so.
+fn wait_for_three_ready_backends(daemon: &Daemon) {
+    wait_for(Duration::from_secs(120), "three ready backends", || {
+        let (status, body) = http_get(daemon.listen, "/models/loaded").ok()?;
+        let loaded: Value = serde_json::from_str(&body).ok()?;
+        let ready = loaded["models"]
+            .as_array()?
+            .iter()
+            .filter(|m| m["state"] == "ready")
+            .count();
+        (status == 200 && ready == 3).then_some(())
+    });
+}
+
 fn documents(topic: &str) -> Vec<Value> {
     (0..3)
         .map(|i| {
@@ -71,17 +85,7 @@ fn run(parts: &RealParts, policy: &str) -> Run {
     );
     let mut daemon = Daemon::start(parts, &extra);
     daemon.wait_ready();
-    // Every backend is up once the probes say so.
-    wait_for(Duration::from_secs(120), "three ready backends", || {
-        let (status, body) = http_get(daemon.listen, "/models/loaded").ok()?;
-        let loaded: Value = serde_json::from_str(&body).ok()?;
-        let ready = loaded["models"]
-            .as_array()?
-            .iter()
-            .filter(|m| m["state"] == "ready")
-            .count();
-        (status == 200 && ready == 3).then_some(())
-    });
+    wait_for_three_ready_backends(&daemon);
     // Three topics, each with its own documents, asked about in sessions
     // of two requests in a row (a user's question and its follow-up).
     let topics = ["harbour", "glacier", "orchard"];
@@ -173,16 +177,7 @@ fn a_killed_backend_loses_no_request() {
     );
     let mut daemon = Daemon::start(&parts, &extra);
     daemon.wait_ready();
-    wait_for(Duration::from_secs(120), "three ready backends", || {
-        let (status, body) = http_get(daemon.listen, "/models/loaded").ok()?;
-        let loaded: Value = serde_json::from_str(&body).ok()?;
-        let ready = loaded["models"]
-            .as_array()?
-            .iter()
-            .filter(|m| m["state"] == "ready")
-            .count();
-        (status == 200 && ready == 3).then_some(())
-    });
+    wait_for_three_ready_backends(&daemon);
     let ask = |topic: &str, round: usize| {
         let body = json!({
             "messages": [{"role": "user", "content": format!("Summarise the {topic} notes ({round}).")}],

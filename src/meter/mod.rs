@@ -304,11 +304,6 @@ mod tests {
         assert_eq!((reuse.prompt_eval_ms, reuse.gen_ms), (50.0, 400.0));
         assert_eq!((reuse.prompt_tps, reuse.gen_tps), (2000.0, 80.0));
     }
-}
-
-#[cfg(test)]
-mod usage_tests {
-    use super::CacheReuse;
 
     #[test]
     fn an_openai_usage_object_gives_the_cache_reuse() {
