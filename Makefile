@@ -17,7 +17,7 @@ run: provision build demo-config
 test: provision-models test-tools
 	eval "$$(bash scripts/provision.sh paths)" && \
 	  export CONTEXTPILOTD_TEST_LLAMA_SERVER="$$LLAMA_SERVER" CONTEXTPILOTD_TEST_MODEL="$$MODEL" \
-	    CONTEXTPILOTD_TEST_GEMMA_MODEL="$$GEMMA_MODEL" && \
+	    CONTEXTPILOTD_TEST_GEMMA_MODEL="$$GEMMA_MODEL" CONTEXTPILOTD_TEST_RPC_SERVER="$$RPC_SERVER" && \
 	  $(CARGO) test --all-targets --locked && \
 	  $(CARGO) build --locked && \
 	  PY="$$(bash scripts/python-env.sh | tail -n 1)" && \

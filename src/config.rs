@@ -493,6 +493,12 @@ pub struct LlamaConfig {
     /// open to any local process and web page, for tools that must call
     /// llama-server directly (the benchmarks' plain systems).
     pub child_key: bool,
+    /// llama.cpp RPC workers (`ggml-rpc-server`) the child spreads the
+    /// model's layers over, `host:port` each (`--rpc`).
+    pub rpc_workers: Vec<String>,
+    /// Allow workers beyond this machine. RPC is unauthenticated: anyone
+    /// who reaches a worker's port can use it, so this is off by default.
+    pub rpc_allow_remote: bool,
 }
 
 impl Default for LlamaConfig {
@@ -511,6 +517,8 @@ impl Default for LlamaConfig {
             kv_unified: None,
             extra_args: Vec::new(),
             child_key: true,
+            rpc_workers: Vec::new(),
+            rpc_allow_remote: false,
         }
     }
 }
@@ -875,6 +883,20 @@ impl Config {
                 );
             }
         }
+        for worker in &self.llama.rpc_workers {
+            let host = match crate::rpc::split_endpoint(worker) {
+                Ok((host, _)) => host,
+                Err(why) => return err("llama.rpc_workers", why),
+            };
+            if !crate::rpc::is_loopback_host(host) && !self.llama.rpc_allow_remote {
+                return err(
+                    "llama.rpc_workers",
+                    format!(
+                        "{worker} is not on this machine; llama.cpp's RPC is unauthenticated (whoever reaches the port can use the worker), so workers beyond loopback need [llama] rpc_allow_remote = true, on a network you trust"
+                    ),
+                );
+            }
+        }
         for upstream in &self.upstream {
             let url = upstream.url.trim();
             let Some(rest) = url.strip_prefix("http://") else {
@@ -930,7 +952,7 @@ impl Config {
         }
         // Flags the daemon itself owns: overriding them would break what it
         // knows about the child (its port, its slots, its model).
-        const OWNED: [(&str, &str); 10] = [
+        const OWNED: [(&str, &str); 11] = [
             ("-m", "llama.model"),
             ("--model", "llama.model"),
             ("--host", "(always 127.0.0.1)"),
@@ -939,6 +961,8 @@ impl Config {
             ("--ctx-size", "llama.ctx_per_slot"),
             ("-np", "llama.slots"),
             ("--parallel", "llama.slots"),
+            // Through extra_args a remote worker would skip the loopback check.
+            ("--rpc", "llama.rpc_workers"),
             ("--api-key", "(the daemon talks to the child on loopback)"),
             (
                 "--api-key-file",
@@ -1221,6 +1245,24 @@ mod tests {
     }
 
     #[test]
+    fn rpc_workers_beyond_loopback_need_an_explicit_setting() {
+        let c =
+            parse("[llama]\nrpc_workers = [\"127.0.0.1:50052\", \"localhost:50053\"]\n").unwrap();
+        assert_eq!(c.llama.rpc_workers.len(), 2);
+        let text = parse("[llama]\nrpc_workers = [\"192.168.1.20:50052\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("llama.rpc_workers")
+                && text.contains("unauthenticated")
+                && text.contains("rpc_allow_remote"),
+            "{text}"
+        );
+        parse("[llama]\nrpc_workers = [\"192.168.1.20:50052\"]\nrpc_allow_remote = true\n")
+            .unwrap();
+    }
+
+    #[test]
     fn relative_paths_resolve_against_the_config_file() {
         let c =
             parse("[llama]\nmodel = \"models/m.gguf\"\nbinary = \"./bin/llama-server\"\n").unwrap();
@@ -1253,6 +1295,14 @@ mod tests {
                 "llama.extra_args",
             ),
             ("[llama]\nextra_args = [\"--port=9\"]\n", "llama.extra_args"),
+            (
+                "[llama]\nextra_args = [\"--rpc\", \"10.0.0.2:50052\"]\n",
+                "llama.extra_args",
+            ),
+            (
+                "[llama]\nrpc_workers = [\"127.0.0.1\"]\n",
+                "llama.rpc_workers",
+            ),
             ("[reorder]\nmin_gain_share = 2\n", "reorder.min_gain_share"),
             ("[reorder]\nmin_gain_ms = -1\n", "reorder.min_gain_ms"),
         ] {

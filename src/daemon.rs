@@ -70,6 +70,8 @@ pub struct Prepared {
     /// The cache key of a measurement of this binary, model, machine and
     /// speed-relevant flags.
     pub cost_key: String,
+    /// The RPC workers and what each offers, asked before any child starts.
+    pub rpc: Vec<crate::rpc::RpcWorker>,
     pub plan: LaunchPlan,
 }
 
@@ -218,6 +220,13 @@ pub fn prepare_with(
         .memory_mib
         .value()
         .map(|mib| u64::from(mib) << 20);
+    // Asked only when the child can use them; each connection is closed
+    // before the child starts (a worker serves one client at a time).
+    let rpc = if caps.rpc {
+        crate::rpc::query_all(&config.llama.rpc_workers)
+    } else {
+        Vec::new()
+    };
     let planned = crate::models::engine::plan_model(
         &hardware,
         &model,
@@ -226,6 +235,7 @@ pub fn prepare_with(
         &config.cost,
         &binary_path,
         memory_limit,
+        &rpc,
     )
     .map_err(|e| ConfigError::new(file, Some("cost.profile"), e))?;
     let (plan, cost, cost_key) = (planned.plan, planned.cost, planned.cost_key);
@@ -239,6 +249,7 @@ pub fn prepare_with(
         caps,
         cost,
         cost_key,
+        rpc,
         plan,
     })
 }
@@ -628,6 +639,7 @@ fn fleet(prepared: &Prepared, binary: PathBuf, watchdog: Option<Watchdog>) -> Fl
         config: config.clone(),
         watchdog,
         listen: config.server.listen.to_string(),
+        rpc: prepared.rpc.clone(),
     };
     Fleet::new(rescan, config.models.fallback.as_deref(), launcher, budget)
         .with_routing(config.routing.clone())

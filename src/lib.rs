@@ -33,6 +33,8 @@
 //!   the GPU sampler.
 //! * [`logbus`]: the daemon's log lines live: the last 500 and a broadcast,
 //!   fed by a `tracing` layer, for `GET /logs` and `contextpilotd logs`.
+//! * [`rpc`]: llama.cpp's RPC workers: what each offers (devices, memory),
+//!   asked over ggml's RPC protocol before the child starts.
 //! * [`rotate`]: a file of whole lines rotated by size, under the query log
 //!   and the daemon's own log.
 //! * [`status`]: the status document and its human rendering.
@@ -71,6 +73,7 @@ pub mod models;
 pub mod plan;
 pub mod reorder;
 pub mod rotate;
+pub mod rpc;
 pub mod service;
 pub mod slots;
 pub mod status;

@@ -20,6 +20,11 @@
 //! * **CPU only.** Three quarters of RAM; the rest is left to the OS and the
 //!   user's other programs.
 //!
+//! * **RPC workers** (`[llama] rpc_workers`). The free memory each worker
+//!   beyond this machine reports is added: llama.cpp puts offloaded layers,
+//!   and their KV, on RPC devices and local GPUs in proportion to free
+//!   memory. A loopback worker's memory is this machine's, already counted.
+//!
 //! The margin (512 MiB below 16 GiB usable, 1 GiB above) covers llama.cpp's
 //! compute buffers and the output buffer. KV bytes per token come from the
 //! GGUF header: f16 K and V over every layer.
@@ -42,6 +47,7 @@ use crate::config::LlamaConfig;
 use crate::gguf::ModelFacts;
 use crate::hardware::apple::{self, ChipClass};
 use crate::hardware::{Accelerator, Hardware};
+use crate::rpc::RpcWorker;
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
@@ -65,6 +71,8 @@ pub struct BinaryCaps {
     /// `--cache-idle-slots`: idle slots are saved to that cache on every
     /// new task, and with a unified KV also cleared.
     pub cache_idle_slots: bool,
+    /// `--rpc`: built with llama.cpp's RPC backend (`GGML_RPC=ON`).
+    pub rpc: bool,
 }
 
 impl BinaryCaps {
@@ -78,6 +86,7 @@ impl BinaryCaps {
             kv_unified: has("--kv-unified"),
             cache_ram: has("--cache-ram"),
             cache_idle_slots: has("--no-cache-idle-slots"),
+            rpc: has("--rpc"),
         }
     }
 }
@@ -94,6 +103,8 @@ pub struct PlanInputs<'a> {
     /// At most this much memory for this model (`[models] memory_mib`, less
     /// what the other loaded models take), when less than the GPU may use.
     pub memory_limit: Option<u64>,
+    /// The configured RPC workers and what each said it offers.
+    pub rpc: &'a [RpcWorker],
 }
 
 /// The settings the daemon gives llama-server, and why.
@@ -122,6 +133,11 @@ pub struct LaunchPlan {
     /// `--no-cache-idle-slots`.
     pub no_cache_idle_slots: bool,
     pub memory: MemoryBudget,
+    /// `--rpc`: the workers the child spreads layers over.
+    pub rpc_workers: Vec<String>,
+    /// Where the offloaded layers go when there are RPC workers, as
+    /// llama.cpp splits them (by free memory); empty without workers.
+    pub layer_split: Vec<LayerShare>,
     /// One entry per derived setting, in command-line order.
     pub decisions: Vec<Decision>,
     /// Things that are not as they should be, one sentence each.
@@ -133,7 +149,7 @@ impl LaunchPlan {
     /// profile's cache key (the RAM cache is not one: it is what a
     /// measurement decides).
     pub fn speed_flags(&self) -> Vec<String> {
-        vec![
+        let mut flags = vec![
             format!("ngl={}", self.gpu_layers),
             format!("t={}", self.threads),
             format!("b={}", self.batch),
@@ -142,7 +158,12 @@ impl LaunchPlan {
             format!("c={}", self.ctx_size),
             format!("kvu={}", self.kv_unified),
             format!("swa_full={}", self.swa_full),
-        ]
+        ];
+        // Layers on other machines compute at the network's pace.
+        if !self.rpc_workers.is_empty() {
+            flags.push(format!("rpc={}", self.rpc_workers.join(",")));
+        }
+        flags
     }
 }
 
@@ -158,6 +179,18 @@ pub struct MemoryBudget {
     pub kv_bytes_per_token: u64,
     /// The KV cache the plan allocates: ctx_size × kv_bytes_per_token.
     pub kv_planned_bytes: u64,
+}
+
+/// One device's share of the offloaded layers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LayerShare {
+    /// A worker's `host:port`, or "this machine" for the local GPU.
+    pub device: String,
+    /// Free memory the split is proportional to; `None` when the worker
+    /// did not answer.
+    pub free_bytes: Option<u64>,
+    pub total_bytes: Option<u64>,
+    pub layers: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -302,6 +335,17 @@ pub fn plan_with(
             ),
         ),
         (usable, _) => usable,
+    };
+    let mut rpc = rpc_plan(hw, model, cfg, &inputs, gpu_usable_bytes, &mut warnings);
+    let (gpu_usable_bytes, gpu_usable_rule) = match rpc.remote_free_bytes {
+        0 => (gpu_usable_bytes, gpu_usable_rule),
+        remote => (
+            gpu_usable_bytes + remote,
+            format!(
+                "{gpu_usable_rule}, plus {:.2} GiB free on RPC workers",
+                gib(remote)
+            ),
+        ),
     };
     let margin_bytes = if gpu_usable_bytes >= 16 * GIB {
         GIB
@@ -565,7 +609,12 @@ pub fn plan_with(
             flag: "-ngl".into(),
             value: cfg.gpu_layers.to_string(),
             why: match (hw.accelerator, cfg.gpu_layers) {
-                (Accelerator::Cpu, _) => "no GPU: llama-server ignores it".into(),
+                _ if !rpc.endpoints.is_empty() && cfg.gpu_layers >= 99 => {
+                    "offload every layer to the GPU and the RPC workers".into()
+                }
+                (Accelerator::Cpu, _) if rpc.endpoints.is_empty() => {
+                    "no GPU: llama-server ignores it".into()
+                }
                 (_, 99) => "offload every layer to the GPU".into(),
                 _ => "set in the configuration".into(),
             },
@@ -599,6 +648,7 @@ pub fn plan_with(
         },
     ];
     ordered.append(&mut decisions);
+    ordered.extend(rpc.decision.take());
 
     if concurrency < slots {
         decisions_push(
@@ -639,9 +689,146 @@ pub fn plan_with(
             kv_bytes_per_token,
             kv_planned_bytes,
         },
+        rpc_workers: rpc.endpoints,
+        layer_split: rpc.split,
         decisions: ordered,
         warnings,
     }
+}
+
+/// What the RPC workers add to the plan.
+struct RpcPlan {
+    /// For `--rpc`; empty when there are none or the binary lacks RPC.
+    endpoints: Vec<String>,
+    /// Free memory on workers beyond this machine.
+    remote_free_bytes: u64,
+    split: Vec<LayerShare>,
+    decision: Option<Decision>,
+}
+
+fn rpc_plan(
+    hw: &Hardware,
+    model: &ModelFacts,
+    cfg: &LlamaConfig,
+    inputs: &PlanInputs<'_>,
+    local_usable_bytes: u64,
+    warnings: &mut Vec<String>,
+) -> RpcPlan {
+    let none = RpcPlan {
+        endpoints: Vec::new(),
+        remote_free_bytes: 0,
+        split: Vec::new(),
+        decision: None,
+    };
+    if cfg.rpc_workers.is_empty() {
+        return none;
+    }
+    if !inputs.caps.rpc {
+        warnings.push(format!(
+            "[llama] rpc_workers lists {}, but this llama-server was built without RPC (no --rpc in its --help): the model runs on this machine alone; build llama.cpp with -DGGML_RPC=ON",
+            counted(cfg.rpc_workers.len() as u64, "worker")
+        ));
+        return none;
+    }
+    let facts = |endpoint: &str| {
+        inputs
+            .rpc
+            .iter()
+            .find(|w| w.endpoint == endpoint)
+            .map(|w| w.facts.as_ref())
+    };
+    let mut remote_free_bytes = 0;
+    // llama.cpp's device order: RPC devices first, then the local GPUs.
+    let mut devices: Vec<(String, Option<u64>, Option<u64>)> = Vec::new();
+    for endpoint in &cfg.rpc_workers {
+        match facts(endpoint) {
+            Some(Ok(worker)) => {
+                let on_this_machine = crate::rpc::split_endpoint(endpoint)
+                    .is_ok_and(|(host, _)| crate::rpc::is_loopback_host(host));
+                if !on_this_machine {
+                    remote_free_bytes += worker.free_bytes();
+                }
+                devices.push((
+                    endpoint.clone(),
+                    Some(worker.free_bytes()),
+                    Some(worker.total_bytes()),
+                ));
+            }
+            Some(Err(why)) => {
+                warnings.push(format!(
+                    "RPC worker {endpoint} did not answer: {why}; llama-server cannot start until it does"
+                ));
+                devices.push((endpoint.clone(), None, None));
+            }
+            None => devices.push((endpoint.clone(), None, None)),
+        }
+    }
+    if hw.accelerator != Accelerator::Cpu {
+        devices.push(("this machine".to_string(), Some(local_usable_bytes), None));
+    }
+    // Layers offloaded: the blocks and the output layer, at most -ngl.
+    let offloaded = (model.block_count + 1).min(u64::from(cfg.gpu_layers)) as u32;
+    let weights: Vec<u64> = devices.iter().map(|d| d.1.unwrap_or(0)).collect();
+    let layers = split_layers(offloaded, &weights);
+    let split: Vec<LayerShare> = devices
+        .into_iter()
+        .zip(layers)
+        .map(|((device, free, total), layers)| LayerShare {
+            device,
+            free_bytes: free,
+            total_bytes: total,
+            layers,
+        })
+        .collect();
+    let on_workers: u32 = split
+        .iter()
+        .take(cfg.rpc_workers.len())
+        .map(|s| s.layers)
+        .sum();
+    RpcPlan {
+        endpoints: cfg.rpc_workers.clone(),
+        remote_free_bytes,
+        split,
+        decision: Some(Decision {
+            flag: "--rpc".into(),
+            value: cfg.rpc_workers.join(","),
+            why: format!(
+                "{on_workers} of {offloaded} offloaded layers on {}, split by free memory as llama.cpp does",
+                counted(cfg.rpc_workers.len() as u64, "RPC worker")
+            ),
+        }),
+    }
+}
+
+/// llama.cpp's layer split: layer `i` of `layers` goes to the first device
+/// whose cumulative share of the free memory exceeds `i / layers`. Devices
+/// whose memory is unknown (all zero) share equally.
+pub fn split_layers(layers: u32, free: &[u64]) -> Vec<u32> {
+    let mut counts = vec![0u32; free.len()];
+    if free.is_empty() {
+        return counts;
+    }
+    let weights: Vec<f64> = if free.iter().all(|&f| f == 0) {
+        vec![1.0; free.len()]
+    } else {
+        free.iter().map(|&f| f as f64).collect()
+    };
+    let sum: f64 = weights.iter().sum();
+    let mut cumulative = Vec::with_capacity(weights.len());
+    let mut running = 0.0;
+    for w in &weights {
+        running += w / sum;
+        cumulative.push(running);
+    }
+    for layer in 0..layers {
+        let at = f64::from(layer) / f64::from(layers);
+        let device = cumulative
+            .iter()
+            .position(|&c| c > at)
+            .unwrap_or(free.len() - 1);
+        counts[device] += 1;
+    }
+    counts
 }
 
 fn decisions_push(decisions: &mut Vec<Decision>, flag: &str, value: &str, why: String) {
@@ -698,6 +885,10 @@ pub fn command_line(
     }
     if plan.no_cache_idle_slots {
         argv.push("--no-cache-idle-slots".into());
+    }
+    if !plan.rpc_workers.is_empty() {
+        argv.push("--rpc".into());
+        argv.push(plan.rpc_workers.join(","));
     }
     argv.extend(cfg.extra_args.iter().cloned());
     argv

@@ -595,6 +595,7 @@ fn a_unified_kv_without_the_ram_cache_plans_resident_prompts() {
         kv_unified: true,
         cache_ram: true,
         cache_idle_slots: true,
+        rpc: false,
     };
     let with_ram = |restore_ms: f64| CostProfile {
         ram: Some(RamCost {
@@ -615,6 +616,7 @@ fn a_unified_kv_without_the_ram_cache_plans_resident_prompts() {
         cost,
         keep_shape: None,
         memory_limit: None,
+        rpc: &[],
     };
     let unified = plan_with(&hw, &llama_8b(), &cfg, inputs(Some(&costly)));
     assert_eq!(split.slots, split.concurrency);
@@ -655,6 +657,7 @@ fn a_unified_kv_without_the_ram_cache_plans_resident_prompts() {
             cost: Some(&costly),
             keep_shape: Some(&split),
             memory_limit: None,
+            rpc: &[],
         },
     );
     assert_eq!(
@@ -688,4 +691,132 @@ fn a_unified_kv_without_the_ram_cache_plans_resident_prompts() {
         inputs(Some(&costly)),
     );
     assert_eq!((explicit.slots, explicit.concurrency), (8, 8));
+}
+
+fn worker(endpoint: &str, free_gib: u64) -> contextpilotd::rpc::RpcWorker {
+    contextpilotd::rpc::RpcWorker {
+        endpoint: endpoint.into(),
+        facts: Ok(contextpilotd::rpc::WorkerFacts {
+            protocol: "7.0.0".into(),
+            devices: vec![contextpilotd::rpc::DeviceMemory {
+                free_bytes: free_gib << 30,
+                total_bytes: (free_gib + 2) << 30,
+            }],
+        }),
+    }
+}
+
+/// A model too large for a 16 GiB Mac fits once a remote worker's free
+/// memory counts; the layers split by free memory and the child gets
+/// `--rpc`.
+#[test]
+fn rpc_workers_count_their_memory_and_split_the_layers() {
+    use contextpilotd::plan::{plan_with, BinaryCaps, PlanInputs};
+    let huge = ModelFacts {
+        size_bytes: 20 << 30,
+        ..llama_8b()
+    };
+    let hw = hardware("macos-m2pro-16gb");
+    let cfg = LlamaConfig {
+        rpc_workers: vec!["10.0.0.2:50052".into()],
+        rpc_allow_remote: true,
+        ..LlamaConfig::default()
+    };
+    let caps = BinaryCaps {
+        rpc: true,
+        ..BinaryCaps::default()
+    };
+    let workers = [worker("10.0.0.2:50052", 32)];
+    let inputs = PlanInputs {
+        caps,
+        rpc: &workers,
+        ..PlanInputs::default()
+    };
+    let alone = plan(&hw, &huge, &LlamaConfig::default());
+    let p = plan_with(&hw, &huge, &cfg, inputs);
+    assert_eq!(
+        p.memory.gpu_usable_bytes,
+        alone.memory.gpu_usable_bytes + (32 << 30)
+    );
+    assert!(
+        p.memory.gpu_usable_rule.contains("RPC workers"),
+        "{}",
+        p.memory.gpu_usable_rule
+    );
+    assert!(
+        !p.warnings.iter().any(|w| w.contains("does not fit")),
+        "{:?}",
+        p.warnings
+    );
+    // 32 GiB free on the worker against ~10.7 GiB on the Mac: 3/4 of the
+    // 33 offloaded layers (32 blocks and the output) go to the worker.
+    let split: Vec<(&str, u32)> = p
+        .layer_split
+        .iter()
+        .map(|s| (s.device.as_str(), s.layers))
+        .collect();
+    assert_eq!(split.len(), 2, "{split:?}");
+    assert_eq!(split[0].0, "10.0.0.2:50052");
+    assert_eq!(split[1].0, "this machine");
+    assert_eq!(split[0].1 + split[1].1, 33);
+    assert!((24..=26).contains(&split[0].1), "{split:?}");
+    let argv = command_line(Path::new("llama-server"), &huge.path, 8080, &p, &cfg);
+    let at = argv.iter().position(|a| a == "--rpc").expect("--rpc");
+    assert_eq!(argv[at + 1], "10.0.0.2:50052");
+    assert!(p.decisions.iter().any(|d| d.flag == "--rpc"));
+    assert!(p.speed_flags().iter().any(|f| f.starts_with("rpc=")));
+}
+
+/// A loopback worker's memory is this machine's: it is not counted twice.
+/// On a CPU-only machine every offloaded layer goes to the workers.
+#[test]
+fn a_loopback_worker_on_a_cpu_machine_takes_every_layer_and_adds_no_memory() {
+    use contextpilotd::plan::{plan_with, BinaryCaps, PlanInputs};
+    let hw = hardware("linux-2core");
+    let cfg = LlamaConfig {
+        rpc_workers: vec!["127.0.0.1:50052".into(), "127.0.0.1:50053".into()],
+        ..LlamaConfig::default()
+    };
+    let workers = [worker("127.0.0.1:50052", 6), worker("127.0.0.1:50053", 2)];
+    let p = plan_with(
+        &hw,
+        &llama_1b(),
+        &cfg,
+        PlanInputs {
+            caps: BinaryCaps {
+                rpc: true,
+                ..BinaryCaps::default()
+            },
+            rpc: &workers,
+            ..PlanInputs::default()
+        },
+    );
+    let alone = plan(&hw, &llama_1b(), &LlamaConfig::default());
+    assert_eq!(p.memory.gpu_usable_bytes, alone.memory.gpu_usable_bytes);
+    let layers: Vec<u32> = p.layer_split.iter().map(|s| s.layers).collect();
+    // 17 layers by 6:2 free memory.
+    assert_eq!(layers, vec![13, 4]);
+    let argv = command_line(Path::new("llama-server"), &llama_1b().path, 8080, &p, &cfg);
+    assert!(argv
+        .windows(2)
+        .any(|w| w[0] == "--rpc" && w[1] == "127.0.0.1:50052,127.0.0.1:50053"));
+}
+
+/// A binary without RPC gets no `--rpc` (it would refuse to start) and
+/// the plan says why.
+#[test]
+fn rpc_workers_without_an_rpc_build_are_a_warning_not_a_flag() {
+    let cfg = LlamaConfig {
+        rpc_workers: vec!["127.0.0.1:50052".into()],
+        ..LlamaConfig::default()
+    };
+    let p = plan(&hardware("linux-2core"), &llama_1b(), &cfg);
+    assert!(p.rpc_workers.is_empty() && p.layer_split.is_empty());
+    assert!(
+        p.warnings.iter().any(|w| w.contains("GGML_RPC")),
+        "{:?}",
+        p.warnings
+    );
+    let argv = command_line(Path::new("llama-server"), &llama_1b().path, 8080, &p, &cfg);
+    assert!(!argv.iter().any(|a| a == "--rpc"));
 }

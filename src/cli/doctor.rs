@@ -34,8 +34,38 @@ struct Report<'a> {
     models: Vec<crate::models::ModelSpec>,
     /// What the loaded models may use together (`[models] memory_mib`).
     memory_budget_bytes: u64,
+    /// Each `[llama] rpc_workers` entry and what it said (the layer split
+    /// is the plan's `layer_split`).
+    rpc_workers: Vec<RpcWorkerReport>,
     /// What would stop `run` (the exit code is then 2); empty when nothing.
     problems: Vec<String>,
+}
+
+/// One RPC worker as `doctor --json` reports it.
+#[derive(Serialize)]
+struct RpcWorkerReport {
+    endpoint: String,
+    /// The worker's RPC protocol version, e.g. "7.0.0".
+    protocol: Option<String>,
+    devices: Vec<crate::rpc::DeviceMemory>,
+    free_bytes: Option<u64>,
+    total_bytes: Option<u64>,
+    /// Why the worker could not be asked.
+    problem: Option<String>,
+}
+
+impl RpcWorkerReport {
+    fn of(worker: &crate::rpc::RpcWorker) -> RpcWorkerReport {
+        let facts = worker.facts.as_ref().ok();
+        RpcWorkerReport {
+            endpoint: worker.endpoint.clone(),
+            protocol: facts.map(|f| f.protocol.clone()),
+            devices: facts.map(|f| f.devices.clone()).unwrap_or_default(),
+            free_bytes: facts.map(|f| f.free_bytes()),
+            total_bytes: facts.map(|f| f.total_bytes()),
+            problem: worker.facts.as_ref().err().cloned(),
+        }
+    }
 }
 
 pub fn run(arg: ConfigArg, hardware: Option<PathBuf>, json: bool) -> i32 {
@@ -70,6 +100,7 @@ pub fn run(arg: ConfigArg, hardware: Option<PathBuf>, json: bool) -> i32 {
             command: prepared.argv(prepared.config.llama.port),
             models: crate::daemon::model_specs(&prepared.config, &prepared.model.path),
             memory_budget_bytes: memory_budget(&prepared),
+            rpc_workers: prepared.rpc.iter().map(RpcWorkerReport::of).collect(),
             problems: problems.clone(),
         };
         match serde_json::to_string_pretty(&doc) {
@@ -184,6 +215,7 @@ fn render(p: &Prepared) -> String {
         human_bytes(mem.kv_bytes_per_token),
         human_bytes(mem.kv_planned_bytes)
     );
+    render_layer_split(&mut out, p);
     let _ = writeln!(out, "\nsettings");
     for d in &plan.decisions {
         let _ = writeln!(out, "  {:<14} {:<7} {}", d.flag, d.value, d.why);
@@ -274,6 +306,42 @@ fn render(p: &Prepared) -> String {
         shell_quote(&p.argv(p.config.llama.port))
     );
     out
+}
+
+/// Where the layers go when there are RPC workers: each worker, what it
+/// said, and its share.
+fn render_layer_split(out: &mut String, p: &Prepared) {
+    let plan = &p.plan;
+    if plan.layer_split.is_empty() {
+        return;
+    }
+    let offloaded: u32 = plan.layer_split.iter().map(|s| s.layers).sum();
+    let _ = writeln!(
+        out,
+        "\nlayer split    {offloaded} offloaded layers over llama.cpp RPC (unauthenticated: workers belong on a network you trust)"
+    );
+    for share in &plan.layer_split {
+        let worker = p.rpc.iter().find(|w| w.endpoint == share.device);
+        let said = match worker.map(|w| &w.facts) {
+            Some(Ok(facts)) => format!(
+                "RPC {}, {}, {} free of {}",
+                facts.protocol,
+                crate::plan::counted(facts.devices.len() as u64, "device"),
+                human_bytes(facts.free_bytes()),
+                human_bytes(facts.total_bytes())
+            ),
+            Some(Err(why)) => format!("PROBLEM: {why}"),
+            None => match share.free_bytes {
+                Some(free) => format!("local GPU, {} usable", human_bytes(free)),
+                None => "not asked".to_string(),
+            },
+        };
+        let _ = writeln!(
+            out,
+            "  {:<22} {:>3} of {offloaded} layers  {said}",
+            share.device, share.layers
+        );
+    }
 }
 
 fn render_hardware(out: &mut String, hw: &Hardware, from_file: bool) {

@@ -34,6 +34,7 @@ pub fn run(arg: ConfigArg, json: bool) -> i32 {
             cost: None,
             keep_shape: None,
             memory_limit: None,
+            rpc: &prepared.rpc,
         },
     );
     let ram_tier = plan::planned_ram_cache_tokens(&unmeasured, &llama.extra_args) > 0;
@@ -85,6 +86,7 @@ pub fn run(arg: ConfigArg, json: bool) -> i32 {
             cost: Some(&profile),
             keep_shape: None,
             memory_limit: None,
+            rpc: &prepared.rpc,
         },
     );
     if json {

@@ -62,12 +62,14 @@ pub fn plan_model(
     cost_config: &CostConfig,
     binary: &Path,
     memory_limit: Option<u64>,
+    rpc: &[crate::rpc::RpcWorker],
 ) -> Result<Planned, String> {
     let inputs = |cost| PlanInputs {
         caps,
         cost,
         keep_shape: None,
         memory_limit,
+        rpc,
     };
     let unmeasured = plan::plan_with(hardware, facts, llama, inputs(None));
     let cost_key = cost::profile_key(binary, &facts.path, hardware, &unmeasured.speed_flags());
@@ -92,6 +94,10 @@ pub struct Launcher {
     pub config: Config,
     pub watchdog: Option<Watchdog>,
     pub listen: String,
+    /// The RPC workers, as asked before the first child started (a worker
+    /// serves one client at a time, so it is not asked again while a child
+    /// holds it).
+    pub rpc: Vec<crate::rpc::RpcWorker>,
 }
 
 /// A model loaded: its child (or, in tests, a scripted stand-in's view) and
@@ -214,6 +220,7 @@ impl Engine {
                 ctx_per_slot: plan.ctx_per_slot,
                 ram_tier: ram_tokens > 0,
                 caps: launcher.caps,
+                rpc: launcher.rpc.clone(),
                 hardware: launcher.hardware.clone(),
                 model: planned.facts.clone(),
                 llama,

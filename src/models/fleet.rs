@@ -407,6 +407,7 @@ impl Fleet {
                 &launcher.config.cost,
                 &launcher.binary,
                 limit,
+                &launcher.rpc,
             )
             .map_err(unloadable)
         };

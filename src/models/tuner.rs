@@ -22,6 +22,7 @@ pub struct Tuner {
     pub ctx_per_slot: u32,
     pub ram_tier: bool,
     pub caps: BinaryCaps,
+    pub rpc: Vec<crate::rpc::RpcWorker>,
     pub hardware: Hardware,
     pub model: ModelFacts,
     pub llama: crate::config::LlamaConfig,
@@ -99,6 +100,7 @@ impl Tuner {
                             cost: Some(&profile),
                             keep_shape: Some(&self.plan),
                             memory_limit: None,
+                            rpc: &self.rpc,
                         },
                     );
                     let mut message = format!(
