@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -68,10 +69,14 @@ fn documents(topic: &str) -> Vec<Value> {
 /// What one run of the workload saw: requests per backend, and prompt
 /// tokens from cache of all prompt tokens.
 struct Run {
-    by_backend: std::collections::BTreeMap<String, usize>,
+    by_backend: BTreeMap<String, usize>,
     reused: u64,
     total: u64,
     openai_metered: bool,
+    /// `/stats` `per_backend`: queries per backend.
+    stats_by_backend: BTreeMap<String, usize>,
+    /// The `/metrics` text once every request was metered.
+    metrics: String,
 }
 
 fn run(parts: &RealParts, policy: &str) -> Run {
@@ -104,6 +109,24 @@ fn run(parts: &RealParts, policy: &str) -> Run {
             assert_eq!(status, 200, "{answer}");
         }
     }
+    // The meter takes a record after its answer went out; once `/stats`
+    // counts all twelve, everything else the meter answers does too.
+    let stats = wait_for(Duration::from_secs(10), "/stats to count 12", || {
+        let (status, body) = http_get(daemon.listen, "/stats").ok()?;
+        let stats: Value = serde_json::from_str(&body).ok()?;
+        (status == 200 && stats["total_queries"] == 12).then_some(stats)
+    });
+    let stats_by_backend = stats["per_backend"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no per_backend in {stats}"))
+        .iter()
+        .map(|(backend, totals)| {
+            let queries = totals["queries"].as_u64().unwrap_or(0) as usize;
+            (backend.clone(), queries)
+        })
+        .collect();
+    let (status, metrics) = http_get(daemon.listen, "/metrics").unwrap();
+    assert_eq!(status, 200, "{metrics}");
     let (_, recent) = http_get(daemon.listen, "/requests/recent?limit=100").unwrap();
     let recent: Value = serde_json::from_str(&recent).unwrap();
     let records = recent["requests"].as_array().unwrap();
@@ -114,6 +137,8 @@ fn run(parts: &RealParts, policy: &str) -> Run {
         reused: 0,
         total: 0,
         openai_metered: false,
+        stats_by_backend,
+        metrics,
     };
     for record in records {
         let backend = record["backend"].as_str().unwrap_or("none").to_string();
@@ -160,6 +185,18 @@ fn cache_aware_routing_reuses_more_than_round_robin_over_three_backends() {
     );
     // The openai-kind backend's answers are metered.
     assert!(aware.openai_metered && robin.openai_metered);
+    // `/stats` and `/metrics` count each backend's requests as the records
+    // name them.
+    for run in [&aware, &robin] {
+        assert_eq!(run.stats_by_backend, run.by_backend);
+        let local = run.by_backend.get("local").copied().unwrap_or(0);
+        let line = format!("contextpilotd_backend_requests_total{{backend=\"local\"}} {local}");
+        assert!(
+            run.metrics.lines().any(|l| l == line),
+            "no line {line:?} in:\n{}",
+            run.metrics
+        );
+    }
 }
 
 /// A backend killed mid-run loses no request: one routed there fails over

@@ -17,9 +17,19 @@ struct RequestLabels {
     status: String,
 }
 
+/// "local" or the upstream's URL, as in the record's `backend`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    backend: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
+    backend_requests: Family<BackendLabels, Counter>,
+    backend_prompt_tokens: Family<BackendLabels, Counter>,
+    backend_cached_tokens: Family<BackendLabels, Counter>,
+    backend_ttft: Family<BackendLabels, Histogram>,
     prompt_tokens: Counter,
     cached_tokens: Counter,
     generated_tokens: Counter,
@@ -54,6 +64,32 @@ impl Metrics {
             "requests",
             "Requests by endpoint and HTTP status",
             requests.clone(),
+        );
+        let backend_requests = Family::<BackendLabels, Counter>::default();
+        registry.register(
+            "backend_requests",
+            "Requests of models with more than one backend, by the backend that answered",
+            backend_requests.clone(),
+        );
+        let backend_prompt_tokens = Family::<BackendLabels, Counter>::default();
+        registry.register(
+            "backend_prompt_tokens",
+            "Prompt tokens, cached or computed, by backend",
+            backend_prompt_tokens.clone(),
+        );
+        let backend_cached_tokens = Family::<BackendLabels, Counter>::default();
+        registry.register(
+            "backend_prompt_tokens_cached",
+            "Prompt tokens the backend served from its KV cache",
+            backend_cached_tokens.clone(),
+        );
+        let backend_ttft = Family::<BackendLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(latency_buckets())
+        });
+        registry.register(
+            "backend_ttft_seconds",
+            "Time to first token, by backend",
+            backend_ttft.clone(),
         );
         let prompt_tokens = Counter::default();
         registry.register(
@@ -100,6 +136,10 @@ impl Metrics {
         Metrics {
             registry,
             requests,
+            backend_requests,
+            backend_prompt_tokens,
+            backend_cached_tokens,
+            backend_ttft,
             prompt_tokens,
             cached_tokens,
             generated_tokens,
@@ -131,6 +171,29 @@ impl Metrics {
             self.ttft.observe(ttft / 1000.0);
         }
         self.duration.observe(record.latency_ms / 1000.0);
+        if let Some(backend) = &record.backend {
+            self.observe_backend(backend, record);
+        }
+    }
+
+    fn observe_backend(&mut self, backend: &str, record: &QueryRecord) {
+        let labels = BackendLabels {
+            backend: backend.to_string(),
+        };
+        self.backend_requests.get_or_create(&labels).inc();
+        if let Some(reuse) = &record.cache_reuse {
+            self.backend_prompt_tokens
+                .get_or_create(&labels)
+                .inc_by(reuse.total_prompt_tokens);
+            self.backend_cached_tokens
+                .get_or_create(&labels)
+                .inc_by(reuse.reused_tokens);
+        }
+        if let Some(ttft) = record.ttft_ms {
+            self.backend_ttft
+                .get_or_create(&labels)
+                .observe(ttft / 1000.0);
+        }
     }
 
     pub fn encode(&mut self, gauges: Gauges) -> String {
@@ -147,5 +210,46 @@ impl Metrics {
             tracing::warn!("cannot encode metrics: {e}");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::routed_record;
+    use super::*;
+
+    #[test]
+    fn backend_families_count_only_routed_requests() {
+        let mut metrics = Metrics::new();
+        metrics.observe(&routed_record(Some("local"), 30, 40, Some(100.0)));
+        metrics.observe(&routed_record(Some("local"), 10, 40, Some(300.0)));
+        metrics.observe(&routed_record(
+            Some("http://10.0.0.2:8080"),
+            3,
+            4,
+            Some(50.0),
+        ));
+        metrics.observe(&routed_record(None, 100, 100, Some(10.0)));
+        let text = metrics.encode(Gauges::default());
+        for line in [
+            r#"contextpilotd_backend_requests_total{backend="local"} 2"#,
+            r#"contextpilotd_backend_requests_total{backend="http://10.0.0.2:8080"} 1"#,
+            r#"contextpilotd_backend_prompt_tokens_total{backend="local"} 80"#,
+            r#"contextpilotd_backend_prompt_tokens_cached_total{backend="local"} 40"#,
+            r#"contextpilotd_backend_ttft_seconds_count{backend="local"} 2"#,
+            r#"contextpilotd_backend_ttft_seconds_bucket{le="0.1",backend="local"} 1"#,
+            // The unrouted request counts in the totals only.
+            "contextpilotd_prompt_tokens_total 184",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "no line {line:?} in:\n{text}"
+            );
+        }
+        let backend_request_lines = text
+            .lines()
+            .filter(|l| l.starts_with("contextpilotd_backend_requests_total{"))
+            .count();
+        assert_eq!(backend_request_lines, 2, "{text}");
     }
 }

@@ -267,6 +267,45 @@ impl Meter {
 mod tests {
     use super::*;
 
+    /// A 200 answered by `backend` (`None`: a model with one backend), with
+    /// `reused` of `prompt` tokens from cache when `prompt` is not 0.
+    pub(super) fn routed_record(
+        backend: Option<&str>,
+        reused: u64,
+        prompt: u64,
+        ttft_ms: Option<f64>,
+    ) -> QueryRecord {
+        QueryRecord {
+            backend: backend.map(str::to_string),
+            query_id: "q".into(),
+            timestamp: "2026-12-03T00:00:00Z".into(),
+            path: "/v1/chat/completions".into(),
+            model: "m".into(),
+            slot_id: None,
+            status_code: 200,
+            stream: false,
+            latency_ms: 500.0,
+            ttft_ms,
+            prompt_tokens: (prompt > 0).then_some(prompt),
+            completion_tokens: None,
+            cache_reuse: (prompt > 0).then(|| {
+                CacheReuse::from_usage(&serde_json::json!({
+                    "prompt_tokens": prompt,
+                    "prompt_tokens_details": {"cached_tokens": reused}
+                }))
+                .expect("a usage object with cached_tokens")
+            }),
+            error: None,
+            retried: false,
+            gpu: None,
+            reorder: None,
+            slot_decision: None,
+            block_dedup: None,
+            prompt: None,
+            completion: None,
+        }
+    }
+
     #[test]
     fn reuse_from_timings() {
         let timings = serde_json::json!({"cache_n": 34, "prompt_n": 1, "prompt_ms": 16.794,

@@ -52,6 +52,18 @@ pub struct CacheTotals {
     pub prompt_tokens_total: u64,
 }
 
+/// One backend's share of the requests of models routed over several.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BackendTotals {
+    pub queries: u64,
+    pub errors: u64,
+    pub reused_tokens: u64,
+    pub prompt_tokens: u64,
+    pub reuse_pct: f64,
+    /// Over the backend's last [`WINDOW`] requests with a TTFT.
+    pub ttft_ms: Option<Distribution>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SlotTotals {
     pub queries: u64,
@@ -90,6 +102,9 @@ pub struct StatsSnapshot {
     pub ttft_ms: Option<Distribution>,
     pub cache_reuse: CacheTotals,
     pub per_slot: BTreeMap<String, SlotTotals>,
+    /// Keyed by the records' `backend` ("local" or the upstream's URL):
+    /// only requests of models with more than one backend.
+    pub per_backend: BTreeMap<String, BackendTotals>,
     pub reorder: ReorderTotals,
     /// RFC 3339 time the totals count from (the daemon's start).
     pub since: String,
@@ -115,7 +130,36 @@ pub struct Stats {
     reused: u64,
     prompt: u64,
     per_slot: BTreeMap<usize, (u64, u64, u64)>,
+    /// Backends come from the configuration, so this stays small.
+    per_backend: BTreeMap<String, BackendTally>,
     reorder: ReorderTotals,
+}
+
+#[derive(Default)]
+struct BackendTally {
+    queries: u64,
+    errors: u64,
+    reused: u64,
+    prompt: u64,
+    /// The most recent TTFTs, at most [`WINDOW`].
+    ttft_ms: VecDeque<f64>,
+}
+
+/// Whether a record counts in `errors`: the one rule for the totals and
+/// each backend's, so the two add up. The gateway gives every failed
+/// status an `error`; the status is checked too so that a record without
+/// one still counts.
+fn is_error(record: &QueryRecord) -> bool {
+    record.error.is_some() || record.status_code >= 400
+}
+
+/// Percent `part` is of `whole`, 0 for nothing.
+fn pct(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        round2(100.0 * part as f64 / whole as f64)
+    }
 }
 
 /// (client error, server error) for an HTTP status: 4xx (499 included) is
@@ -140,13 +184,14 @@ impl Stats {
             reused: 0,
             prompt: 0,
             per_slot: BTreeMap::new(),
+            per_backend: BTreeMap::new(),
             reorder: ReorderTotals::default(),
         }
     }
 
     pub fn add(&mut self, record: &QueryRecord) {
         self.total += 1;
-        self.errors += u64::from(record.error.is_some());
+        self.errors += u64::from(is_error(record));
         let (client, server) = error_class(record.status_code);
         self.client_errors += u64::from(client);
         self.server_errors += u64::from(server);
@@ -185,16 +230,24 @@ impl Stats {
                 entry.2 += reuse.total_prompt_tokens;
             }
         }
+        if let Some(backend) = &record.backend {
+            let tally = self.per_backend.entry(backend.clone()).or_default();
+            tally.queries += 1;
+            tally.errors += u64::from(is_error(record));
+            if let Some(reuse) = &record.cache_reuse {
+                tally.reused += reuse.reused_tokens;
+                tally.prompt += reuse.total_prompt_tokens;
+            }
+            if let Some(ttft) = record.ttft_ms {
+                if tally.ttft_ms.len() == WINDOW {
+                    tally.ttft_ms.pop_front();
+                }
+                tally.ttft_ms.push_back(ttft);
+            }
+        }
     }
 
     pub fn snapshot(&self, log_write_failures: u64, records_dropped: u64) -> StatsSnapshot {
-        let pct = |part: u64, whole: u64| {
-            if whole == 0 {
-                0.0
-            } else {
-                round2(100.0 * part as f64 / whole as f64)
-            }
-        };
         StatsSnapshot {
             total_queries: self.total,
             errors: self.errors,
@@ -229,6 +282,23 @@ impl Stats {
                     )
                 })
                 .collect(),
+            per_backend: self
+                .per_backend
+                .iter()
+                .map(|(backend, tally)| {
+                    (
+                        backend.clone(),
+                        BackendTotals {
+                            queries: tally.queries,
+                            errors: tally.errors,
+                            reused_tokens: tally.reused,
+                            prompt_tokens: tally.prompt,
+                            reuse_pct: pct(tally.reused, tally.prompt),
+                            ttft_ms: Distribution::of(tally.ttft_ms.iter().copied()),
+                        },
+                    )
+                })
+                .collect(),
             reorder: self.reorder.clone(),
             since: self.since.clone(),
             window: WINDOW,
@@ -240,7 +310,81 @@ impl Stats {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::routed_record;
     use super::*;
+
+    const UPSTREAM: &str = "http://10.0.0.2:8080";
+
+    #[test]
+    fn totals_per_backend_leave_out_requests_of_single_backend_models() {
+        let mut stats = Stats::new();
+        stats.add(&routed_record(Some("local"), 30, 40, Some(100.0)));
+        stats.add(&routed_record(Some("local"), 10, 40, Some(300.0)));
+        stats.add(&routed_record(Some(UPSTREAM), 3, 4, Some(50.0)));
+        let mut failed = routed_record(Some(UPSTREAM), 0, 0, None);
+        failed.status_code = 502;
+        failed.error = Some("the upstream answered 502".into());
+        stats.add(&failed);
+        // A failed status without a message is an error all the same.
+        let mut refused = routed_record(Some("local"), 0, 0, None);
+        refused.status_code = 429;
+        stats.add(&refused);
+        stats.add(&routed_record(None, 100, 100, Some(10.0)));
+        let snapshot = stats.snapshot(0, 0);
+        assert_eq!(snapshot.total_queries, 6);
+        let backends: Vec<&str> = snapshot.per_backend.keys().map(String::as_str).collect();
+        assert_eq!(backends, ["http://10.0.0.2:8080", "local"]);
+        let local = &snapshot.per_backend["local"];
+        assert_eq!(
+            (
+                local.queries,
+                local.errors,
+                local.reused_tokens,
+                local.prompt_tokens
+            ),
+            (3, 1, 40, 80)
+        );
+        assert_eq!(local.reuse_pct, 50.0);
+        let local_ttft = local.ttft_ms.as_ref().expect("local has TTFTs");
+        assert_eq!((local_ttft.p50, local_ttft.max), (100.0, 300.0));
+        let upstream = &snapshot.per_backend[UPSTREAM];
+        assert_eq!(
+            (
+                upstream.queries,
+                upstream.errors,
+                upstream.reused_tokens,
+                upstream.prompt_tokens
+            ),
+            (2, 1, 3, 4)
+        );
+        assert_eq!(upstream.reuse_pct, 75.0);
+        assert_eq!(upstream.ttft_ms.as_ref().map(|d| d.p50), Some(50.0));
+        // The one unrouted request succeeded: the backends' errors are all.
+        assert_eq!(snapshot.errors, 2);
+        let json = serde_json::to_value(&snapshot).unwrap();
+        assert_eq!(json["per_backend"]["local"]["queries"], 3, "{json}");
+    }
+
+    #[test]
+    fn nothing_routed_leaves_per_backend_empty() {
+        let mut stats = Stats::new();
+        stats.add(&routed_record(None, 1, 2, Some(10.0)));
+        assert!(stats.snapshot(0, 0).per_backend.is_empty());
+    }
+
+    #[test]
+    fn a_backends_ttft_covers_its_last_window_requests() {
+        let mut stats = Stats::new();
+        stats.add(&routed_record(Some("local"), 0, 0, Some(1e6)));
+        for _ in 0..WINDOW {
+            stats.add(&routed_record(Some("local"), 0, 0, Some(20.0)));
+        }
+        // Requests without a TTFT do not push one out.
+        stats.add(&routed_record(Some("local"), 0, 0, None));
+        let local = &stats.snapshot(0, 0).per_backend["local"];
+        assert_eq!(local.queries, WINDOW as u64 + 2);
+        assert_eq!(local.ttft_ms.as_ref().map(|d| d.max), Some(20.0));
+    }
 
     #[test]
     fn nearest_rank_percentiles() {
