@@ -19,12 +19,17 @@ struct PlainServer {
 
 impl PlainServer {
     fn start(parts: &RealParts) -> PlainServer {
+        PlainServer::start_with(parts, &[])
+    }
+
+    fn start_with(parts: &RealParts, args: &[&str]) -> PlainServer {
         let port = free_port();
         let process = Command::new(&parts.llama_server)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .arg("--model")
             .arg(&parts.model)
             .args(["--parallel", "1", "--ctx-size", "1024", "--threads", "1"])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -79,16 +84,42 @@ struct Run {
     metrics: String,
 }
 
-fn run(parts: &RealParts, policy: &str) -> Run {
-    let first = PlainServer::start(parts);
-    let second = PlainServer::start(parts);
+/// llama-server's host-RAM prompt cache, on every backend alike.
+#[derive(Clone, Copy, PartialEq)]
+enum RamCache {
+    /// llama-server's default.
+    On,
+    /// `--cache-ram 0`: only what a slot holds is reused.
+    Off,
+}
+
+fn run(parts: &RealParts, policy: &str, ram_cache: RamCache) -> Run {
+    let args: &[&str] = match ram_cache {
+        RamCache::On => &[],
+        RamCache::Off => &["--cache-ram", "0"],
+    };
+    let first = PlainServer::start_with(parts, args);
+    let second = PlainServer::start_with(parts, args);
     let extra = format!(
         "[routing]\npolicy = \"{policy}\"\n\n\
          [[upstream]]\nurl = \"http://127.0.0.1:{}\"\nkind = \"llama-server\"\n\n\
          [[upstream]]\nurl = \"http://127.0.0.1:{}/v1\"\nkind = \"openai\"\n",
         first.port, second.port
     );
-    let mut daemon = Daemon::start(parts, &extra);
+    let child_args = match ram_cache {
+        RamCache::On => String::new(),
+        RamCache::Off => "extra_args = [\"--cache-ram\", \"0\"]\n".to_string(),
+    };
+    let mut daemon = Daemon::start_with(
+        |listen| {
+            common::test_config(parts, listen, &extra).replacen(
+                "threads = 1\n",
+                &format!("threads = 1\n{child_args}"),
+                1,
+            )
+        },
+        &[],
+    );
     daemon.wait_ready();
     wait_for_three_ready_backends(&daemon);
     // Three topics, each with its own documents, asked about in sessions
@@ -160,8 +191,8 @@ fn run(parts: &RealParts, policy: &str) -> Run {
 #[test]
 fn cache_aware_routing_reuses_more_than_round_robin_over_three_backends() {
     let parts = real_parts();
-    let aware = run(&parts, "cache-aware");
-    let robin = run(&parts, "round-robin");
+    let aware = run(&parts, "cache-aware", RamCache::On);
+    let robin = run(&parts, "round-robin", RamCache::On);
     println!(
         "cache-aware: {}/{} tokens from cache, {:?}; round-robin: {}/{}, {:?}",
         aware.reused, aware.total, aware.by_backend, robin.reused, robin.total, robin.by_backend
@@ -255,4 +286,34 @@ fn a_killed_backend_loses_no_request() {
         assert_eq!(record["status_code"], 200, "{record}");
         assert_ne!(record["backend"].as_str(), Some(dead.as_str()), "{record}");
     }
+}
+
+/// Without llama-server's RAM cache on any backend (as the daemon plans its
+/// child where that cache was measured to cost more than it saves), only
+/// what a slot holds is reused: round robin, which moves every topic to a
+/// backend that last served another one, gets the shared prefix alone, and
+/// cache-aware routing serves at least twice as many prompt tokens from
+/// cache.
+#[test]
+fn without_the_ram_cache_cache_aware_routing_serves_twice_the_cached_tokens() {
+    let parts = real_parts();
+    let aware = run(&parts, "cache-aware", RamCache::Off);
+    let robin = run(&parts, "round-robin", RamCache::Off);
+    println!(
+        "cache-aware: {}/{} tokens from cache, {:?}; round-robin: {}/{}, {:?}",
+        aware.reused, aware.total, aware.by_backend, robin.reused, robin.total, robin.by_backend
+    );
+    for (backend, count) in &aware.by_backend {
+        assert!(
+            *count <= 6,
+            "{backend} took {count} of 12: {:?}",
+            aware.by_backend
+        );
+    }
+    assert!(
+        aware.reused >= 2 * robin.reused,
+        "cache-aware {} vs round robin {}",
+        aware.reused,
+        robin.reused
+    );
 }
