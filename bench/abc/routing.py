@@ -13,7 +13,9 @@ started. Then the same requests go to the daemon at concurrency C (default:
 the number of backends), streamed: a RAG workload of topical sessions
 (workloads.topical_rag: every topic gets as many queries, interleaved with
 the other topics' queries; a query's documents come from its topic, one
-from another topic now and then).
+from another topic now and then; with --follow-ups N, default 1, each query
+is a session of N more questions on the same documents, the conversation so
+far sent along).
 
 Printed per policy: requests, the share of prompt tokens served from cache
 (the daemon's query log: `cache_reuse.reused_tokens` over
@@ -83,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--docs", type=int, dest="k", help="documents per query (8; gpu 16)")
     p.add_argument("--doc-chars", type=int, help="about how long a document is (quick 130, full 160, gpu 400)")
     p.add_argument("--topic-docs", type=int, help="documents per topic (default: twice --docs, at least 16)")
+    p.add_argument("--slots", type=int, default=1, help="slots of every backend (1; several on a GPU)")
+    p.add_argument("--follow-ups", type=int, default=1,
+                   help="follow-up questions per query, about the same documents with the conversation so far (1; 0: single questions)")
     p.add_argument("--cross", type=float, default=0.3, help="chance a query's last document comes from another topic (0.3)")
     p.add_argument("--ctx-per-slot", type=int, help="llama.ctx_per_slot; the plain servers get the same --ctx-size (default: planned)")
     p.add_argument("--gpu-layers", type=int, help="llama.gpu_layers, the same -ngl for every backend (default: planned)")
@@ -233,10 +238,10 @@ def summarize(run: dict) -> dict:
 def table(doc: dict) -> str:
     s = doc["summary"]
     hw = doc["hardware"]
-    lines = [f"model {doc['model']} | {doc['backends']} backends of 1 slot (the daemon's child + {doc['backends'] - 1} "
+    lines = [f"model {doc['model']} | {doc['backends']} backends of {doc.get('slots', 1)} slot(s) (the daemon's child + {doc['backends'] - 1} "
              f"plain llama-server{'s' if doc['backends'] > 2 else ''}, kind {doc['upstream_kind']}) | concurrency "
              f"{doc['concurrency']} | {doc['sizes']['queries']} queries over {doc['sizes']['topics']} topics, "
-             f"{doc['sizes']['k']} documents each",
+             f"{doc['sizes']['k']} documents each, {doc.get('follow_ups', 0)} follow-up(s) each",
              f"{hw['cpu']}, {hw['cores']} cores | load avg at start "
              f"{', '.join(f'{x:.1f}' for x in hw['load_avg_at_start'] or [])}",
              f"every backend: {doc['backend_flags']}", ""]
@@ -269,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     corpus = workloads.build_corpus(args.seed, args.sizes["topics"], args.sizes["doc_chars"], args.sizes["topic_docs"])
     sessions = workloads.topical_rag(corpus, random.Random(f"{args.seed}-routing"), args.sizes["queries"],
-                                     args.sizes["k"], args.cross)
-    llama = {"binary": args.llama_server, "model": args.model, "model_alias": "bench", "slots": 1,
+                                     args.sizes["k"], args.cross, args.follow_ups)
+    llama = {"binary": args.llama_server, "model": args.model, "model_alias": "bench", "slots": args.slots,
              "ctx_per_slot": args.ctx_per_slot, "gpu_layers": args.gpu_layers, "threads": args.threads,
              "extra_args": ["--cache-ram", str(args.cache_ram)] if args.cache_ram is not None else None}
     machine = abc.hardware()
@@ -308,11 +313,13 @@ def main(argv: list[str] | None = None) -> int:
         "planned_argv": planned,
         "backend_flags": shlex.join(flags),
         "backends": backends,
+        "slots": args.slots,
         "upstream_kind": "openai" if args.openai_kind else "llama-server",
         "concurrency": concurrency,
         "seed": args.seed,
         "sizes": args.sizes,
         "cross": args.cross,
+        "follow_ups": args.follow_ups,
         "max_tokens": args.max_tokens,
         "corpus": corpus.describe(),
         "summary": summary,

@@ -274,13 +274,24 @@ def rag(corpus: Corpus, rng: random.Random, queries: int, k: int) -> list[Sessio
     return sessions
 
 
-def topical_rag(corpus: Corpus, rng: random.Random, queries: int, k: int, cross: float = 0.3) -> list[Session]:
+_FOLLOW_UPS = [
+    "And how is {s} used in practice?",
+    "What are the pitfalls of {s}?",
+    "Give one example involving {s}.",
+]
+
+
+def topical_rag(corpus: Corpus, rng: random.Random, queries: int, k: int, cross: float = 0.3,
+                follow_ups: int = 0) -> list[Session]:
     """RAG over topical sessions, for the routing bench: every topic gets
     the same number of queries (give or take one), in a shuffled order so
     that the queries of one topic arrive interleaved with the others'. A
     query's documents are drawn as `rag` draws them: k from its topic (Zipf
     popularity), with probability `cross` the last one from another topic,
-    in a per-query relevance order."""
+    in a per-query relevance order. With `follow_ups`, each query is a
+    session: the user asks that many follow-up questions about the same
+    retrieved documents, the conversation so far (with a recorded reply)
+    sent along, as a RAG chat client does."""
     topics = list(corpus.topics)
     order = [topics[q % len(topics)] for q in range(queries)]
     rng.shuffle(order)
@@ -293,8 +304,15 @@ def topical_rag(corpus: Corpus, rng: random.Random, queries: int, k: int, cross:
             docs[-1] = rng.choice(corpus.topics[other][:4])
             docs = list(dict.fromkeys(docs))
         rng.shuffle(docs)
-        question = f"What does the documentation say about {_subject(docs[0], topic)}?"
-        sessions.append(Session(f"rag-{q}-{topic}", "rag", [Step(question, docs)]))
+        subject = _subject(docs[0], topic)
+        question = f"What does the documentation say about {subject}?"
+        steps = [Step(question, docs)]
+        history: list[dict[str, Any]] = []
+        reply = docs[0].split(": ", 1)[-1].split(". ")[0].rstrip(".") + "."
+        for f in range(follow_ups):
+            history += [{"role": "user", "content": steps[-1].question}, {"role": "assistant", "content": reply}]
+            steps.append(Step(_FOLLOW_UPS[f % len(_FOLLOW_UPS)].format(s=subject), docs, history=list(history)))
+        sessions.append(Session(f"rag-{q}-{topic}", "rag", steps))
     return sessions
 
 
