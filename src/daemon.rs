@@ -350,7 +350,7 @@ pub fn upstream_specs(config: &Config) -> Vec<ModelSpec> {
         specs.push(ModelSpec {
             name: name.to_string(),
             aliases: Vec::new(),
-            path: PathBuf::from(upstream.url.trim()),
+            path: PathBuf::from(&upstream.url),
             keep_alive: KeepAlive::Forever,
             primary: false,
         });

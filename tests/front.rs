@@ -162,6 +162,9 @@ fn routes_to_the_upstreams_with_no_child() {
         .filter_map(|m| m["id"].as_str())
         .collect();
     assert_eq!(ids, ["smol"], "{body}");
+    let smol = &listed["data"][0]["meta"];
+    assert_eq!(smol["state"], "ready", "{body}");
+    assert_eq!(smol["backends"], json!([llama_url, openai_url]), "{body}");
 
     let (code, body) = http_get(daemon.listen, "/health").unwrap();
     assert_eq!(code, 200, "{body}");

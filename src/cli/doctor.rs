@@ -135,7 +135,7 @@ fn front_only(front: &crate::daemon::FrontOnly, json: bool) -> i32 {
                     "model": u.model,
                     "weight": u.weight,
                     "slots": u.slots,
-                    "api_key": u.api_key.is_some(),
+                    "api_key_set": u.api_key.is_some(),
                 })
             })
             .collect();
@@ -165,14 +165,18 @@ fn front_only(front: &crate::daemon::FrontOnly, json: bool) -> i32 {
         crate::plan::counted(upstreams.len() as u64, "backend")
     );
     for u in upstreams {
+        // The kind as the configuration spells it.
+        let kind = serde_json::to_value(u.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "  {:<32} {:?} serves {:?}, weight {}, {}{}",
+            "  {:<32} {kind} serving {:?}, weight {}, {}{}",
             u.url,
-            u.kind,
             u.model.as_deref().unwrap_or_default(),
             u.weight,
-            u.slots.map_or("slots from its /props".to_string(), |n| {
+            u.slots.map_or("slots not set".to_string(), |n| {
                 crate::plan::counted(n, "slot")
             }),
             if u.api_key.is_some() {
@@ -184,16 +188,14 @@ fn front_only(front: &crate::daemon::FrontOnly, json: bool) -> i32 {
     }
     let _ = writeln!(out, "\nmodels by name  {} servable", specs.len());
     for (i, spec) in specs.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "  {:<40} {}",
-            spec.name,
-            if i == 0 {
-                "also answers requests that name no model"
-            } else {
-                ""
-            }
-        );
+        let _ = match i {
+            0 => writeln!(
+                out,
+                "  {:<40} also answers requests that name no model",
+                spec.name
+            ),
+            _ => writeln!(out, "  {}", spec.name),
+        };
     }
     print!("{out}");
     EXIT_OK

@@ -250,12 +250,14 @@ impl Gateway {
     /// 200 when the primary model is ready (or nothing is loaded: models
     /// load on demand); else 503 with its state.
     fn health(&self) -> Response<Body> {
-        let state = match self.primary_status {
-            PrimaryStatus::Local(_) => self
-                .fleet
-                .primary()
-                .map_or(State::Ready, |engine| engine.supervisor.borrow().state),
-            PrimaryStatus::FrontOnly(_) => self.upstreams_state(),
+        let (state, what) = match self.primary_status {
+            PrimaryStatus::Local(_) => (
+                self.fleet
+                    .primary()
+                    .map_or(State::Ready, |engine| engine.supervisor.borrow().state),
+                "llama-server is",
+            ),
+            PrimaryStatus::FrontOnly(_) => (self.upstreams_state(), "no upstream is"),
         };
         if state == State::Ready {
             json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
@@ -263,7 +265,7 @@ impl Gateway {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable_error",
-                format!("llama-server is not ready ({})", state.as_str()),
+                format!("{what} not ready ({})", state.as_str()),
             )
             .retry_after("1")
             .into_response()
@@ -346,20 +348,23 @@ impl Gateway {
         status
     }
 
-    /// A front-only daemon's state: ready while any upstream is, else the
-    /// first upstream's.
+    /// A front-only daemon's state: its upstreams'.
     fn upstreams_state(&self) -> State {
-        let states: Vec<State> = self
-            .fleet
-            .engines()
-            .iter()
-            .map(|e| e.supervisor.borrow().state)
-            .collect();
-        if states.contains(&State::Ready) {
-            State::Ready
-        } else {
-            states.first().copied().unwrap_or(State::Unloaded)
-        }
+        backends_state(&self.fleet.engines())
+    }
+}
+
+/// The state of what several backends serve: ready while any is, else
+/// the first one's; unloaded when there are none.
+fn backends_state(backends: &[Arc<Engine>]) -> State {
+    let states: Vec<State> = backends
+        .iter()
+        .map(|e| e.supervisor.borrow().state)
+        .collect();
+    if states.contains(&State::Ready) {
+        State::Ready
+    } else {
+        states.first().copied().unwrap_or(State::Unloaded)
     }
 }
 
