@@ -47,7 +47,7 @@ pub struct UpstreamConfig {
     /// from its `/props` when absent.
     pub slots: Option<u32>,
     /// The model name it serves (default: the name `[llama] model` is
-    /// served under).
+    /// served under; required when there is no `[llama] model`).
     pub model: Option<String>,
 }
 

@@ -93,6 +93,30 @@ impl Prepared {
     }
 }
 
+/// What `run` starts: the local child (and any upstreams next to it), or,
+/// with no `[llama] model` but `[[upstream]]`s, a front for the upstreams
+/// alone.
+pub enum Startup {
+    Local(Box<Prepared>),
+    FrontOnly(Box<FrontOnly>),
+}
+
+impl Startup {
+    pub fn config(&self) -> &Config {
+        match self {
+            Startup::Local(prepared) => &prepared.config,
+            Startup::FrontOnly(front) => &front.config,
+        }
+    }
+}
+
+/// A daemon with no child: no model file, binary or plan, only the
+/// configuration whose every `[[upstream]]` names the model it serves.
+pub struct FrontOnly {
+    pub source: ConfigSource,
+    pub config: Config,
+}
+
 /// What a first run with no model needs to hear: which file to write, what
 /// to put in it, and where `make run` keeps its demo model.
 pub fn no_model_message(source: &ConfigSource) -> String {
@@ -135,12 +159,31 @@ pub fn prepare(
 }
 
 /// [`prepare`] with the command line's overrides applied to the
-/// configuration first.
+/// configuration first. For the commands that need the local model: a
+/// front-only configuration is the missing `[llama] model` to them.
 pub fn prepare_with(
     source: ConfigSource,
     hardware_file: Option<&Path>,
     overrides: &Overrides,
 ) -> Result<Prepared, ConfigError> {
+    match prepare_startup(source, hardware_file, overrides)? {
+        Startup::Local(prepared) => Ok(*prepared),
+        Startup::FrontOnly(front) => Err(ConfigError::new(
+            front.source.path(),
+            Some("llama.model"),
+            no_model_message(&front.source),
+        )),
+    }
+}
+
+/// What `run` starts: [`prepare_with`]'s preparation of the local model, or
+/// the front for the upstreams when the configuration has `[[upstream]]`s
+/// and no `[llama] model` (nor `--model`).
+pub fn prepare_startup(
+    source: ConfigSource,
+    hardware_file: Option<&Path>,
+    overrides: &Overrides,
+) -> Result<Startup, ConfigError> {
     let mut config = Config::load(&source)?;
     let file = source.path();
     if let Some(model) = &overrides.model {
@@ -152,6 +195,10 @@ pub fn prepare_with(
             config.llama.model_alias = name;
         }
         config.llama.model = Some(path);
+    }
+    if config.llama.model.is_none() && !config.upstream.is_empty() {
+        check_front_only(&config, file)?;
+        return Ok(Startup::FrontOnly(Box::new(FrontOnly { source, config })));
     }
     let model_path =
         config.llama.model.as_deref().ok_or_else(|| {
@@ -176,21 +223,7 @@ pub fn prepare_with(
     let model = gguf::read_model_facts(&model_path)
         .and_then(|facts| gguf::check_tensor_data(&model_path, &facts).map(|()| facts))
         .map_err(|e| ConfigError::new(file, Some("llama.model"), e.to_string()))?;
-    if let Some(fallback) = &config.models.fallback {
-        let specs = model_specs(&config, &model_path);
-        let named = |s: &ModelSpec| {
-            s.name.eq_ignore_ascii_case(fallback)
-                || s.aliases.iter().any(|a| a.eq_ignore_ascii_case(fallback))
-        };
-        if !specs.iter().any(named) {
-            let served: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-            return Err(ConfigError::new(
-                file,
-                Some("models.fallback"),
-                format!("{fallback:?} names no model this daemon serves; it serves {served:?}"),
-            ));
-        }
-    }
+    check_fallback(&config, file, &model_specs(&config, &model_path))?;
     for entry in &config.models.model {
         if !entry.path.is_file() {
             return Err(ConfigError::new(
@@ -239,7 +272,7 @@ pub fn prepare_with(
     )
     .map_err(|e| ConfigError::new(file, Some("cost.profile"), e))?;
     let (plan, cost, cost_key) = (planned.plan, planned.cost, planned.cost_key);
-    Ok(Prepared {
+    Ok(Startup::Local(Box::new(Prepared {
         source,
         config,
         binary,
@@ -251,7 +284,78 @@ pub fn prepare_with(
         cost_key,
         rpc,
         plan,
-    })
+    })))
+}
+
+/// `[models] fallback`, when set, must name one of `specs`.
+fn check_fallback(
+    config: &Config,
+    file: Option<&Path>,
+    specs: &[ModelSpec],
+) -> Result<(), ConfigError> {
+    let Some(fallback) = &config.models.fallback else {
+        return Ok(());
+    };
+    let named = |s: &ModelSpec| {
+        s.name.eq_ignore_ascii_case(fallback)
+            || s.aliases.iter().any(|a| a.eq_ignore_ascii_case(fallback))
+    };
+    if specs.iter().any(named) {
+        return Ok(());
+    }
+    let served: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+    Err(ConfigError::new(
+        file,
+        Some("models.fallback"),
+        format!("{fallback:?} names no model this daemon serves; it serves {served:?}"),
+    ))
+}
+
+/// A front-only configuration: with no local model to default to, every
+/// upstream must name the model it serves.
+fn check_front_only(config: &Config, file: Option<&Path>) -> Result<(), ConfigError> {
+    if let Some(unnamed) = config
+        .upstream
+        .iter()
+        .find(|u| u.model.as_deref().is_none_or(|m| m.trim().is_empty()))
+    {
+        return Err(ConfigError::new(
+            file,
+            Some("upstream.model"),
+            format!(
+                "the upstream {:?} has no `model`: with no [llama] model the daemon runs no model of its own, \
+                 so each [[upstream]] must say which model it serves (e.g. model = \"qwen2.5-7b\"), \
+                 or set [llama] model",
+                unnamed.url
+            ),
+        ));
+    }
+    check_fallback(config, file, &upstream_specs(config))
+}
+
+/// The models a front-only daemon serves: each `[[upstream]]`'s `model`,
+/// once, in configuration order. Its path is the first upstream's URL
+/// (there is no file here); none is primary (none is loaded at start: the
+/// first answers requests that name no model).
+pub fn upstream_specs(config: &Config) -> Vec<ModelSpec> {
+    let mut specs: Vec<ModelSpec> = Vec::new();
+    for upstream in &config.upstream {
+        // The exact name: the upstream's engine is served under it.
+        let Some(name) = upstream.model.as_deref() else {
+            continue;
+        };
+        if specs.iter().any(|s| s.name == name) {
+            continue;
+        }
+        specs.push(ModelSpec {
+            name: name.to_string(),
+            aliases: Vec::new(),
+            path: PathBuf::from(&upstream.url),
+            keep_alive: KeepAlive::Forever,
+            primary: false,
+        });
+    }
+    specs
 }
 
 /// `--model`'s argument: a GGUF file, or the name of one the daemon can
@@ -497,12 +601,16 @@ impl ShutdownSignals {
 /// Runs the daemon until SIGTERM or SIGINT; `logs` is what `GET /logs`
 /// shows (the bus the log subscriber feeds).
 pub async fn run(
-    prepared: Prepared,
+    startup: Startup,
     mut signals: ShutdownSignals,
     logs: LogBus,
 ) -> Result<(), StartError> {
-    let binary = prepared.binary.clone()?;
-    let listen = prepared.config.server.listen;
+    let local = match &startup {
+        Startup::Local(prepared) => Some((prepared.as_ref(), prepared.binary.clone()?)),
+        Startup::FrontOnly(_) => None,
+    };
+    let config = startup.config();
+    let listen = config.server.listen;
     let lock = InstanceLock::acquire(listen)?;
     let listener = TcpListener::bind(listen)
         .await
@@ -512,21 +620,60 @@ pub async fn run(
         env!("CARGO_PKG_VERSION"),
         lock.path().display()
     );
-    for warning in prepared
-        .hardware
-        .warnings
-        .iter()
-        .chain(&prepared.plan.warnings)
-    {
-        tracing::warn!("{warning}");
-    }
-
-    let watchdog = match std::env::var_os(NO_WATCHDOG_ENV).filter(|v| v == "1") {
-        Some(_) => None,
-        None => start_watchdog(),
+    let (fleet, primary_status, ctx_per_slot) = match local {
+        Some((prepared, binary)) => {
+            for warning in prepared
+                .hardware
+                .warnings
+                .iter()
+                .chain(&prepared.plan.warnings)
+            {
+                tracing::warn!("{warning}");
+            }
+            let watchdog = match std::env::var_os(NO_WATCHDOG_ENV).filter(|v| v == "1") {
+                Some(_) => None,
+                None => start_watchdog(),
+            };
+            let status = crate::status::StaticStatus::new(
+                listen.to_string(),
+                &prepared.model,
+                &prepared.plan,
+                &prepared.hardware,
+                config.supervisor.ready_timeout_s,
+            );
+            (
+                fleet(prepared, binary, watchdog),
+                gateway::PrimaryStatus::Local(status),
+                prepared.plan.ctx_per_slot,
+            )
+        }
+        None => {
+            tracing::info!(
+                "no [llama] model: no llama-server runs here; routing to the {} only",
+                crate::plan::counted(config.upstream.len() as u64, "upstream")
+            );
+            let fleet = Fleet::over(
+                upstream_specs(config),
+                config.models.fallback.as_deref(),
+                Vec::new(),
+            )
+            .with_routing(config.routing.clone());
+            let status = crate::status::StaticStatus::front_only(
+                listen.to_string(),
+                config.supervisor.ready_timeout_s,
+            );
+            // The upstreams' contexts are not known here: `[llama]
+            // ctx_per_slot` when set, else a common default.
+            let ctx_per_slot = config.llama.ctx_per_slot.value().unwrap_or(4096);
+            (
+                fleet,
+                gateway::PrimaryStatus::FrontOnly(status),
+                ctx_per_slot,
+            )
+        }
     };
-    let config = &prepared.config;
-    let fleet = Arc::new(fleet(&prepared, binary, watchdog));
+    let runs_child = matches!(primary_status, gateway::PrimaryStatus::Local(_));
+    let fleet = Arc::new(fleet);
     let query_log = config.query_log_path();
     match &query_log {
         Some(path) => tracing::info!("query log: {}", path.display()),
@@ -541,17 +688,10 @@ pub async fn run(
         .map(|d| d.as_millis())
         .unwrap_or_default();
     let meter = Meter::start(&config.meter, query_log.clone());
-    let ctx_per_slot = prepared.plan.ctx_per_slot;
     let gateway = Arc::new(Gateway {
         started: Instant::now(),
         fleet: fleet.clone(),
-        primary_status: crate::status::StaticStatus::new(
-            listen.to_string(),
-            &prepared.model,
-            &prepared.plan,
-            &prepared.hardware,
-            config.supervisor.ready_timeout_s,
-        ),
+        primary_status,
         api_key: config.server.api_key.clone(),
         guard: gateway::guard::Policy {
             allowed_hosts: config.server.allowed_hosts.clone(),
@@ -583,9 +723,11 @@ pub async fn run(
     });
     let header_timeout = Duration::from_secs(config.server.header_timeout_s);
     // The primary model loads now; the others when a request names them.
-    if let Ok(primary) = fleet.resolve(None) {
-        if let Err(e) = fleet.load(&primary, None).await {
-            tracing::error!("{e}");
+    if runs_child {
+        if let Ok(primary) = fleet.resolve(None) {
+            if let Err(e) = fleet.load(&primary, None).await {
+                tracing::error!("{e}");
+            }
         }
     }
     let (stop_probes, probes_stop) = tokio::sync::watch::channel(false);
@@ -601,7 +743,11 @@ pub async fn run(
     };
     let streams = gateway.streams.clone();
     gateway::serve(listener, gateway, stop, DRAIN_GRACE, header_timeout).await;
-    tracing::info!("shutting down: stopping llama-server");
+    if runs_child {
+        tracing::info!("shutting down: stopping llama-server");
+    } else {
+        tracing::info!("shutting down");
+    }
     reaper.abort();
     let _ = stop_probes.send(true);
     fleet.shutdown().await;
@@ -679,6 +825,7 @@ fn start_upstreams(fleet: &Arc<Fleet>, config: &Config, stop: tokio::sync::watch
         // The same model as the child's: its speed until measured there.
         let cost = fleet
             .primary()
+            .filter(|engine| engine.remote.is_none())
             .map(|local| local.scheduler.cost().profile().as_ref().clone())
             .unwrap_or_else(|| crate::cost::CostProfile::unmeasured(10.0, 1.0, 10.0));
         let engine = Engine::upstream(

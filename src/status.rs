@@ -205,6 +205,40 @@ impl StaticStatus {
         }
     }
 
+    /// The status of a daemon with no local model (front only): an empty
+    /// model path, no plan and no hardware of its own; its upstreams are
+    /// in `models`.
+    pub fn front_only(listen: String, ready_timeout_s: u64) -> StaticStatus {
+        StaticStatus {
+            listen,
+            model: ModelStatus {
+                path: String::new(),
+                size_bytes: 0,
+                architecture: String::new(),
+                context_length: None,
+            },
+            plan: PlanStatus {
+                slots: 0,
+                concurrency: 0,
+                ctx_per_slot: 0,
+                ctx_size: 0,
+                threads: 0,
+                gpu_layers: 0,
+                cache_reuse: 0,
+            },
+            hardware: HardwareStatus {
+                chip: String::new(),
+                memory_bytes: 0,
+                perf_cores: 0,
+                efficiency_cores: 0,
+                gpu_cores: None,
+            },
+            warnings: Vec::new(),
+            cost_decisions: Vec::new(),
+            ready_timeout_s,
+        }
+    }
+
     /// Combines the fixed parts with the supervisor's current view.
     pub fn snapshot(
         &self,
@@ -422,6 +456,10 @@ pub fn render(status: &Status) -> String {
         human_duration(status.uptime_s),
         status.state.to_uppercase()
     );
+    if is_front_only(status) {
+        render_front_only(&mut out, status);
+        return out;
+    }
     let child = &status.child;
     let _ = match (child.pid, child.port) {
         (Some(pid), Some(port)) => writeln!(
@@ -555,6 +593,44 @@ pub fn render(status: &Status) -> String {
         }
     }
     out
+}
+
+/// A daemon with no local model reports an empty model path
+/// ([`StaticStatus::front_only`]).
+fn is_front_only(status: &Status) -> bool {
+    status.model.path.is_empty()
+}
+
+/// The rest of [`render`] for a daemon with no child: each upstream.
+fn render_front_only(out: &mut String, status: &Status) {
+    use std::fmt::Write;
+    let _ = writeln!(
+        out,
+        "  llama-server  none here: no [llama] model, routing to [[upstream]] backends only"
+    );
+    for m in &status.models {
+        let _ = writeln!(
+            out,
+            "  upstream      {} serves {} ({}, {} busy, {} queued)",
+            m.backend, m.name, m.state, m.busy, m.queued
+        );
+    }
+    if let Some(r) = &status.requests {
+        let _ = writeln!(
+            out,
+            "  requests      {} served, {} (4xx), {} (5xx), {} retried",
+            r.total,
+            crate::plan::counted(r.client_errors, "client error"),
+            crate::plan::counted(r.server_errors, "server error"),
+            r.retried
+        );
+        if let Some(log) = &r.query_log {
+            let _ = writeln!(out, "  query log     {log}");
+        }
+    }
+    for warning in &status.warnings {
+        let _ = writeln!(out, "  warning       {warning}");
+    }
 }
 
 /// What each slot holds, in short: `#0 busy, ~1.2k tokens, 3 docs; #1 empty`.

@@ -70,10 +70,13 @@ impl RpcWorkerReport {
 
 pub fn run(arg: ConfigArg, hardware: Option<PathBuf>, json: bool) -> i32 {
     let source = ConfigSource::locate(arg.config.as_deref());
-    let prepared = match crate::daemon::prepare(source.clone(), hardware.as_deref()) {
-        Ok(p) => p,
-        Err(problem) => return without_a_plan(&source, hardware.as_deref(), &problem, json),
-    };
+    let overrides = crate::daemon::Overrides::default();
+    let prepared =
+        match crate::daemon::prepare_startup(source.clone(), hardware.as_deref(), &overrides) {
+            Ok(crate::daemon::Startup::Local(p)) => p,
+            Ok(crate::daemon::Startup::FrontOnly(front)) => return front_only(&front, json),
+            Err(problem) => return without_a_plan(&source, hardware.as_deref(), &problem, json),
+        };
     // What stops `run` is a PROBLEM here too, with the same exit code.
     let problems: Vec<String> = prepared
         .binary
@@ -115,6 +118,87 @@ pub fn run(arg: ConfigArg, hardware: Option<PathBuf>, json: bool) -> i32 {
     } else {
         EXIT_CONFIG
     }
+}
+
+/// The report of a daemon with no local model: no binary, hardware or plan
+/// matter, only the upstreams it routes to (their keys never shown).
+fn front_only(front: &crate::daemon::FrontOnly, json: bool) -> i32 {
+    let upstreams = &front.config.upstream;
+    let specs = crate::daemon::upstream_specs(&front.config);
+    if json {
+        let listed: Vec<serde_json::Value> = upstreams
+            .iter()
+            .map(|u| {
+                serde_json::json!({
+                    "url": u.url,
+                    "kind": u.kind,
+                    "model": u.model,
+                    "weight": u.weight,
+                    "slots": u.slots,
+                    "api_key_set": u.api_key.is_some(),
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "config": front.source.to_string(),
+            "front_only": true,
+            "model": null,
+            "upstreams": listed,
+            "models": specs,
+            "problems": Vec::<String>::new(),
+        });
+        match serde_json::to_string_pretty(&doc) {
+            Ok(text) => println!("{text}"),
+            Err(e) => report(&e),
+        }
+        return EXIT_OK;
+    }
+    let mut out = String::new();
+    let _ = writeln!(out, "configuration  {}", front.source);
+    let _ = writeln!(
+        out,
+        "\nmodel          none here: no [llama] model, so no llama-server runs; requests go to the upstreams (front only)"
+    );
+    let _ = writeln!(
+        out,
+        "\nupstreams      {}",
+        crate::plan::counted(upstreams.len() as u64, "backend")
+    );
+    for u in upstreams {
+        // The kind as the configuration spells it.
+        let kind = serde_json::to_value(u.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  {:<32} {kind} serving {:?}, weight {}, {}{}",
+            u.url,
+            u.model.as_deref().unwrap_or_default(),
+            u.weight,
+            u.slots.map_or("slots not set".to_string(), |n| {
+                crate::plan::counted(n, "slot")
+            }),
+            if u.api_key.is_some() {
+                ", with an API key"
+            } else {
+                ""
+            }
+        );
+    }
+    let _ = writeln!(out, "\nmodels by name  {} servable", specs.len());
+    for (i, spec) in specs.iter().enumerate() {
+        let _ = match i {
+            0 => writeln!(
+                out,
+                "  {:<40} also answers requests that name no model",
+                spec.name
+            ),
+            _ => writeln!(out, "  {}", spec.name),
+        };
+    }
+    print!("{out}");
+    EXIT_OK
 }
 
 /// The report when no plan can be made (the model is missing or not a

@@ -237,17 +237,8 @@ fn prepare(
     arg: &ConfigArg,
     hardware: Option<&std::path::Path>,
 ) -> Result<crate::daemon::Prepared, i32> {
-    prepare_with(arg, hardware, &crate::daemon::Overrides::default())
-}
-
-/// [`prepare`] with what the command line overrides.
-fn prepare_with(
-    arg: &ConfigArg,
-    hardware: Option<&std::path::Path>,
-    overrides: &crate::daemon::Overrides,
-) -> Result<crate::daemon::Prepared, i32> {
     let source = crate::config::ConfigSource::locate(arg.config.as_deref());
-    crate::daemon::prepare_with(source, hardware, overrides).map_err(|e| {
+    crate::daemon::prepare(source, hardware).map_err(|e| {
         report(&e);
         EXIT_CONFIG
     })

@@ -20,19 +20,25 @@ pub fn run(arg: ConfigArg, model: Option<String>) -> i32 {
             }
         };
         let overrides = daemon::Overrides { model };
-        let prepared = match super::prepare_with(&arg, None, &overrides) {
-            Ok(p) => p,
-            Err(code) => return (code, None),
+        let source = crate::config::ConfigSource::locate(arg.config.as_deref());
+        let startup = match daemon::prepare_startup(source, None, &overrides) {
+            Ok(startup) => startup,
+            Err(e) => {
+                report(&e);
+                return (EXIT_CONFIG, None);
+            }
         };
         // A missing binary is reported before anything starts.
-        if let Err(e) = &prepared.binary {
-            report(e);
-            return (EXIT_CONFIG, None);
+        if let daemon::Startup::Local(prepared) = &startup {
+            if let Err(e) = &prepared.binary {
+                report(e);
+                return (EXIT_CONFIG, None);
+            }
         }
         // From here on log lines go where `logging` decides; errors that
         // stop the start still go to stderr, after the lines before them.
-        let logs = logging::init(&prepared.config);
-        match daemon::run(prepared, signals, logs.bus.clone()).await {
+        let logs = logging::init(startup.config());
+        match daemon::run(startup, signals, logs.bus.clone()).await {
             Ok(()) => (EXIT_OK, Some(logs)),
             Err(e) => {
                 drop(logs);

@@ -58,8 +58,8 @@ pub struct Gateway {
     pub started: Instant,
     /// The models served by name, and the loaded ones' children and slots.
     pub fleet: Arc<Fleet>,
-    /// The primary model's fixed status, shown while it is not loaded.
-    pub primary_status: crate::status::StaticStatus,
+    /// What `/status` says of the local model, or that there is none.
+    pub primary_status: PrimaryStatus,
     pub api_key: Option<String>,
     /// Which hosts and web origins may call (`[server] allowed_hosts`,
     /// `allowed_origins`), applied by the outer layer.
@@ -83,6 +83,16 @@ pub struct Gateway {
     pub streams: StreamTasks,
     /// The daemon's log lines, for `GET /logs`.
     pub logs: crate::logbus::LogBus,
+}
+
+/// Whether the daemon runs a model of its own, with the fixed parts of
+/// its status.
+pub enum PrimaryStatus {
+    /// `[llama] model`'s status, shown while it is not loaded.
+    Local(crate::status::StaticStatus),
+    /// No `[llama] model`: no child, every model is an upstream's
+    /// ([`crate::status::StaticStatus::front_only`]).
+    FrontOnly(crate::status::StaticStatus),
 }
 
 /// A count of the stream tasks in flight.
@@ -240,17 +250,22 @@ impl Gateway {
     /// 200 when the primary model is ready (or nothing is loaded: models
     /// load on demand); else 503 with its state.
     fn health(&self) -> Response<Body> {
-        let state = self
-            .fleet
-            .primary()
-            .map_or(State::Ready, |engine| engine.supervisor.borrow().state);
+        let (state, what) = match self.primary_status {
+            PrimaryStatus::Local(_) => (
+                self.fleet
+                    .primary()
+                    .map_or(State::Ready, |engine| engine.supervisor.borrow().state),
+                "llama-server is",
+            ),
+            PrimaryStatus::FrontOnly(_) => (self.upstreams_state(), "no upstream is"),
+        };
         if state == State::Ready {
             json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
         } else {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable_error",
-                format!("llama-server is not ready ({})", state.as_str()),
+                format!("{what} not ready ({})", state.as_str()),
             )
             .retry_after("1")
             .into_response()
@@ -310,15 +325,46 @@ impl Gateway {
     /// every loaded model in short.
     pub fn status_document(&self) -> crate::status::Status {
         let uptime = self.started.elapsed().as_secs();
-        let mut status = match self.fleet.primary() {
-            Some(engine) => engine_status(&engine, uptime),
-            None => {
+        let mut status = match (&self.primary_status, self.fleet.primary()) {
+            (PrimaryStatus::Local(_), Some(engine)) => engine_status(&engine, uptime),
+            (PrimaryStatus::Local(primary), None) => {
                 let unloaded = crate::supervisor::SupervisorView::unloaded();
-                self.primary_status.snapshot(uptime, &unloaded, Vec::new())
+                primary.snapshot(uptime, &unloaded, Vec::new())
+            }
+            // No child: the state is the upstreams', the child fields empty.
+            (PrimaryStatus::FrontOnly(front), _) => {
+                let view = crate::supervisor::SupervisorView {
+                    state: self.upstreams_state(),
+                    ..crate::supervisor::SupervisorView::unloaded()
+                };
+                let mut status = front.snapshot(uptime, &view, Vec::new());
+                let engines = self.fleet.engines();
+                status.busy = engines.iter().map(|e| e.scheduler.busy()).sum();
+                status.queued = engines.iter().map(|e| e.scheduler.queued()).sum();
+                status
             }
         };
         status.models = self.fleet.ps();
         status
+    }
+
+    /// A front-only daemon's state: its upstreams'.
+    fn upstreams_state(&self) -> State {
+        backends_state(&self.fleet.engines())
+    }
+}
+
+/// The state of what several backends serve: ready while any is, else
+/// the first one's; unloaded when there are none.
+fn backends_state(backends: &[Arc<Engine>]) -> State {
+    let states: Vec<State> = backends
+        .iter()
+        .map(|e| e.supervisor.borrow().state)
+        .collect();
+    if states.contains(&State::Ready) {
+        State::Ready
+    } else {
+        states.first().copied().unwrap_or(State::Unloaded)
     }
 }
 

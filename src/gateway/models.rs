@@ -123,6 +123,11 @@ fn model_object(gateway: &Gateway, spec: &ModelSpec) -> Value {
         meta["context_length_per_slot"] = json!(status.plan.ctx_per_slot);
         meta["slots"] = json!(status.plan.slots);
         meta["size_bytes"] = json!(engine.footprint_bytes);
+    } else if matches!(gateway.primary_status, super::PrimaryStatus::FrontOnly(_)) {
+        // Nothing loads here: the model is as available as its upstreams.
+        let backends = gateway.fleet.backends(&spec.name);
+        meta["state"] = json!(super::backends_state(&backends).as_str());
+        meta["backends"] = json!(backends.iter().map(|e| e.backend()).collect::<Vec<_>>());
     }
     json!({
         "id": spec.name,

@@ -193,7 +193,8 @@ pub(super) struct Fallback {
 /// by prepare, and again by dispatch for each failover.
 pub(super) fn adopt(ticket: &mut Ticket, engine: EngineUse, mut prepared: Prepared) -> Prepared {
     let commits = std::mem::take(&mut prepared.commits);
-    let routed = ticket.gateway().fleet.backends(&engine.name).len() > 1;
+    // An upstream is named even when it is the model's only backend.
+    let routed = ticket.gateway().fleet.backends(&engine.name).len() > 1 || engine.remote.is_some();
     ticket.note(|facts| {
         facts.record.backend = routed.then(|| engine.backend().to_string());
         facts.engine = Some(engine);

@@ -205,7 +205,7 @@ async fn start_with(slots: usize, model_fallback: bool) -> Harness {
     let gateway = Arc::new(Gateway {
         started: std::time::Instant::now(),
         fleet,
-        primary_status: static_status(slots),
+        primary_status: super::PrimaryStatus::Local(static_status(slots)),
         api_key: None,
         guard: super::guard::Policy {
             allowed_hosts: vec![],

@@ -318,6 +318,13 @@ impl Fleet {
             if let Some(engine) = self.use_loaded(&spec.name, keep_alive) {
                 return Ok(engine);
             }
+            // A fleet that starts nothing (front only) serves a model from
+            // its upstreams; routing then picks among them.
+            if self.launcher.is_none() {
+                if let Some(upstream) = self.backends(&spec.name).first() {
+                    return Ok(upstream.use_now(keep_alive));
+                }
+            }
             let _changing = self.changing.lock().await;
             // Someone else's load of this model may have finished while we waited.
             if self.loaded(&spec.name).is_some() {

@@ -1,0 +1,252 @@
+//! Front only: no `[llama] model`, so no child; every request goes to the
+//! `[[upstream]]` backends (two plain llama-servers, real, on loopback).
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{free_port, http_get, http_post_json, real_parts, wait_for, Daemon, RealParts};
+use serde_json::{json, Value};
+
+/// A plain llama-server on `port`: one slot, a small context.
+struct PlainServer {
+    port: u16,
+    process: Child,
+}
+
+impl PlainServer {
+    fn start(parts: &RealParts) -> PlainServer {
+        let port = free_port();
+        let process = Command::new(&parts.llama_server)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .arg("--model")
+            .arg(&parts.model)
+            .args(["--parallel", "1", "--ctx-size", "1024", "--threads", "1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        PlainServer { port, process }
+    }
+}
+
+impl Drop for PlainServer {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// A configuration with no `[llama]` section at all, routing to
+/// `upstreams` (each a whole `[[upstream]]` table).
+fn front_config(listen: std::net::SocketAddr, upstreams: &[String]) -> String {
+    format!(
+        "[server]\nlisten = \"{listen}\"\n\n[log]\ndir = \"logs\"\n\n[cost]\nmeasure = false\n\n{}",
+        upstreams.join("\n")
+    )
+}
+
+fn upstream(url: &str, kind: &str, model: Option<&str>) -> String {
+    let model = model.map_or(String::new(), |m| format!("model = \"{m}\"\n"));
+    format!("[[upstream]]\nurl = \"{url}\"\nkind = \"{kind}\"\n{model}")
+}
+
+/// The commands of `pid`'s child processes (`comm`).
+fn children_of(pid: u32) -> Vec<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the daemon's /proc entry");
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|child| std::fs::read_to_string(format!("/proc/{child}/comm")).ok())
+        .map(|comm| comm.trim().to_string())
+        .collect()
+}
+
+#[test]
+fn routes_to_the_upstreams_with_no_child() {
+    let parts = real_parts();
+    let first = PlainServer::start(&parts);
+    let second = PlainServer::start(&parts);
+    let llama_url = format!("http://127.0.0.1:{}", first.port);
+    let openai_url = format!("http://127.0.0.1:{}/v1", second.port);
+    let upstreams = [
+        upstream(&llama_url, "llama-server", Some("smol")),
+        upstream(&openai_url, "openai", Some("smol")),
+    ];
+    let mut daemon = Daemon::start_with(|listen| front_config(listen, &upstreams), &[]);
+    wait_for(Duration::from_secs(120), "two ready upstreams", || {
+        if let Ok(Some(exit)) = daemon.process.try_wait() {
+            panic!("the daemon exited ({exit}): {}", daemon.output());
+        }
+        let (status, body) = http_get(daemon.listen, "/models/loaded").ok()?;
+        let loaded: Value = serde_json::from_str(&body).ok()?;
+        let ready = loaded["models"]
+            .as_array()?
+            .iter()
+            .filter(|m| m["state"] == "ready")
+            .count();
+        (status == 200 && ready == 2).then_some(())
+    });
+
+    let ask = |model: Option<&str>, i: usize| {
+        let mut body = json!({
+            "messages": [{"role": "user", "content": format!("Say hello ({i}).")}],
+            "max_tokens": 4,
+            "temperature": 0,
+        });
+        if let Some(model) = model {
+            body["model"] = json!(model);
+        }
+        http_post_json(daemon.listen, "/v1/chat/completions", &body).unwrap()
+    };
+    for i in 0..4 {
+        let (status, answer) = ask(Some("smol"), i);
+        assert_eq!(status, 200, "request {i}: {answer}");
+        assert!(answer["choices"][0]["message"].is_object(), "{answer}");
+    }
+    // Naming no model gets the first upstream model, as a primary would.
+    let (status, answer) = ask(None, 4);
+    assert_eq!(status, 200, "no model named: {answer}");
+    // A name nothing serves is the client's mistake, said the OpenAI way.
+    let (status, answer) = ask(Some("no-such-model"), 5);
+    assert_eq!(status, 404, "{answer}");
+    assert_eq!(answer["error"]["code"], "model_not_found", "{answer}");
+
+    let recent = wait_for(Duration::from_secs(10), "six recorded requests", || {
+        let (status, body) = http_get(daemon.listen, "/requests/recent?limit=100").ok()?;
+        let recent: Value = serde_json::from_str(&body).ok()?;
+        let records = recent["requests"].as_array()?.clone();
+        (status == 200 && records.len() == 6).then_some(records)
+    });
+    let served: Vec<&Value> = recent.iter().filter(|r| r["status_code"] == 200).collect();
+    assert_eq!(served.len(), 5, "{recent:?}");
+    for record in &served {
+        let backend = record["backend"].as_str();
+        assert!(
+            backend == Some(llama_url.as_str()) || backend == Some(openai_url.as_str()),
+            "a request went elsewhere than the upstreams: {record}"
+        );
+    }
+
+    let status = daemon.status().expect("GET /status answers");
+    assert_eq!(status["state"], "ready", "{status}");
+    assert!(status["child"]["pid"].is_null(), "{status}");
+    assert!(status["child"]["port"].is_null(), "{status}");
+    let models = status["models"].as_array().unwrap();
+    assert_eq!(models.len(), 2, "{status}");
+    assert!(
+        models.iter().all(|m| m["backend"] != "local"),
+        "a local backend in {status}"
+    );
+    // Nothing the daemon runs is a llama-server (a GPU sampler's short-lived
+    // helper may be).
+    let children = children_of(daemon.pid());
+    assert!(
+        !children.iter().any(|c| c.contains("llama")),
+        "the daemon started a llama-server: {children:?}"
+    );
+
+    let (code, body) = http_get(daemon.listen, "/v1/models").unwrap();
+    assert_eq!(code, 200, "{body}");
+    let listed: Value = serde_json::from_str(&body).unwrap();
+    let ids: Vec<&str> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["smol"], "{body}");
+    let smol = &listed["data"][0]["meta"];
+    assert_eq!(smol["state"], "ready", "{body}");
+    assert_eq!(smol["backends"], json!([llama_url, openai_url]), "{body}");
+
+    let (code, body) = http_get(daemon.listen, "/health").unwrap();
+    assert_eq!(code, 200, "{body}");
+
+    // `contextpilotd status` renders it without a child.
+    let out = daemon.command(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&llama_url) && text.contains(&openai_url),
+        "{text}"
+    );
+}
+
+#[test]
+fn an_upstream_without_a_model_is_a_config_error_with_no_local_model() {
+    let upstreams = [
+        upstream("http://127.0.0.1:9", "llama-server", Some("smol")),
+        upstream("http://127.0.0.1:10", "openai", None),
+    ];
+    let mut daemon = Daemon::start_with(|listen| front_config(listen, &upstreams), &[]);
+    let exit = daemon.wait_exit(Duration::from_secs(30));
+    let stderr = daemon.stderr();
+    assert_eq!(exit.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("upstream.model"), "{stderr}");
+    assert!(
+        stderr.contains(&daemon.config.display().to_string()),
+        "the file is not named: {stderr}"
+    );
+    assert!(stderr.contains("http://127.0.0.1:10"), "{stderr}");
+
+    // No upstream and no model: still the missing `[llama] model`.
+    let mut daemon = Daemon::start_with(|listen| front_config(listen, &[]), &[]);
+    let exit = daemon.wait_exit(Duration::from_secs(30));
+    let stderr = daemon.stderr();
+    assert_eq!(exit.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("llama.model"), "{stderr}");
+    assert!(!stderr.contains("upstream.model"), "{stderr}");
+}
+
+#[test]
+fn doctor_says_there_is_no_local_model_and_lists_the_upstreams() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let url = "http://127.0.0.1:9/v1";
+    std::fs::write(
+        &config,
+        front_config(listen, &[upstream(url, "openai", Some("smol"))]),
+    )
+    .unwrap();
+    let doctor = |args: &[&str]| {
+        Command::new(common::BIN)
+            .arg("doctor")
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .env("XDG_RUNTIME_DIR", dir.path())
+            .output()
+            .unwrap()
+    };
+    let out = doctor(&[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("no [llama] model"), "{text}");
+    assert!(text.contains(url) && text.contains("smol"), "{text}");
+
+    let out = doctor(&["--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("doctor --json is JSON");
+    assert_eq!(doc["front_only"], true, "{doc}");
+    assert!(doc["model"].is_null(), "{doc}");
+    assert_eq!(doc["upstreams"][0]["url"], url, "{doc}");
+    assert_eq!(doc["problems"], json!([]), "{doc}");
+}
