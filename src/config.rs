@@ -43,8 +43,9 @@ pub struct UpstreamConfig {
     /// divided by it).
     #[serde(default = "one")]
     pub weight: f64,
-    /// Requests it runs at once; a llama-server's own slot count is read
-    /// from its `/props` when absent.
+    /// Requests it runs at once. Absent: a llama-server's `/props`
+    /// `total_slots` (the upstream joins once it answers), another
+    /// contextpilotd's `/status`, 8 for an `openai` server.
     pub slots: Option<u32>,
     /// The model name it serves (default: the name `[llama] model` is
     /// served under; required when there is no `[llama] model`).

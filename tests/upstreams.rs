@@ -317,3 +317,27 @@ fn without_the_ram_cache_cache_aware_routing_serves_twice_the_cached_tokens() {
         robin.reused
     );
 }
+
+/// An upstream llama-server whose slots the configuration does not give
+/// is modelled with the slots its `/props` reports (it joins once it
+/// answers), not one: requests would queue in the daemon for one slot
+/// while the others idle.
+#[test]
+fn an_upstreams_slots_come_from_its_props() {
+    let parts = real_parts();
+    let plain = PlainServer::start_with(&parts, &["--parallel", "3", "--ctx-size", "1536"]);
+    let url = format!("http://127.0.0.1:{}", plain.port);
+    let extra = format!("[[upstream]]\nurl = \"{url}\"\nkind = \"llama-server\"\n");
+    let mut daemon = Daemon::start(&parts, &extra);
+    daemon.wait_ready();
+    let slots = wait_for(Duration::from_secs(120), "the upstream to join", || {
+        let (_, body) = http_get(daemon.listen, "/models/loaded").ok()?;
+        let loaded: Value = serde_json::from_str(&body).ok()?;
+        loaded["models"]
+            .as_array()?
+            .iter()
+            .find(|m| m["backend"] == url.as_str() && m["state"] == "ready")
+            .and_then(|m| m["slots"].as_u64())
+    });
+    assert_eq!(slots, 3);
+}

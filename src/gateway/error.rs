@@ -151,6 +151,12 @@ impl From<FleetError> for ApiError {
             FleetError::Unloadable { .. } => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
             }
+            FleetError::NoUpstreamYet { .. } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable_error",
+                message,
+            )
+            .retry_after("2"),
             FleetError::Stopping => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable_error",

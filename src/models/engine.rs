@@ -450,6 +450,9 @@ pub struct Remote {
     pub auth: Option<String>,
     pub kind: crate::config::UpstreamKind,
     pub weight: f64,
+    /// Its place among the `[[upstream]]` entries: backends are listed in
+    /// the configuration's order whatever order they joined in.
+    pub position: usize,
     /// Tells the prober's view it failed a request (so routing leaves it
     /// out until a probe succeeds again).
     pub down: watch::Sender<SupervisorView>,

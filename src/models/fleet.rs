@@ -60,6 +60,9 @@ pub enum FleetError {
     },
     /// Its file could not be read or planned.
     Unloadable { name: String, why: String },
+    /// The daemon runs no model itself (front only) and no upstream
+    /// serving this one has joined yet.
+    NoUpstreamYet { name: String },
     /// The daemon is shutting down.
     Stopping,
 }
@@ -83,6 +86,10 @@ impl std::fmt::Display for FleetError {
                 busy.join(", ")
             ),
             FleetError::Unloadable { name, why } => write!(f, "the model {name:?} cannot be loaded: {why}"),
+            FleetError::NoUpstreamYet { name } => write!(
+                f,
+                "no upstream serving {name:?} has answered yet: this daemon runs no model itself (an upstream joins once it answers)"
+            ),
             FleetError::Stopping => f.write_str("the daemon is shutting down"),
         }
     }
@@ -188,9 +195,16 @@ impl Fleet {
     }
 
     /// An `[[upstream]]`'s engine: served under its model's name next to
-    /// the local one, never unloaded (it uses no memory here).
+    /// the local one, never unloaded (it uses no memory here). Upstreams
+    /// keep the configuration's order, whenever each joins.
     pub fn add_upstream(&self, engine: Arc<Engine>) {
-        lock(&self.engines).push(engine);
+        let position = engine.remote.as_ref().map_or(usize::MAX, |r| r.position);
+        let mut engines = lock(&self.engines);
+        let at = engines
+            .iter()
+            .position(|e| e.remote.as_ref().is_some_and(|r| r.position > position))
+            .unwrap_or(engines.len());
+        engines.insert(at, engine);
     }
 
     /// What engines report their idleness to.
@@ -388,9 +402,8 @@ impl Fleet {
     /// Called with `changing` held.
     async fn load_locked(&self, spec: &ModelSpec) -> Result<(), FleetError> {
         let Some(launcher) = &self.launcher else {
-            return Err(FleetError::Unloadable {
+            return Err(FleetError::NoUpstreamYet {
                 name: spec.name.clone(),
-                why: "this daemon cannot start models".into(),
             });
         };
         if self.stopping.load(Ordering::Acquire) {

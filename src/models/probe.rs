@@ -66,6 +66,57 @@ pub fn interpret(kind: UpstreamKind, status: u16, body: &[u8]) -> Health {
     Health::Down(why)
 }
 
+/// Slots when the configuration gives none, for a kind that says: a
+/// llama-server's `/props` `total_slots`, another contextpilotd's `/status`
+/// (its admission, `plan.concurrency`). `None` for other kinds.
+pub fn slots_path(kind: UpstreamKind) -> Option<&'static str> {
+    match kind {
+        UpstreamKind::LlamaServer => Some("/props"),
+        UpstreamKind::Contextpilotd => Some("/status"),
+        UpstreamKind::Openai => None,
+    }
+}
+
+/// What an answer to [`slots_path`] says. Pure, tested on samples.
+pub fn slots_in(kind: UpstreamKind, body: &[u8]) -> Option<u32> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let slots = match kind {
+        UpstreamKind::LlamaServer => value["total_slots"].as_u64(),
+        UpstreamKind::Contextpilotd => value["plan"]["concurrency"]
+            .as_u64()
+            .or(value["plan"]["slots"].as_u64()),
+        UpstreamKind::Openai => None,
+    }?;
+    u32::try_from(slots).ok().filter(|&n| n > 0)
+}
+
+/// Asks an upstream how many slots it has, every [`PROBE_EVERY`] until it
+/// answers (a llama-server loading its model does not), or `stop` is told.
+pub async fn wait_for_slots(
+    base: &str,
+    auth: Option<&str>,
+    kind: UpstreamKind,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<u32> {
+    let path = slots_path(kind)?;
+    let client = HttpClient::new();
+    let url = format!("{base}{path}");
+    let headers: Vec<(&str, &str)> = auth.map(|a| vec![("authorization", a)]).unwrap_or_default();
+    loop {
+        if let Ok((status, body)) = client.get_with_headers(&url, &headers, PROBE_TIMEOUT).await {
+            if status.as_u16() == 200 {
+                if let Some(slots) = slots_in(kind, &body) {
+                    return Some(slots);
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(PROBE_EVERY) => {}
+            _ = stop.changed() => return None,
+        }
+    }
+}
+
 /// The base URL requests go to: the configured one without a trailing
 /// `/` or `/v1` (request paths start with `/v1/…` or `/…`).
 pub fn base_of(url: &str) -> String {
@@ -171,6 +222,21 @@ mod tests {
             panic!("502 is down");
         };
         assert!(why.starts_with("HTTP 502: <html>"), "{why}");
+    }
+
+    #[test]
+    fn slots_come_from_props_or_status() {
+        let props = br#"{"total_slots":4,"model_path":"/m.gguf","default_generation_settings":{"n_ctx":8192}}"#;
+        assert_eq!(slots_in(UpstreamKind::LlamaServer, props), Some(4));
+        assert_eq!(
+            slots_in(UpstreamKind::LlamaServer, br#"{"total_slots":0}"#),
+            None
+        );
+        assert_eq!(slots_in(UpstreamKind::LlamaServer, b"Loading model"), None);
+        let status = br#"{"state":"ready","plan":{"slots":16,"concurrency":8}}"#;
+        assert_eq!(slots_in(UpstreamKind::Contextpilotd, status), Some(8));
+        assert_eq!(slots_in(UpstreamKind::Openai, props), None);
+        assert_eq!(slots_path(UpstreamKind::Openai), None);
     }
 
     #[test]
