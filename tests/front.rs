@@ -3,41 +3,11 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{free_port, http_get, http_post_json, real_parts, wait_for, Daemon, RealParts};
+use common::{free_port, http_get, http_post_json, real_parts, wait_for, Daemon, PlainServer};
 use serde_json::{json, Value};
-
-/// A plain llama-server on `port`: one slot, a small context.
-struct PlainServer {
-    port: u16,
-    process: Child,
-}
-
-impl PlainServer {
-    fn start(parts: &RealParts) -> PlainServer {
-        let port = free_port();
-        let process = Command::new(&parts.llama_server)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .arg("--model")
-            .arg(&parts.model)
-            .args(["--parallel", "1", "--ctx-size", "1024", "--threads", "1"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        PlainServer { port, process }
-    }
-}
-
-impl Drop for PlainServer {
-    fn drop(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
-    }
-}
 
 /// A configuration with no `[llama]` section at all, routing to
 /// `upstreams` (each a whole `[[upstream]]` table).

@@ -16,26 +16,11 @@ use serde_json::{json, Value};
 const MIB: u64 = 1 << 20;
 
 fn gemma() -> PathBuf {
-    if let Some(path) = std::env::var_os("CONTEXTPILOTD_TEST_GEMMA_MODEL") {
-        return PathBuf::from(path);
-    }
-    let out = Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/provision.sh"))
-        .arg("paths")
-        .output()
-        .expect("run scripts/provision.sh paths");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let path = text
-        .lines()
-        .find_map(|l| l.strip_prefix("GEMMA_MODEL="))
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    assert!(
-        path.is_file(),
-        "the Gemma model ({}) is missing: run `make test`, which provisions it",
-        path.display()
-    );
-    path
+    common::provisioned(
+        "CONTEXTPILOTD_TEST_GEMMA_MODEL",
+        "GEMMA_MODEL",
+        "the Gemma model",
+    )
 }
 
 /// SmolLM2 served as "smol" and loaded at start, Gemma as "gemma".

@@ -13,29 +13,13 @@ use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_contextpilotd");
 
-/// The provisioned `ggml-rpc-server`: `make test` passes it in the
-/// environment; otherwise it is looked up in the provisioning cache.
+/// The provisioned `ggml-rpc-server`.
 fn rpc_server_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("CONTEXTPILOTD_TEST_RPC_SERVER") {
-        return PathBuf::from(path);
-    }
-    let out = Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/provision.sh"))
-        .arg("paths")
-        .output()
-        .expect("run scripts/provision.sh paths");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let path = text
-        .lines()
-        .find_map(|l| l.strip_prefix("RPC_SERVER="))
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    assert!(
-        path.is_file(),
-        "ggml-rpc-server ({}) is missing: run `make test`, which provisions it",
-        path.display()
-    );
-    path
+    common::provisioned(
+        "CONTEXTPILOTD_TEST_RPC_SERVER",
+        "RPC_SERVER",
+        "ggml-rpc-server",
+    )
 }
 
 /// A worker on loopback, one CPU thread.

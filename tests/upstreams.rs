@@ -5,46 +5,10 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{free_port, http_get, http_post_json, real_parts, wait_for, Daemon, RealParts};
+use common::{http_get, http_post_json, real_parts, wait_for, Daemon, PlainServer, RealParts};
 use serde_json::{json, Value};
-
-/// A plain llama-server on `port`: one slot, a small context.
-struct PlainServer {
-    port: u16,
-    process: Child,
-}
-
-impl PlainServer {
-    fn start(parts: &RealParts) -> PlainServer {
-        PlainServer::start_with(parts, &[])
-    }
-
-    fn start_with(parts: &RealParts, args: &[&str]) -> PlainServer {
-        let port = free_port();
-        let process = Command::new(&parts.llama_server)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .arg("--model")
-            .arg(&parts.model)
-            .args(["--parallel", "1", "--ctx-size", "1024", "--threads", "1"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        PlainServer { port, process }
-    }
-}
-
-impl Drop for PlainServer {
-    fn drop(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
-    }
-}
 
 /// Every backend is up once the probes say so.
 fn wait_for_three_ready_backends(daemon: &Daemon) {

@@ -425,3 +425,65 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// A provisioned file: from `env` when set (`make test` sets it), else the
+/// `key=` line of `scripts/provision.sh paths`; `what` names it when it is
+/// missing.
+pub fn provisioned(env: &str, key: &str, what: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env) {
+        return PathBuf::from(path);
+    }
+    let out = Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/provision.sh"))
+        .arg("paths")
+        .output()
+        .expect("run scripts/provision.sh paths");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let path = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    assert!(
+        path.is_file(),
+        "{what} ({}) is missing: run `make test`, which provisions it",
+        path.display()
+    );
+    path
+}
+
+/// A plain llama-server on a free loopback port, killed when dropped: one
+/// slot and a small context, then `args` (a later flag wins).
+pub struct PlainServer {
+    pub port: u16,
+    pub process: Child,
+}
+
+impl PlainServer {
+    pub fn start(parts: &RealParts) -> PlainServer {
+        PlainServer::start_with(parts, &[])
+    }
+
+    pub fn start_with(parts: &RealParts, args: &[&str]) -> PlainServer {
+        let port = free_port();
+        let process = Command::new(&parts.llama_server)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .arg("--model")
+            .arg(&parts.model)
+            .args(["--parallel", "1", "--ctx-size", "1024", "--threads", "1"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        PlainServer { port, process }
+    }
+}
+
+impl Drop for PlainServer {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
