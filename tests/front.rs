@@ -139,6 +139,24 @@ fn routes_to_the_upstreams_with_no_child() {
     let (code, body) = http_get(daemon.listen, "/health").unwrap();
     assert_eq!(code, 200, "{body}");
 
+    // No child is up; every request is counted on the upstream it went to.
+    let (code, metrics) = http_get(daemon.listen, "/metrics").unwrap();
+    assert_eq!(code, 200, "{metrics}");
+    assert!(
+        metrics.lines().any(|l| l == "contextpilotd_child_up 0"),
+        "{metrics}"
+    );
+    let counted: u64 = [&llama_url, &openai_url]
+        .iter()
+        .filter_map(|url| {
+            let prefix = format!("contextpilotd_backend_requests_total{{backend=\"{url}\"}} ");
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&prefix)?.parse::<u64>().ok())
+        })
+        .sum();
+    assert_eq!(counted, 5, "{metrics}");
+
     // `contextpilotd status` renders it without a child.
     let out = daemon.command(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -219,4 +237,53 @@ fn doctor_says_there_is_no_local_model_and_lists_the_upstreams() {
     assert!(doc["model"].is_null(), "{doc}");
     assert_eq!(doc["upstreams"][0]["url"], url, "{doc}");
     assert_eq!(doc["problems"], json!([]), "{doc}");
+}
+
+/// With its upstreams down, a front-only daemon answers 503 with
+/// Retry-After, naming what it waits for: an upstream that has not said
+/// how many slots it has has not joined yet; one that has joined is not
+/// ready.
+#[test]
+fn with_its_upstreams_down_the_front_says_what_it_waits_for() {
+    let closed = free_port();
+    let with = |kind: &str, url: &str| {
+        let upstreams = [upstream(url, kind, Some("smol"))];
+        Daemon::start_with(
+            |listen| {
+                front_config(listen, &upstreams).replacen(
+                    "[log]",
+                    "queue_timeout_s = 1\n\n[log]",
+                    1,
+                )
+            },
+            &[],
+        )
+    };
+    let ask = |daemon: &Daemon| {
+        let body = json!({
+            "model": "smol",
+            "messages": [{"role": "user", "content": "Hello?"}],
+            "max_tokens": 4,
+        });
+        wait_for(Duration::from_secs(30), "the daemon to answer", || {
+            http_post_json(daemon.listen, "/v1/chat/completions", &body).ok()
+        })
+    };
+    // A llama-server joins once its /props answers: this one never does.
+    let daemon = with("llama-server", &format!("http://127.0.0.1:{closed}"));
+    let (status, answer) = ask(&daemon);
+    assert_eq!(status, 503, "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("no upstream serving"), "{answer}");
+    drop(daemon);
+    // An openai-kind upstream joins at once, and is not ready.
+    let url = format!("http://127.0.0.1:{closed}/v1");
+    let daemon = with("openai", &url);
+    let (status, answer) = ask(&daemon);
+    assert_eq!(status, 503, "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!("the upstream {url} is not ready")),
+        "{answer}"
+    );
 }

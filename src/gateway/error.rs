@@ -55,13 +55,18 @@ impl ApiError {
         )
     }
 
-    /// The child did not become ready within `waited` (503).
-    pub fn not_ready(state: State, waited: Duration) -> ApiError {
+    /// The backend (the child, or the upstream `upstream` names) did not
+    /// become ready within `waited` (503).
+    pub fn not_ready(upstream: Option<&str>, state: State, waited: Duration) -> ApiError {
+        let what = match upstream {
+            None => "llama-server".to_string(),
+            Some(url) => format!("the upstream {url}"),
+        };
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable_error",
             format!(
-                "llama-server is not ready ({}) after {}s; try again",
+                "{what} is not ready ({}) after {}s; try again",
                 state.as_str(),
                 waited.as_secs()
             ),
@@ -71,11 +76,15 @@ impl ApiError {
 
     /// The child failed every attempt, before anything reached the client
     /// (502).
-    pub fn failed_every_attempt(why: &str) -> ApiError {
+    pub fn failed_every_attempt(upstream: Option<&str>, why: &str) -> ApiError {
+        let what = match upstream {
+            None => "llama-server".to_string(),
+            Some(url) => format!("the upstream {url}"),
+        };
         ApiError::new(
             StatusCode::BAD_GATEWAY,
             "server_error",
-            format!("llama-server failed the request on every attempt ({why}); see contextpilotd status"),
+            format!("{what} failed the request on every attempt ({why}); see contextpilotd status"),
         )
         .retry_after("5")
     }

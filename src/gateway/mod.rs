@@ -275,13 +275,20 @@ impl Gateway {
     async fn metrics(&self) -> Response<Body> {
         let engines = self.fleet.engines();
         let gauges = Gauges {
+            // Children only: an upstream is no child of ours (front only:
+            // none is up), and its outages are not restarts.
             child_up: self
                 .fleet
                 .primary()
+                .filter(|e| e.remote.is_none())
                 .is_some_and(|e| e.supervisor.borrow().state == State::Ready),
             slots_busy: engines.iter().map(|e| e.scheduler.busy()).sum(),
             queue_depth: engines.iter().map(|e| e.scheduler.queued()).sum(),
-            child_restarts: engines.iter().map(|e| e.supervisor.borrow().restarts).sum(),
+            child_restarts: engines
+                .iter()
+                .filter(|e| e.remote.is_none())
+                .map(|e| e.supervisor.borrow().restarts)
+                .sum(),
         };
         match self.meter.metrics(gauges).await {
             Some(text) => {

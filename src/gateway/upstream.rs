@@ -132,7 +132,10 @@ pub(super) async fn wait_ready(
         let state = view.borrow().state;
         match tokio::time::timeout_at(deadline.into(), view.changed()).await {
             Ok(Ok(())) => continue,
-            _ => return Err(ApiError::not_ready(state, queue_timeout)),
+            _ => {
+                let upstream = engine.remote.as_ref().map(|r| r.url.as_str());
+                return Err(ApiError::not_ready(upstream, state, queue_timeout));
+            }
         }
     }
 }
