@@ -305,3 +305,74 @@ fn an_upstreams_slots_come_from_its_props() {
     });
     assert_eq!(slots, 3);
 }
+
+/// A backend killed while requests are in flight on it loses none of them:
+/// an answer that had not begun to reach its client (a whole, unstreamed
+/// one) is asked again on another backend.
+#[test]
+fn a_backend_killed_mid_request_loses_no_unstreamed_request() {
+    let parts = real_parts();
+    let mut first = PlainServer::start(&parts);
+    let second = PlainServer::start(&parts);
+    let dead = format!("http://127.0.0.1:{}", first.port);
+    let extra = format!(
+        "[routing]\npolicy = \"round-robin\"\n\n\
+         [[upstream]]\nurl = \"{dead}\"\nkind = \"llama-server\"\n\n\
+         [[upstream]]\nurl = \"http://127.0.0.1:{}\"\nkind = \"llama-server\"\n",
+        second.port
+    );
+    let mut daemon = Daemon::start(&parts, &extra);
+    daemon.wait_ready();
+    wait_for_three_ready_backends(&daemon);
+    let listen = daemon.listen;
+    // Six requests at once, long enough answers that the kill finds one
+    // of them on the doomed backend.
+    let requests: Vec<_> = (0..6)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let body = json!({
+                    "messages": [{"role": "user", "content": format!("Write a long story about ship {i}.")}],
+                    "max_tokens": 96,
+                    "temperature": 0,
+                });
+                http_post_json(listen, "/v1/chat/completions", &body).unwrap()
+            })
+        })
+        .collect();
+    wait_for(
+        Duration::from_secs(60),
+        "a request in flight on the backend to kill",
+        || {
+            let (_, body) = http_get(listen, "/models/loaded").ok()?;
+            let loaded: Value = serde_json::from_str(&body).ok()?;
+            loaded["models"]
+                .as_array()?
+                .iter()
+                .any(|m| m["backend"] == dead.as_str() && m["busy"].as_u64() > Some(0))
+                .then_some(())
+        },
+    );
+    let _ = first.process.kill();
+    let _ = first.process.wait();
+    for (i, request) in requests.into_iter().enumerate() {
+        let (status, answer) = request.join().unwrap();
+        assert_eq!(status, 200, "request {i}: {answer}");
+        assert!(
+            answer["choices"][0]["message"]["content"].is_string(),
+            "{answer}"
+        );
+    }
+    let records = wait_for(Duration::from_secs(10), "six records", || {
+        let (_, body) = http_get(listen, "/requests/recent?limit=100").ok()?;
+        let recent: Value = serde_json::from_str(&body).ok()?;
+        let records = recent["requests"].as_array()?.clone();
+        (records.len() == 6).then_some(records)
+    });
+    // The one cut off on the dead backend was answered elsewhere.
+    assert!(
+        records
+            .iter()
+            .any(|r| r["retried"] == true && r["backend"].as_str() != Some(dead.as_str())),
+        "no request failed over: {records:?}"
+    );
+}
