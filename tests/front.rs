@@ -287,3 +287,57 @@ fn with_its_upstreams_down_the_front_says_what_it_waits_for() {
         "{answer}"
     );
 }
+
+/// Another contextpilotd as the upstream (`kind = "contextpilotd"`): the
+/// front learns its slots from its `/status`, forwards the model's
+/// requests to it, and meters them from the timings it passes on.
+#[test]
+fn another_contextpilotd_serves_as_an_upstream() {
+    let parts = real_parts();
+    let mut inner = Daemon::start(&parts, "");
+    inner.wait_ready();
+    let (_, body) = http_get(inner.listen, "/v1/models").unwrap();
+    let listed: Value = serde_json::from_str(&body).unwrap();
+    let name = listed["data"][0]["id"].as_str().unwrap().to_string();
+    let url = format!("http://{}", inner.listen);
+    let upstreams = [upstream(&url, "contextpilotd", Some(&name))];
+    let front = Daemon::start_with(|listen| front_config(listen, &upstreams), &[]);
+    let slots = wait_for(Duration::from_secs(60), "the inner daemon to join", || {
+        let (_, body) = http_get(front.listen, "/models/loaded").ok()?;
+        let loaded: Value = serde_json::from_str(&body).ok()?;
+        loaded["models"]
+            .as_array()?
+            .iter()
+            .find(|m| m["backend"] == url.as_str() && m["state"] == "ready")
+            .and_then(|m| m["slots"].as_u64())
+    });
+    // The test configuration's one slot, as the inner daemon's /status says.
+    assert_eq!(slots, 1);
+    for i in 0..2 {
+        let body = json!({
+            "model": name,
+            "messages": [{"role": "user", "content": format!("Say hello ({i}).")}],
+            "max_tokens": 4,
+            "temperature": 0,
+        });
+        let (status, answer) = http_post_json(front.listen, "/v1/chat/completions", &body).unwrap();
+        assert_eq!(status, 200, "{answer}");
+    }
+    let recorded = |daemon: &Daemon| {
+        wait_for(Duration::from_secs(10), "two records", || {
+            let (_, body) = http_get(daemon.listen, "/requests/recent?limit=10").ok()?;
+            let recent: Value = serde_json::from_str(&body).ok()?;
+            let records = recent["requests"].as_array()?.clone();
+            (records.len() == 2).then_some(records)
+        })
+    };
+    for record in recorded(&front) {
+        assert_eq!(record["backend"], url.as_str(), "{record}");
+        assert!(
+            record["cache_reuse"]["total_prompt_tokens"].as_u64() > Some(0),
+            "not metered: {record}"
+        );
+    }
+    // The inner daemon answered both itself.
+    assert!(recorded(&inner).iter().all(|r| r["status_code"] == 200));
+}
