@@ -171,7 +171,11 @@ pub fn prepare_with(
         Startup::FrontOnly(front) => Err(ConfigError::new(
             front.source.path(),
             Some("llama.model"),
-            no_model_message(&front.source),
+            format!(
+                "this configuration has {} and no [llama] model, so `run` serves as a front for them with no llama-server of its own; this command needs a local model: {}",
+                crate::plan::counted(front.config.upstream.len() as u64, "[[upstream]]"),
+                no_model_message(&front.source)
+            ),
         )),
     }
 }

@@ -237,6 +237,19 @@ fn doctor_says_there_is_no_local_model_and_lists_the_upstreams() {
     assert!(doc["model"].is_null(), "{doc}");
     assert_eq!(doc["upstreams"][0]["url"], url, "{doc}");
     assert_eq!(doc["problems"], json!([]), "{doc}");
+
+    // A command that needs a local model says why there is none.
+    let out = Command::new(common::BIN)
+        .args(["print-command", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("llama.model") && said.contains("serves as a front"),
+        "{said}"
+    );
 }
 
 /// With its upstreams down, a front-only daemon answers 503 with
