@@ -333,6 +333,9 @@ fn a_backend_killed_mid_request_loses_no_unstreamed_request() {
                 let body = json!({
                     "messages": [{"role": "user", "content": format!("Write a long story about ship {i}.")}],
                     "max_tokens": 96,
+                    // The whole 96 tokens: an early end of turn could
+                    // finish the request before the kill.
+                    "ignore_eos": true,
                     "temperature": 0,
                 });
                 http_post_json(listen, "/v1/chat/completions", &body).unwrap()
