@@ -796,45 +796,45 @@ fn fleet(prepared: &Prepared, binary: PathBuf, watchdog: Option<Watchdog>) -> Fl
 }
 
 /// Every `[[upstream]]` as an engine of the model it serves, with its
-/// prober. Its number stands in for a child's pid (counting down from
-/// `u32::MAX`, so it is never a real pid's). An upstream whose slots the
+/// prober ([`add_upstream`]). An upstream whose slots the
 /// configuration does not give joins once it says how many it has (a
 /// llama-server's `/props`, which answers only once its model is loaded):
 /// the daemon's slot table for it must have as many, or requests queue
 /// in the daemon for one slot while the others idle.
 fn start_upstreams(fleet: &Arc<Fleet>, config: &Config, stop: tokio::sync::watch::Receiver<bool>) {
+    use crate::models::engine::Remote;
     use crate::models::probe;
     let primary = fleet.resolve(None).map(|s| s.name).unwrap_or_default();
-    for (i, upstream) in config.upstream.iter().enumerate() {
-        let number = u32::MAX - i as u32;
+    for (position, upstream) in config.upstream.iter().enumerate() {
         let name = upstream.model.clone().unwrap_or_else(|| primary.clone());
+        let (view, seen) =
+            tokio::sync::watch::channel(crate::supervisor::SupervisorView::unloaded());
+        let remote = Remote {
+            url: upstream.url.clone(),
+            base: probe::base_of(&upstream.url),
+            auth: upstream.api_key.as_ref().map(|k| format!("Bearer {k}")),
+            kind: upstream.kind,
+            weight: upstream.weight,
+            position,
+            down: view,
+        };
+        let configured = upstream.slots;
         let fleet = fleet.clone();
-        let upstream = upstream.clone();
         let max_queue = config.server.max_queue;
         let mut stop = stop.clone();
         tokio::spawn(async move {
-            let auth = upstream.api_key.as_ref().map(|k| format!("Bearer {k}"));
-            let base = probe::base_of(&upstream.url);
-            let slots = match upstream.slots {
-                Some(slots) => slots,
-                None => match probe::slots_path(upstream.kind) {
-                    None => OPENAI_UPSTREAM_SLOTS,
-                    Some(_) => {
-                        match probe::wait_for_slots(
-                            &base,
-                            auth.as_deref(),
-                            upstream.kind,
-                            &mut stop,
-                        )
-                        .await
-                        {
-                            Some(slots) => slots,
-                            None => return, // stopping
-                        }
+            let slots = match (configured, probe::slots_path(remote.kind)) {
+                (Some(slots), _) => slots,
+                (None, None) => OPENAI_UPSTREAM_SLOTS,
+                (None, Some(_)) => {
+                    let auth = remote.auth.as_deref();
+                    match probe::wait_for_slots(&remote.base, auth, remote.kind, &mut stop).await {
+                        Some(slots) => slots,
+                        None => return, // stopping
                     }
-                },
+                }
             };
-            add_upstream(&fleet, &upstream, &name, number, slots, max_queue, stop);
+            add_upstream(&fleet, remote, seen, &name, slots, max_queue, stop);
         });
     }
 }
@@ -844,44 +844,36 @@ fn start_upstreams(fleet: &Arc<Fleet>, config: &Config, stop: tokio::sync::watch
 /// do not say how many.
 const OPENAI_UPSTREAM_SLOTS: u32 = 8;
 
-/// One upstream's engine and prober, added to the fleet.
+/// One upstream's engine, added to the fleet, and its prober. Its number
+/// stands in for a child's pid: counting down from `u32::MAX` by its
+/// position, so it is never a real pid's.
 fn add_upstream(
     fleet: &Arc<Fleet>,
-    upstream: &crate::config::UpstreamConfig,
+    remote: crate::models::engine::Remote,
+    seen: tokio::sync::watch::Receiver<crate::supervisor::SupervisorView>,
     name: &str,
-    number: u32,
     slots: u32,
     max_queue: usize,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    use crate::models::engine::{Engine, Remote};
+    use crate::models::engine::Engine;
     use crate::models::probe;
-    let base = probe::base_of(&upstream.url);
-    let auth = upstream.api_key.as_ref().map(|k| format!("Bearer {k}"));
-    let (view, seen) = tokio::sync::watch::channel(crate::supervisor::SupervisorView::unloaded());
+    let number = u32::MAX - remote.position as u32;
     tokio::spawn(probe::run(
-        base.clone(),
-        auth.clone(),
-        upstream.kind,
+        remote.base.clone(),
+        remote.auth.clone(),
+        remote.kind,
         number,
-        view.clone(),
+        remote.down.clone(),
         stop,
     ));
-    let remote = Remote {
-        url: upstream.url.clone(),
-        base,
-        auth,
-        kind: upstream.kind,
-        weight: upstream.weight,
-        position: (u32::MAX - number) as usize,
-        down: view,
-    };
     // The same model as the child's: its speed until measured there.
     let cost = fleet
         .primary()
         .filter(|engine| engine.remote.is_none())
         .map(|local| local.scheduler.cost().profile().as_ref().clone())
         .unwrap_or_else(|| crate::cost::CostProfile::unmeasured(10.0, 1.0, 10.0));
+    tracing::info!(upstream = %remote.url, model = %name, slots, "routing to an upstream");
     let engine = Engine::upstream(
         name,
         remote,
@@ -891,7 +883,6 @@ fn add_upstream(
         seen,
         fleet.idle_signal(),
     );
-    tracing::info!(upstream = %upstream.url, model = %name, slots, "routing to an upstream");
     fleet.add_upstream(Arc::new(engine));
 }
 

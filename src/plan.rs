@@ -738,8 +738,14 @@ fn rpc_plan(
             .map(|w| w.facts.as_ref())
     };
     let mut remote_free_bytes = 0;
+    let unknown = |device: &str| LayerShare {
+        device: device.to_string(),
+        free_bytes: None,
+        total_bytes: None,
+        layers: 0,
+    };
     // llama.cpp's device order: RPC devices first, then the local GPUs.
-    let mut devices: Vec<(String, Option<u64>, Option<u64>)> = Vec::new();
+    let mut split = Vec::new();
     for endpoint in &cfg.rpc_workers {
         match facts(endpoint) {
             Some(Ok(worker)) => {
@@ -748,38 +754,33 @@ fn rpc_plan(
                 if !on_this_machine {
                     remote_free_bytes += worker.free_bytes();
                 }
-                devices.push((
-                    endpoint.clone(),
-                    Some(worker.free_bytes()),
-                    Some(worker.total_bytes()),
-                ));
+                split.push(LayerShare {
+                    free_bytes: Some(worker.free_bytes()),
+                    total_bytes: Some(worker.total_bytes()),
+                    ..unknown(endpoint)
+                });
             }
             Some(Err(why)) => {
                 warnings.push(format!(
                     "RPC worker {endpoint} did not answer: {why}; llama-server cannot start until it does"
                 ));
-                devices.push((endpoint.clone(), None, None));
+                split.push(unknown(endpoint));
             }
-            None => devices.push((endpoint.clone(), None, None)),
+            None => split.push(unknown(endpoint)),
         }
     }
     if hw.accelerator != Accelerator::Cpu {
-        devices.push(("this machine".to_string(), Some(local_usable_bytes), None));
+        split.push(LayerShare {
+            free_bytes: Some(local_usable_bytes),
+            ..unknown("this machine")
+        });
     }
     // Layers offloaded: the blocks and the output layer, at most -ngl.
     let offloaded = (model.block_count + 1).min(u64::from(cfg.gpu_layers)) as u32;
-    let weights: Vec<u64> = devices.iter().map(|d| d.1.unwrap_or(0)).collect();
-    let layers = split_layers(offloaded, &weights);
-    let split: Vec<LayerShare> = devices
-        .into_iter()
-        .zip(layers)
-        .map(|((device, free, total), layers)| LayerShare {
-            device,
-            free_bytes: free,
-            total_bytes: total,
-            layers,
-        })
-        .collect();
+    let free: Vec<u64> = split.iter().map(|s| s.free_bytes.unwrap_or(0)).collect();
+    for (share, layers) in split.iter_mut().zip(split_layers(offloaded, &free)) {
+        share.layers = layers;
+    }
     let on_workers: u32 = split
         .iter()
         .take(cfg.rpc_workers.len())

@@ -108,7 +108,7 @@ pub struct LikelyCause {
     pub line: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ModelStatus {
     pub path: String,
     pub size_bytes: u64,
@@ -116,7 +116,7 @@ pub struct ModelStatus {
     pub context_length: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PlanStatus {
     pub slots: u32,
     /// Requests in flight at once (fewer than `slots` with a shared KV pool).
@@ -129,7 +129,7 @@ pub struct PlanStatus {
     pub cache_reuse: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct HardwareStatus {
     pub chip: String,
     pub memory_bytes: u64,
@@ -139,7 +139,7 @@ pub struct HardwareStatus {
 }
 
 /// The parts of the status that do not change while the daemon runs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct StaticStatus {
     pub listen: String,
     pub model: ModelStatus,
@@ -211,31 +211,8 @@ impl StaticStatus {
     pub fn front_only(listen: String, ready_timeout_s: u64) -> StaticStatus {
         StaticStatus {
             listen,
-            model: ModelStatus {
-                path: String::new(),
-                size_bytes: 0,
-                architecture: String::new(),
-                context_length: None,
-            },
-            plan: PlanStatus {
-                slots: 0,
-                concurrency: 0,
-                ctx_per_slot: 0,
-                ctx_size: 0,
-                threads: 0,
-                gpu_layers: 0,
-                cache_reuse: 0,
-            },
-            hardware: HardwareStatus {
-                chip: String::new(),
-                memory_bytes: 0,
-                perf_cores: 0,
-                efficiency_cores: 0,
-                gpu_cores: None,
-            },
-            warnings: Vec::new(),
-            cost_decisions: Vec::new(),
             ready_timeout_s,
+            ..StaticStatus::default()
         }
     }
 
@@ -533,21 +510,7 @@ pub fn render(status: &Status) -> String {
             .map_or(String::new(), |g| format!(", {g} GPU cores"))
     );
     if let Some(r) = &status.requests {
-        let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} ms"));
-        let _ = writeln!(
-            out,
-            "  requests      {} served, {} (4xx), {} (5xx), {} retried; {:.1}% of prompt tokens from cache; p50 latency {}, TTFT {}",
-            r.total,
-            crate::plan::counted(r.client_errors, "client error"),
-            crate::plan::counted(r.server_errors, "server error"),
-            r.retried,
-            r.token_weighted_reuse_pct,
-            ms(r.latency_p50_ms),
-            ms(r.ttft_p50_ms)
-        );
-        if let Some(log) = &r.query_log {
-            let _ = writeln!(out, "  query log     {log}");
-        }
+        render_requests(&mut out, r);
     }
     if status.state == "ready" {
         let _ = writeln!(
@@ -595,6 +558,26 @@ pub fn render(status: &Status) -> String {
     out
 }
 
+/// The requests line and where they are logged.
+fn render_requests(out: &mut String, r: &RequestsHeadline) {
+    use std::fmt::Write;
+    let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} ms"));
+    let _ = writeln!(
+        out,
+        "  requests      {} served, {} (4xx), {} (5xx), {} retried; {:.1}% of prompt tokens from cache; p50 latency {}, TTFT {}",
+        r.total,
+        crate::plan::counted(r.client_errors, "client error"),
+        crate::plan::counted(r.server_errors, "server error"),
+        r.retried,
+        r.token_weighted_reuse_pct,
+        ms(r.latency_p50_ms),
+        ms(r.ttft_p50_ms)
+    );
+    if let Some(log) = &r.query_log {
+        let _ = writeln!(out, "  query log     {log}");
+    }
+}
+
 /// A daemon with no local model reports an empty model path
 /// ([`StaticStatus::front_only`]).
 fn is_front_only(status: &Status) -> bool {
@@ -616,17 +599,7 @@ fn render_front_only(out: &mut String, status: &Status) {
         );
     }
     if let Some(r) = &status.requests {
-        let _ = writeln!(
-            out,
-            "  requests      {} served, {} (4xx), {} (5xx), {} retried",
-            r.total,
-            crate::plan::counted(r.client_errors, "client error"),
-            crate::plan::counted(r.server_errors, "server error"),
-            r.retried
-        );
-        if let Some(log) = &r.query_log {
-            let _ = writeln!(out, "  query log     {log}");
-        }
+        render_requests(out, r);
     }
     for warning in &status.warnings {
         let _ = writeln!(out, "  warning       {warning}");

@@ -315,17 +315,9 @@ fn another_contextpilotd_serves_as_an_upstream() {
     let url = format!("http://{}", inner.listen);
     let upstreams = [upstream(&url, "contextpilotd", Some(&name))];
     let front = Daemon::start_with(|listen| front_config(listen, &upstreams), &[]);
-    let slots = wait_for(Duration::from_secs(60), "the inner daemon to join", || {
-        let (_, body) = http_get(front.listen, "/models/loaded").ok()?;
-        let loaded: Value = serde_json::from_str(&body).ok()?;
-        loaded["models"]
-            .as_array()?
-            .iter()
-            .find(|m| m["backend"] == url.as_str() && m["state"] == "ready")
-            .and_then(|m| m["slots"].as_u64())
-    });
+    let joined = common::wait_for_ready_backend(front.listen, &url);
     // The test configuration's one slot, as the inner daemon's /status says.
-    assert_eq!(slots, 1);
+    assert_eq!(joined["slots"], 1, "{joined}");
     for i in 0..2 {
         let body = json!({
             "model": name,

@@ -294,16 +294,8 @@ fn an_upstreams_slots_come_from_its_props() {
     let extra = format!("[[upstream]]\nurl = \"{url}\"\nkind = \"llama-server\"\n");
     let mut daemon = Daemon::start(&parts, &extra);
     daemon.wait_ready();
-    let slots = wait_for(Duration::from_secs(120), "the upstream to join", || {
-        let (_, body) = http_get(daemon.listen, "/models/loaded").ok()?;
-        let loaded: Value = serde_json::from_str(&body).ok()?;
-        loaded["models"]
-            .as_array()?
-            .iter()
-            .find(|m| m["backend"] == url.as_str() && m["state"] == "ready")
-            .and_then(|m| m["slots"].as_u64())
-    });
-    assert_eq!(slots, 3);
+    let upstream = common::wait_for_ready_backend(daemon.listen, &url);
+    assert_eq!(upstream["slots"], 3, "{upstream}");
 }
 
 /// A backend killed while requests are in flight on it loses none of them:

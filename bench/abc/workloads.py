@@ -274,6 +274,12 @@ def rag(corpus: Corpus, rng: random.Random, queries: int, k: int) -> list[Sessio
     return sessions
 
 
+def _recorded_reply(doc: str) -> str:
+    """The assistant's recorded reply in a conversation: the first sentence
+    of the most relevant document."""
+    return doc.split(": ", 1)[-1].split(". ")[0].rstrip(".") + "."
+
+
 _FOLLOW_UPS = [
     "And how is {s} used in practice?",
     "What are the pitfalls of {s}?",
@@ -308,7 +314,7 @@ def topical_rag(corpus: Corpus, rng: random.Random, queries: int, k: int, cross:
         question = f"What does the documentation say about {subject}?"
         steps = [Step(question, docs)]
         history: list[dict[str, Any]] = []
-        reply = docs[0].split(": ", 1)[-1].split(". ")[0].rstrip(".") + "."
+        reply = _recorded_reply(docs[0])
         for f in range(follow_ups):
             history += [{"role": "user", "content": steps[-1].question}, {"role": "assistant", "content": reply}]
             steps.append(Step(_FOLLOW_UPS[f % len(_FOLLOW_UPS)].format(s=subject), docs, history=list(history)))
@@ -341,8 +347,7 @@ def chat(corpus: Corpus, rng: random.Random, users: int, turns: int, k: int) -> 
             subject = _subject(docs[0], owner[docs[0]])
             question = rng.choice(_CHAT_ASKS).format(s=subject)
             steps.append(Step(question, docs, history=list(history)))
-            # The recorded reply: the first sentence of the most relevant memory.
-            reply = docs[0].split(": ", 1)[-1].split(". ")[0].rstrip(".") + "."
+            reply = _recorded_reply(docs[0])
             history += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
         sessions.append(Session(f"user-{u}", "chat", steps))
     return sessions

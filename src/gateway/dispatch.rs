@@ -128,10 +128,9 @@ pub(super) async fn dispatch(mut ticket: Ticket, path: &str, routed: Routed) -> 
                     gone.push(target.pid);
                 }
                 if gone.len() as u32 > MAX_RETRIES || hiccups > MAX_RETRIES {
-                    let upstream = engine.remote.as_ref().map(|r| r.url.as_str());
-                    return ticket.fail(ApiError::failed_every_attempt(upstream, &why));
+                    return ticket.fail(ApiError::failed_every_attempt(&engine.described(), &why));
                 }
-                tracing::warn!(query = %ticket.query_id(), "{} failed the request ({why}); retrying", engine.remote.as_ref().map_or("llama-server", |r| r.url.as_str()));
+                tracing::warn!(query = %ticket.query_id(), "{} failed the request ({why}); retrying", engine.described());
                 ticket.note(|facts| facts.record.retried = true);
                 // The retry gets a full wait of its own: a long request that
                 // crashes late still deserves the restarted child.

@@ -55,13 +55,9 @@ impl ApiError {
         )
     }
 
-    /// The backend (the child, or the upstream `upstream` names) did not
+    /// The backend (`what`: [`crate::models::Engine::described`]) did not
     /// become ready within `waited` (503).
-    pub fn not_ready(upstream: Option<&str>, state: State, waited: Duration) -> ApiError {
-        let what = match upstream {
-            None => "llama-server".to_string(),
-            Some(url) => format!("the upstream {url}"),
-        };
+    pub fn not_ready(what: &str, state: State, waited: Duration) -> ApiError {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable_error",
@@ -76,11 +72,7 @@ impl ApiError {
 
     /// The child failed every attempt, before anything reached the client
     /// (502).
-    pub fn failed_every_attempt(upstream: Option<&str>, why: &str) -> ApiError {
-        let what = match upstream {
-            None => "llama-server".to_string(),
-            Some(url) => format!("the upstream {url}"),
-        };
+    pub fn failed_every_attempt(what: &str, why: &str) -> ApiError {
         ApiError::new(
             StatusCode::BAD_GATEWAY,
             "server_error",

@@ -133,8 +133,11 @@ pub(super) async fn wait_ready(
         match tokio::time::timeout_at(deadline.into(), view.changed()).await {
             Ok(Ok(())) => continue,
             _ => {
-                let upstream = engine.remote.as_ref().map(|r| r.url.as_str());
-                return Err(ApiError::not_ready(upstream, state, queue_timeout));
+                return Err(ApiError::not_ready(
+                    &engine.described(),
+                    state,
+                    queue_timeout,
+                ))
             }
         }
     }

@@ -68,7 +68,7 @@ impl Metrics {
         let backend_requests = Family::<BackendLabels, Counter>::default();
         registry.register(
             "backend_requests",
-            "Requests of models with more than one backend, by the backend that answered",
+            "Requests by the backend that answered (models with upstreams)",
             backend_requests.clone(),
         );
         let backend_prompt_tokens = Family::<BackendLabels, Counter>::default();

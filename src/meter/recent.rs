@@ -69,27 +69,11 @@ mod tests {
 
     fn record(id: &str) -> QueryRecord {
         QueryRecord {
-            backend: None,
             query_id: id.into(),
-            timestamp: "2026-12-02T00:00:00Z".into(),
-            path: "/v1/chat/completions".into(),
-            model: "m".into(),
             slot_id: Some(0),
-            status_code: 200,
-            stream: false,
-            latency_ms: 1.0,
-            ttft_ms: None,
-            prompt_tokens: None,
-            completion_tokens: None,
-            cache_reuse: None,
-            error: None,
-            retried: false,
-            gpu: None,
-            reorder: None,
-            slot_decision: None,
-            block_dedup: None,
             prompt: Some(serde_json::json!("secret prompt")),
             completion: Some("secret answer".into()),
+            ..crate::meter::tests::routed_record(None, 0, 0, None)
         }
     }
 

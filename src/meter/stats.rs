@@ -52,7 +52,7 @@ pub struct CacheTotals {
     pub prompt_tokens_total: u64,
 }
 
-/// One backend's share of the requests of models routed over several.
+/// One backend's share of the requests that name a backend.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BackendTotals {
     pub queries: u64,
@@ -103,7 +103,8 @@ pub struct StatsSnapshot {
     pub cache_reuse: CacheTotals,
     pub per_slot: BTreeMap<String, SlotTotals>,
     /// Keyed by the records' `backend` ("local" or the upstream's URL):
-    /// only requests of models with more than one backend.
+    /// requests of models with more than one backend, or served by an
+    /// upstream.
     pub per_backend: BTreeMap<String, BackendTotals>,
     pub reorder: ReorderTotals,
     /// RFC 3339 time the totals count from (the daemon's start).

@@ -67,27 +67,10 @@ mod tests {
 
     fn record(id: usize) -> QueryRecord {
         QueryRecord {
-            backend: None,
             query_id: format!("q{id}"),
-            timestamp: "2026-11-22T00:00:00Z".into(),
-            path: "/v1/chat/completions".into(),
-            model: "m".into(),
             slot_id: Some(0),
-            status_code: 200,
-            stream: false,
-            latency_ms: 1.0,
-            ttft_ms: None,
-            prompt_tokens: Some(3),
             completion_tokens: Some(1),
-            cache_reuse: None,
-            error: None,
-            retried: false,
-            gpu: None,
-            reorder: None,
-            slot_decision: None,
-            block_dedup: None,
-            prompt: None,
-            completion: None,
+            ..crate::meter::tests::routed_record(None, 0, 3, None)
         }
     }
 

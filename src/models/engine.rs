@@ -294,32 +294,20 @@ impl Engine {
     ) -> Engine {
         use crate::status::{HardwareStatus, ModelStatus, PlanStatus};
         let status = StaticStatus {
-            listen: String::new(),
-            ready_timeout_s: 0,
             model: ModelStatus {
                 path: remote.url.clone(),
-                size_bytes: 0,
-                architecture: String::new(),
-                context_length: None,
+                ..ModelStatus::default()
             },
             plan: PlanStatus {
                 slots: slots as u32,
                 concurrency: slots as u32,
-                ctx_per_slot: 0,
-                ctx_size: 0,
-                threads: 0,
-                gpu_layers: 0,
-                cache_reuse: 0,
+                ..PlanStatus::default()
             },
             hardware: HardwareStatus {
                 chip: remote.url.clone(),
-                memory_bytes: 0,
-                perf_cores: 0,
-                efficiency_cores: 0,
-                gpu_cores: None,
+                ..HardwareStatus::default()
             },
-            warnings: Vec::new(),
-            cost_decisions: Vec::new(),
+            ..StaticStatus::default()
         };
         let scheduler = Scheduler::new(slots, slots, max_queue, 0, CostModel::new(cost));
         let mut engine = Engine::from_parts(
@@ -355,6 +343,15 @@ impl Engine {
     /// Where its requests go: "local", or the upstream's URL.
     pub fn backend(&self) -> &str {
         self.remote.as_ref().map_or("local", |r| r.url.as_str())
+    }
+
+    /// What messages call it: "llama-server" for the child, "the upstream
+    /// <url>" for an upstream.
+    pub fn described(&self) -> String {
+        match &self.remote {
+            None => "llama-server".to_string(),
+            Some(remote) => format!("the upstream {}", remote.url),
+        }
     }
 
     /// A use of this engine by one request, until the returned guard drops.

@@ -23,10 +23,7 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// What one probe found.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Health {
-    Up {
-        /// Slots, when the backend says (llama-server's `/props`).
-        slots: Option<u32>,
-    },
+    Up,
     Down(String),
 }
 
@@ -44,7 +41,7 @@ pub fn probe_path(kind: UpstreamKind) -> &'static str {
 /// tested on samples.
 pub fn interpret(kind: UpstreamKind, status: u16, body: &[u8]) -> Health {
     if status == 200 {
-        return Health::Up { slots: None };
+        return Health::Up;
     }
     let text = String::from_utf8_lossy(body);
     let detail = serde_json::from_slice::<serde_json::Value>(body)
@@ -129,7 +126,7 @@ pub fn base_of(url: &str) -> String {
 pub fn view_of(previous: &SupervisorView, number: u32, health: &Health) -> SupervisorView {
     let mut view = previous.clone();
     match health {
-        Health::Up { .. } => {
+        Health::Up => {
             if view.state != State::Ready {
                 view.started_at =
                     Some(crate::supervisor::rfc3339_utc(std::time::SystemTime::now()));
@@ -177,7 +174,7 @@ pub async fn run(
             let changed = next.state != current.state || next.last_exit != current.last_exit;
             if changed {
                 match &health {
-                    Health::Up { .. } => tracing::info!(upstream = %base, "upstream is up"),
+                    Health::Up => tracing::info!(upstream = %base, "upstream is up"),
                     Health::Down(why) => {
                         tracing::warn!(upstream = %base, why = %why, "upstream is down")
                     }
@@ -204,7 +201,7 @@ mod tests {
         assert_eq!(probe_path(UpstreamKind::Openai), "/v1/models");
         assert_eq!(
             interpret(UpstreamKind::LlamaServer, 200, br#"{"status":"ok"}"#),
-            Health::Up { slots: None }
+            Health::Up
         );
         // llama-server while it loads the model.
         let loading =
@@ -249,13 +246,13 @@ mod tests {
     #[test]
     fn a_backend_going_down_counts_once_and_comes_back_ready() {
         let start = SupervisorView::unloaded();
-        let up = view_of(&start, 7, &Health::Up { slots: None });
+        let up = view_of(&start, 7, &Health::Up);
         assert_eq!((up.state, up.pid, up.restarts), (State::Ready, Some(7), 0));
         let down = view_of(&up, 7, &Health::Down("unreachable".into()));
         assert_eq!((down.state, down.restarts), (State::Restarting, 1));
         let still = view_of(&down, 7, &Health::Down("unreachable".into()));
         assert_eq!(still.restarts, 1);
-        let back = view_of(&still, 7, &Health::Up { slots: None });
+        let back = view_of(&still, 7, &Health::Up);
         assert_eq!(back.state, State::Ready);
         assert_eq!(back.last_exit.as_deref(), Some("unreachable"));
     }

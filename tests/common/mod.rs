@@ -21,37 +21,13 @@ pub struct RealParts {
 }
 
 pub fn real_parts() -> RealParts {
-    let from_env = |key: &str| std::env::var_os(key).map(PathBuf::from);
-    let (server, model) = match (
-        from_env("CONTEXTPILOTD_TEST_LLAMA_SERVER"),
-        from_env("CONTEXTPILOTD_TEST_MODEL"),
-    ) {
-        (Some(s), Some(m)) => (s, m),
-        _ => {
-            let out = Command::new("bash")
-                .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/provision.sh"))
-                .arg("paths")
-                .output()
-                .expect("run scripts/provision.sh paths");
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            let get = |key: &str| {
-                text.lines()
-                    .find_map(|l| l.strip_prefix(&format!("{key}=")))
-                    .map(PathBuf::from)
-                    .unwrap_or_default()
-            };
-            (get("LLAMA_SERVER"), get("MODEL"))
-        }
-    };
-    assert!(
-        server.is_file() && model.is_file(),
-        "llama-server ({}) or the model ({}) is missing: run `make test`, which provisions both",
-        server.display(),
-        model.display()
-    );
     RealParts {
-        llama_server: server,
-        model,
+        llama_server: provisioned(
+            "CONTEXTPILOTD_TEST_LLAMA_SERVER",
+            "LLAMA_SERVER",
+            "llama-server",
+        ),
+        model: provisioned("CONTEXTPILOTD_TEST_MODEL", "MODEL", "the model"),
     }
 }
 
@@ -430,20 +406,18 @@ impl Drop for Daemon {
 /// `key=` line of `scripts/provision.sh paths`; `what` names it when it is
 /// missing.
 pub fn provisioned(env: &str, key: &str, what: &str) -> PathBuf {
-    if let Some(path) = std::env::var_os(env) {
-        return PathBuf::from(path);
-    }
-    let out = Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/provision.sh"))
-        .arg("paths")
-        .output()
-        .expect("run scripts/provision.sh paths");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let path = text
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}=")))
-        .map(PathBuf::from)
-        .unwrap_or_default();
+    let path = std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| {
+        let out = Command::new("bash")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/provision.sh"))
+            .arg("paths")
+            .output()
+            .expect("run scripts/provision.sh paths");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(PathBuf::from)
+            .unwrap_or_default()
+    });
     assert!(
         path.is_file(),
         "{what} ({}) is missing: run `make test`, which provisions it",
@@ -486,4 +460,22 @@ impl Drop for PlainServer {
         let _ = self.process.kill();
         let _ = self.process.wait();
     }
+}
+
+/// `/models/loaded`'s entry for `backend` ("local" or an upstream's URL)
+/// once that backend has joined and is ready.
+pub fn wait_for_ready_backend(listen: SocketAddr, backend: &str) -> Value {
+    wait_for(
+        Duration::from_secs(120),
+        &format!("{backend} to be ready"),
+        || {
+            let (_, body) = http_get(listen, "/models/loaded").ok()?;
+            let loaded: Value = serde_json::from_str(&body).ok()?;
+            loaded["models"]
+                .as_array()?
+                .iter()
+                .find(|m| m["backend"] == backend && m["state"] == "ready")
+                .cloned()
+        },
+    )
 }
